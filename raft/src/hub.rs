@@ -1,0 +1,137 @@
+//! The watch hub: every applied change, in log order, kept in a bounded window so a
+//! watch can resume from a resourceVersion, and broadcast to live watchers.
+//!
+//! Window contract: a watch may resume from any resourceVersion `>= floor()`; older
+//! ones are answered Expired and the client relists. The window holds the last
+//! `capacity` changes applied on this master since it started (default 100,000), and
+//! is reset when a snapshot is installed.
+use orc_api::EventType;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// The log index that produced it (= the object's resourceVersion).
+    pub index: u64,
+    /// `resource/namespace/name`.
+    pub key: String,
+    pub event_type: EventType,
+    pub object: Value,
+}
+
+/// What a live watcher receives.
+#[derive(Debug, Clone)]
+pub enum HubMessage {
+    Events(Arc<Vec<StoredEvent>>),
+    /// The applied index moved (possibly without events): for bookmarks.
+    Progress(u64),
+    /// The history was replaced (snapshot installed): watchers must relist.
+    Reset,
+}
+
+struct Inner {
+    window: VecDeque<StoredEvent>,
+    floor: u64,
+    last: u64,
+}
+
+pub struct Hub {
+    inner: Mutex<Inner>,
+    capacity: usize,
+    tx: broadcast::Sender<HubMessage>,
+}
+
+pub struct Subscription {
+    /// Events after the requested version, already in the window.
+    pub backlog: Vec<StoredEvent>,
+    pub rx: broadcast::Receiver<HubMessage>,
+    pub last: u64,
+}
+
+impl Hub {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(4096);
+        Arc::new(Hub { inner: Mutex::new(Inner { window: VecDeque::new(), floor: 0, last: 0 }), capacity, tx })
+    }
+
+    /// Start (or restart) history at `index`: changes after it will be recorded.
+    pub fn reset(&self, index: u64) {
+        let mut g = self.inner.lock().unwrap();
+        g.window.clear();
+        g.floor = index;
+        g.last = index;
+        let _ = self.tx.send(HubMessage::Reset);
+    }
+
+    pub fn floor(&self) -> u64 {
+        self.inner.lock().unwrap().floor
+    }
+
+    pub fn last(&self) -> u64 {
+        self.inner.lock().unwrap().last
+    }
+
+    /// Record changes applied up to `last` (in order).
+    pub fn publish(&self, events: Vec<StoredEvent>, last: u64) {
+        let mut g = self.inner.lock().unwrap();
+        g.last = g.last.max(last);
+        for e in &events {
+            g.window.push_back(e.clone());
+        }
+        while g.window.len() > self.capacity {
+            if let Some(e) = g.window.pop_front() {
+                g.floor = e.index;
+            }
+        }
+        let msg = if events.is_empty() { HubMessage::Progress(last) } else { HubMessage::Events(Arc::new(events)) };
+        let _ = self.tx.send(msg);
+    }
+
+    /// Everything after `from`, then live messages; None if `from` left the window.
+    pub fn subscribe(&self, from: u64) -> Option<Subscription> {
+        let g = self.inner.lock().unwrap();
+        if from < g.floor {
+            return None;
+        }
+        let backlog = g.window.iter().filter(|e| e.index > from).cloned().collect();
+        Some(Subscription { backlog, rx: self.tx.subscribe(), last: g.last })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(i: u64) -> StoredEvent {
+        StoredEvent { index: i, key: format!("configmaps/d/c{i}"), event_type: EventType::Added, object: Value::Null }
+    }
+
+    #[test]
+    fn resume_inside_window_and_expire_outside() {
+        let hub = Hub::new(3);
+        hub.reset(10);
+        hub.publish(vec![ev(11), ev(12)], 12);
+        let s = hub.subscribe(11).unwrap();
+        assert_eq!(s.backlog.iter().map(|e| e.index).collect::<Vec<_>>(), vec![12]);
+        hub.publish(vec![ev(13), ev(14)], 14);
+        assert!(hub.subscribe(10).is_none(), "11 evicted: 10 is out of the window");
+        assert_eq!(hub.subscribe(11).unwrap().backlog.len(), 3);
+        assert!(hub.subscribe(9).is_none());
+    }
+
+    #[test]
+    fn live_messages_follow_backlog() {
+        let hub = Hub::new(10);
+        hub.reset(0);
+        let mut s = hub.subscribe(0).unwrap();
+        hub.publish(vec![ev(1)], 1);
+        match s.rx.try_recv().unwrap() {
+            HubMessage::Events(e) => assert_eq!(e[0].index, 1),
+            other => panic!("{other:?}"),
+        }
+        hub.reset(5);
+        assert!(matches!(s.rx.try_recv().unwrap(), HubMessage::Reset));
+    }
+}

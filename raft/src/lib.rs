@@ -1,0 +1,33 @@
+//! Raft for orc masters: the openraft type configuration, the RocksDB log store and
+//! state machine (the API object store), snapshots built from and installed into that
+//! store, the watch hub fed by the apply stream, and the Raft network over tonic.
+//!
+//! It owns durable state and replication only. It must not know about users, the
+//! CLI, request validation or admission: commands arrive decided, and the rules for
+//! applying them come from `orc-api`'s pure `mutation::apply`.
+
+pub mod hub;
+pub mod network;
+pub mod store;
+
+use orc_api::{ApiError, Change, Command};
+use std::io::Cursor;
+
+pub type NodeId = u64;
+/// What applying one command produced.
+pub type Response = Result<Change, ApiError>;
+
+openraft::declare_raft_types!(
+    /// orc's Raft types: log entries carry `orc_api::Command`.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+pub use hub::{Hub, StoredEvent};
+pub use store::{open, LogStore, StateMachine, StoreError};

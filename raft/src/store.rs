@@ -1,0 +1,517 @@
+//! RocksDB storage: one database with four column families.
+//!
+//! - `logs`: Raft entries by big-endian index (JSON), written with sync.
+//! - `meta`: vote, committed, last purged log id, the current snapshot.
+//! - `sm`: the state machine's applied log id and membership.
+//! - `objects`: the API objects, `resource/namespace/name` -> JSON.
+//!
+//! Log appends and votes are fsynced before they are acknowledged. State-machine
+//! writes are not: they share the write-ahead log with the synced log writes, and
+//! each apply batch (objects + applied index) is one atomic RocksDB batch, so after a
+//! crash the state machine is consistent at some index and Raft re-applies the rest.
+//! Before a snapshot is taken the WAL is synced, so the log is never purged behind
+//! state that could still be lost.
+use crate::hub::{Hub, StoredEvent};
+use crate::{NodeId, Response, TypeConfig};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use orc_api::mutation::{self, Change};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+const CF_LOGS: &str = "logs";
+const CF_META: &str = "meta";
+const CF_SM: &str = "sm";
+const CF_OBJECTS: &str = "objects";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt record {what}: {why}")]
+    Corrupt { what: String, why: String },
+}
+
+type SResult<T> = Result<T, StorageError<NodeId>>;
+
+fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::new(subject, verb, AnyError::new(&e)).into()
+}
+
+fn idx_key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+fn sync_opts() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    o
+}
+
+/// Open (or create) the store in `dir`, returning its two halves sharing one DB.
+pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), StoreError> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    let cfs = [CF_LOGS, CF_META, CF_SM, CF_OBJECTS].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
+    let sm = StateMachine { db: db.clone(), hub };
+    let applied = sm.read_applied().map_err(|e| StoreError::Corrupt { what: "applied".into(), why: e.to_string() })?;
+    sm.hub.reset(applied.map(|l| l.index).unwrap_or(0));
+    Ok((LogStore { db }, sm))
+}
+
+fn get_json<T: DeserializeOwned>(db: &DB, cf: &str, key: &str, subject: ErrorSubject<NodeId>) -> SResult<Option<T>> {
+    let h = db.cf_handle(cf).expect("column family");
+    match db.get_cf(h, key).map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| io_err(subject, ErrorVerb::Read, e)),
+    }
+}
+
+fn put_json<T: Serialize>(db: &DB, cf: &str, key: &str, v: &T, subject: ErrorSubject<NodeId>, sync: bool) -> SResult<()> {
+    let h = db.cf_handle(cf).expect("column family");
+    let b = serde_json::to_vec(v).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+    let opts = if sync { sync_opts() } else { WriteOptions::default() };
+    db.put_cf_opt(h, key, b, &opts).map_err(|e| io_err(subject, ErrorVerb::Write, e))
+}
+
+// ---------------------------------------------------------------- the log
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+impl LogStore {
+    fn last_purged(&self) -> SResult<Option<LogId<NodeId>>> {
+        get_json(&self.db, CF_META, "last_purged", ErrorSubject::Store)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> SResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => *x + 1,
+            Bound::Unbounded => 0,
+        };
+        let h = self.db.cf_handle(CF_LOGS).expect("cf");
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(h, IteratorMode::From(&idx_key(start), Direction::Forward)) {
+            let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let idx = u64::from_be_bytes(k[..8].try_into().expect("8-byte key"));
+            if !range.contains(&idx) {
+                break;
+            }
+            let ent: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            out.push(ent);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> SResult<LogState<TypeConfig>> {
+        let h = self.db.cf_handle(CF_LOGS).expect("cf");
+        let last = match self.db.iterator_cf(h, IteratorMode::End).next() {
+            None => None,
+            Some(item) => {
+                let (_, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let ent: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                Some(ent.log_id)
+            }
+        };
+        let last_purged_log_id = self.last_purged()?;
+        Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> SResult<()> {
+        put_json(&self.db, CF_META, "vote", vote, ErrorSubject::Vote, true)
+    }
+
+    async fn read_vote(&mut self) -> SResult<Option<Vote<NodeId>>> {
+        get_json(&self.db, CF_META, "vote", ErrorSubject::Vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
+        put_json(&self.db, CF_META, "committed", &committed, ErrorSubject::Store, false)
+    }
+
+    async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
+        Ok(get_json::<Option<LogId<NodeId>>>(&self.db, CF_META, "committed", ErrorSubject::Store)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let h = self.db.cf_handle(CF_LOGS).expect("cf");
+        let mut batch = WriteBatch::default();
+        for ent in entries {
+            let b = serde_json::to_vec(&ent).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            batch.put_cf(h, idx_key(ent.log_id.index), b);
+        }
+        let res = self.db.write_opt(batch, &sync_opts()).map_err(std::io::Error::other);
+        let failed = res.as_ref().err().map(|e| e.to_string());
+        callback.log_io_completed(res);
+        match failed {
+            None => Ok(()),
+            Some(e) => Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, std::io::Error::other(e))),
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        let h = self.db.cf_handle(CF_LOGS).expect("cf");
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(h, idx_key(log_id.index), idx_key(u64::MAX));
+        self.db.write_opt(batch, &sync_opts()).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        put_json(&self.db, CF_META, "last_purged", &log_id, ErrorSubject::Store, true)?;
+        let h = self.db.cf_handle(CF_LOGS).expect("cf");
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(h, idx_key(0), idx_key(log_id.index + 1));
+        self.db.write(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+    }
+}
+
+// ---------------------------------------------------------------- the state machine
+
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<DB>,
+    hub: Arc<Hub>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+/// Snapshot data: a sequence of (u32 key length, key, u32 value length, value).
+fn encode_pair(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
+    out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+    out.extend_from_slice(k);
+    out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+    out.extend_from_slice(v);
+}
+
+fn decode_pairs(mut data: &[u8]) -> Result<Vec<(&[u8], &[u8])>, String> {
+    let mut out = Vec::new();
+    let take = |d: &mut &[u8]| -> Result<usize, String> {
+        if d.len() < 4 {
+            return Err("truncated length".into());
+        }
+        let n = u32::from_be_bytes(d[..4].try_into().unwrap()) as usize;
+        *d = &d[4..];
+        if d.len() < n {
+            return Err("truncated record".into());
+        }
+        Ok(n)
+    };
+    while !data.is_empty() {
+        let n = take(&mut data)?;
+        let k = &data[..n];
+        data = &data[n..];
+        let m = take(&mut data)?;
+        let v = &data[..m];
+        data = &data[m..];
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+impl StateMachine {
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    fn read_applied(&self) -> SResult<Option<LogId<NodeId>>> {
+        Ok(get_json::<Option<LogId<NodeId>>>(&self.db, CF_SM, "applied", ErrorSubject::StateMachine)?.flatten())
+    }
+
+    /// The index this master has applied up to.
+    pub fn applied_index(&self) -> u64 {
+        self.read_applied().ok().flatten().map(|l| l.index).unwrap_or(0)
+    }
+
+    /// One object, as stored.
+    pub fn get(&self, key: &str) -> Result<Option<Value>, StoreError> {
+        let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
+        match self.db.get_cf(h, key)? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| StoreError::Corrupt { what: key.into(), why: e.to_string() }),
+        }
+    }
+
+    /// Every object under `prefix`, and the applied index they are consistent with.
+    pub fn list(&self, prefix: &str) -> Result<(u64, Vec<(String, Value)>), StoreError> {
+        let snap = self.db.snapshot();
+        let applied: Option<LogId<NodeId>> = match snap.get_cf(self.db.cf_handle(CF_SM).expect("cf"), "applied")? {
+            None => None,
+            Some(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt { what: "applied".into(), why: e.to_string() })?,
+        };
+        let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
+        let mut out = Vec::new();
+        for item in snap.iterator_cf(h, IteratorMode::From(prefix.as_bytes(), Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let obj = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { what: key.clone(), why: e.to_string() })?;
+            out.push((key, obj));
+        }
+        Ok((applied.map(|l| l.index).unwrap_or(0), out))
+    }
+
+    /// Check the store's invariants: every object parses, sits at the key its
+    /// metadata names, and carries a resourceVersion no later than the applied index.
+    pub fn check_consistency(&self) -> Result<usize, String> {
+        let (applied, objs) = self.list("").map_err(|e| e.to_string())?;
+        for (k, o) in &objs {
+            let key = orc_api::ObjectKey::decode(k).ok_or(format!("bad key {k}"))?;
+            let name = o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+            let ns = o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
+            if key.name != name || key.namespace != ns {
+                return Err(format!("{k}: metadata names {ns}/{name}"));
+            }
+            let rv: u64 = o.pointer("/metadata/resourceVersion").and_then(Value::as_str).and_then(|s| s.parse().ok()).ok_or(format!("{k}: no resourceVersion"))?;
+            if rv > applied {
+                return Err(format!("{k}: resourceVersion {rv} beyond applied index {applied}"));
+            }
+        }
+        Ok(objs.len())
+    }
+
+    fn snapshot_bytes(&self) -> SResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>, Vec<u8>)> {
+        let snap = self.db.snapshot();
+        let read = |key: &str| -> SResult<Option<Vec<u8>>> {
+            snap.get_cf(self.db.cf_handle(CF_SM).expect("cf"), key).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
+        };
+        let de = |b: Option<Vec<u8>>| -> SResult<Option<serde_json::Value>> {
+            b.map(|b| serde_json::from_slice(&b).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))).transpose()
+        };
+        let applied: Option<LogId<NodeId>> = de(read("applied")?)?.and_then(|v| serde_json::from_value(v).ok()).flatten();
+        let membership: StoredMembership<NodeId, BasicNode> =
+            de(read("membership")?)?.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default();
+        let mut data = Vec::new();
+        let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
+        for item in snap.iterator_cf(h, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            encode_pair(&mut data, &k, &v);
+        }
+        Ok((applied, membership, data))
+    }
+
+    /// A consistent copy of every object: (applied index, encoded pairs).
+    pub fn export(&self) -> Result<(u64, Vec<u8>), String> {
+        let (applied, _, data) = self.snapshot_bytes().map_err(|e| e.to_string())?;
+        Ok((applied.map(|l| l.index).unwrap_or(0), data))
+    }
+}
+
+/// Decode exported snapshot data into (key, object JSON) pairs.
+pub fn decode_export(data: &[u8]) -> Result<Vec<(String, Value)>, String> {
+    decode_pairs(data)?
+        .into_iter()
+        .map(|(k, v)| Ok((String::from_utf8_lossy(k).into_owned(), serde_json::from_slice(v).map_err(|e| e.to_string())?)))
+        .collect()
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
+        // Make everything the snapshot covers durable before Raft may purge logs behind it.
+        self.db.flush_wal(true).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        let (applied, membership, data) = self.snapshot_bytes()?;
+        let snapshot_id = match applied {
+            Some(l) => format!("{}-{}", l.leader_id, l.index),
+            None => "empty".to_string(),
+        };
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        put_json(&self.db, CF_META, "snapshot", &stored, ErrorSubject::Snapshot(Some(meta.signature())), true)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> SResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+        let applied = self.read_applied()?;
+        let membership = get_json(&self.db, CF_SM, "membership", ErrorSubject::StateMachine)?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let objects = self.db.cf_handle(CF_OBJECTS).expect("cf");
+        let sm = self.db.cf_handle(CF_SM).expect("cf");
+        // Writes of this batch not yet in RocksDB: later entries must see earlier ones.
+        let mut overlay: HashMap<String, Option<Value>> = HashMap::new();
+        let mut batch = WriteBatch::default();
+        let mut replies = Vec::new();
+        let mut events = Vec::new();
+        let mut last = None;
+        for ent in entries {
+            last = Some(ent.log_id);
+            let index = ent.log_id.index;
+            match ent.payload {
+                EntryPayload::Blank => replies.push(Ok(Change::Unchanged { object: Value::Null })),
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(Some(ent.log_id), m);
+                    let b = serde_json::to_vec(&stored).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+                    batch.put_cf(sm, "membership", b);
+                    replies.push(Ok(Change::Unchanged { object: Value::Null }));
+                }
+                EntryPayload::Normal(cmd) => {
+                    let db = &self.db;
+                    let get = |k: &str| -> Option<Value> {
+                        if let Some(v) = overlay.get(k) {
+                            return v.clone();
+                        }
+                        db.get_cf(objects, k).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok())
+                    };
+                    let res = mutation::apply(&cmd, index, &get);
+                    if let Ok(ch) = &res {
+                        match ch {
+                            Change::Put { key, object, event } => {
+                                let b = serde_json::to_vec(object).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+                                batch.put_cf(objects, key, b);
+                                overlay.insert(key.clone(), Some(object.clone()));
+                                events.push(StoredEvent { index, key: key.clone(), event_type: *event, object: object.clone() });
+                            }
+                            Change::Remove { key, object } => {
+                                batch.delete_cf(objects, key);
+                                overlay.insert(key.clone(), None);
+                                events.push(StoredEvent { index, key: key.clone(), event_type: orc_api::EventType::Deleted, object: object.clone() });
+                            }
+                            Change::Unchanged { .. } => {}
+                        }
+                    }
+                    replies.push(res);
+                }
+            }
+        }
+        if let Some(l) = last {
+            let b = serde_json::to_vec(&Some(l)).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            batch.put_cf(sm, "applied", b);
+            self.db.write(batch).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            self.hub.publish(events, l.index);
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> SResult<()> {
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let data = snapshot.into_inner();
+        let pairs = decode_pairs(&data).map_err(|e| io_err(subject.clone(), ErrorVerb::Read, std::io::Error::other(e)))?;
+        let objects = self.db.cf_handle(CF_OBJECTS).expect("cf");
+        let sm = self.db.cf_handle(CF_SM).expect("cf");
+        let mut batch = WriteBatch::default();
+        // Remove every existing object: the snapshot replaces the whole store.
+        let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
+        for item in self.db.iterator_cf(h, IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
+            batch.delete_cf(objects, k);
+        }
+        for (k, v) in &pairs {
+            batch.put_cf(objects, k, v);
+        }
+        let ser = |v: &dyn erased::Ser| v.to_vec().map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e));
+        batch.put_cf(sm, "applied", ser(&meta.last_log_id)?);
+        batch.put_cf(sm, "membership", ser(&meta.last_membership)?);
+        self.db.write_opt(batch, &sync_opts()).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        put_json(&self.db, CF_META, "snapshot", &stored, subject, true)?;
+        self.hub.reset(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
+        let stored: Option<StoredSnapshot> = get_json(&self.db, CF_META, "snapshot", ErrorSubject::Snapshot(None))?;
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
+
+mod erased {
+    /// JSON-encode through a trait object (lets one closure serve several types).
+    pub trait Ser {
+        fn to_vec(&self) -> Result<Vec<u8>, serde_json::Error>;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_vec(&self) -> Result<Vec<u8>, serde_json::Error> {
+            serde_json::to_vec(self)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+        async fn build(&self) -> SResult<(tempfile::TempDir, LogStore, StateMachine)> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (log, sm) = open(dir.path(), Hub::new(1000)).expect("open store");
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// openraft's storage conformance suite, against the real RocksDB store.
+    #[test]
+    fn openraft_suite() -> Result<(), StorageError<NodeId>> {
+        Suite::test_all(Builder)
+    }
+
+    #[test]
+    fn snapshot_pairs_round_trip() {
+        let mut d = Vec::new();
+        encode_pair(&mut d, b"a", b"{}");
+        encode_pair(&mut d, b"configmaps/x/y", b"[1]");
+        let p = decode_pairs(&d).unwrap();
+        assert_eq!(p, vec![(&b"a"[..], &b"{}"[..]), (&b"configmaps/x/y"[..], &b"[1]"[..])]);
+        assert!(decode_pairs(&d[..d.len() - 1]).is_err());
+    }
+}
