@@ -36,3 +36,30 @@ pub fn now_rfc3339() -> String {
         .map(|t| t.to_string())
         .unwrap_or_default()
 }
+
+/// Seconds elapsed since an RFC 3339 timestamp (None if it does not parse).
+pub fn seconds_since(ts: &str) -> Option<i64> {
+    let t: k8s_openapi::jiff::Timestamp = ts.parse().ok()?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    Some((now - t.as_second()).max(0))
+}
+
+/// Apply an RFC 7386 JSON merge patch.
+pub fn merge_patch(doc: &mut serde_json::Value, patch: &serde_json::Value) {
+    json_patch::merge(doc, patch)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn merge_patch_rfc7386() {
+        let mut d = json!({"a": "b", "c": {"d": "e", "f": "g"}});
+        super::merge_patch(&mut d, &json!({"a": "z", "c": {"f": null}}));
+        assert_eq!(d, json!({"a": "z", "c": {"d": "e"}}));
+        let mut d = json!({"a": [1, 2]});
+        super::merge_patch(&mut d, &json!({"a": [3]}));
+        assert_eq!(d, json!({"a": [3]}));
+    }
+}

@@ -53,3 +53,39 @@ mod tests {
         assert!(parse("just a string").is_err());
     }
 }
+
+/// The merge patch `apply` sends: the new configuration, plus `null` for every
+/// field the previous configuration set and the new one no longer does.
+pub fn apply_patch(previous: &Value, desired: &Value) -> Value {
+    match (previous.as_object(), desired.as_object()) {
+        (Some(p), Some(d)) => {
+            let mut out = serde_json::Map::new();
+            for (k, v) in d {
+                out.insert(k.clone(), match p.get(k) {
+                    Some(pv) if pv.is_object() && v.is_object() => apply_patch(pv, v),
+                    _ => v.clone(),
+                });
+            }
+            for k in p.keys() {
+                if !d.contains_key(k) {
+                    out.insert(k.clone(), Value::Null);
+                }
+            }
+            Value::Object(out)
+        }
+        _ => desired.clone(),
+    }
+}
+
+#[cfg(test)]
+mod apply_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn removed_fields_become_null() {
+        let prev = json!({"data": {"a": "1", "b": "2"}, "metadata": {"labels": {"x": "y"}}});
+        let new = json!({"data": {"a": "3"}, "metadata": {}});
+        assert_eq!(apply_patch(&prev, &new), json!({"data": {"a": "3", "b": null}, "metadata": {"labels": null}}));
+    }
+}

@@ -1,1 +1,232 @@
-//! placeholder
+//! The client side of the orc API: a connection to any of several masters that
+//! moves to the next one when a master is unreachable, typed calls, watches that
+//! resume on another master from the last resourceVersion seen, and kubectl-style
+//! `apply` (create, or patch from the last applied configuration).
+//!
+//! It must not depend on the master's internals (Raft, RocksDB); only on the wire
+//! types in `orc-api` and the envelope in `orc-proto`.
+use futures::StreamExt;
+use orc_api::request::{Request, WatchEvent, WatchRequest};
+use orc_api::{ApiError, EventType, Reason};
+use orc_proto::orc_client::OrcClient;
+use orc_proto::Blob;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Api(#[from] ApiError),
+    #[error("cannot reach any master ({servers}): {last}")]
+    Unreachable { servers: String, last: String },
+    #[error("bad answer from {server}: {why}")]
+    Protocol { server: String, why: String },
+}
+
+impl ClientError {
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            ClientError::Api(e) => Some(e.reason),
+            _ => None,
+        }
+    }
+}
+
+pub struct Client {
+    servers: Vec<String>,
+    current: AtomicUsize,
+    timeout: Duration,
+}
+
+fn connect(addr: &str) -> Result<OrcClient<Channel>, String> {
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let ch = Endpoint::from_shared(uri).map_err(|e| e.to_string())?.connect_timeout(Duration::from_millis(700)).tcp_nodelay(true).connect_lazy();
+    Ok(OrcClient::new(ch).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+}
+
+/// Connection failures mean "try another master"; anything else is an answer.
+fn is_unreachable(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) && !s.message().contains("h2 protocol error")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+impl std::fmt::Display for ApplyOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApplyOutcome::Created => "created",
+            ApplyOutcome::Configured => "configured",
+            ApplyOutcome::Unchanged => "unchanged",
+        })
+    }
+}
+
+impl Client {
+    pub fn new(servers: Vec<String>) -> Self {
+        Client { servers, current: AtomicUsize::new(0), timeout: Duration::from_secs(30) }
+    }
+
+    pub fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    /// One request, answered by the first reachable master.
+    pub async fn call(&self, req: &Request) -> Result<Value, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol { server: String::new(), why: e.to_string() })?;
+        let n = self.servers.len();
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last = String::from("no servers configured");
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let server = &self.servers[idx];
+            let mut c = match connect(server) {
+                Ok(c) => c,
+                Err(e) => {
+                    last = format!("{server}: {e}");
+                    continue;
+                }
+            };
+            let mut r = tonic::Request::new(Blob { json: body.clone() });
+            r.set_timeout(self.timeout);
+            match c.call(r).await {
+                Ok(resp) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    let res: Result<Value, ApiError> = serde_json::from_slice(&resp.into_inner().json)
+                        .map_err(|e| ClientError::Protocol { server: server.clone(), why: e.to_string() })?;
+                    return res.map_err(ClientError::Api);
+                }
+                Err(s) if is_unreachable(&s) => last = format!("{server}: {}", s.message()),
+                Err(s) => return Err(ClientError::Protocol { server: server.clone(), why: s.message().to_string() }),
+            }
+        }
+        Err(ClientError::Unreachable { servers: self.servers.join(","), last })
+    }
+
+    /// Watch events. When the serving master goes away the watch moves to the next
+    /// master, resuming from the last resourceVersion received, so nothing is
+    /// missed or repeated. An `ERROR` event (Expired) ends the stream.
+    pub async fn watch(&self, req: WatchRequest) -> mpsc::Receiver<Result<WatchEvent, ClientError>> {
+        let (tx, rx) = mpsc::channel(1024);
+        let servers = self.servers.clone();
+        let first = self.current.load(Ordering::Relaxed);
+        tokio::spawn(async move {
+            let mut req = req;
+            req.bookmarks = true;
+            let n = servers.len();
+            let mut idx = first;
+            let mut failures = 0;
+            let mut last_err = String::new();
+            while failures < n * 3 {
+                let server = &servers[idx % n];
+                let stream = match connect(server) {
+                    Ok(mut c) => {
+                        let body = serde_json::to_vec(&req).unwrap_or_default();
+                        c.watch(tonic::Request::new(Blob { json: body })).await
+                    }
+                    Err(e) => Err(tonic::Status::unavailable(e)),
+                };
+                let mut stream = match stream {
+                    Ok(s) => s.into_inner(),
+                    Err(s) => {
+                        last_err = format!("{server}: {}", s.message());
+                        failures += 1;
+                        idx += 1;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                while let Some(item) = stream.next().await {
+                    let blob = match item {
+                        Ok(b) => b,
+                        Err(s) => {
+                            last_err = format!("{server}: {}", s.message());
+                            break;
+                        }
+                    };
+                    failures = 0;
+                    let ev: WatchEvent = match serde_json::from_slice(&blob.json) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = tx.send(Err(ClientError::Protocol { server: server.clone(), why: e.to_string() })).await;
+                            return;
+                        }
+                    };
+                    if ev.event_type == EventType::Error {
+                        let e: ApiError = ApiError::new(
+                            if ev.object["reason"] == "Expired" { Reason::Expired } else { Reason::InternalError },
+                            ev.object["message"].as_str().unwrap_or("watch error").to_string(),
+                        );
+                        let _ = tx.send(Err(ClientError::Api(e))).await;
+                        return;
+                    }
+                    if let Some(rv) = ev.object.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+                        req.resource_version = Some(rv.to_string());
+                    }
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                // The stream ended: this master went away. Resume elsewhere.
+                idx += 1;
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = tx.send(Err(ClientError::Unreachable { servers: servers.join(","), last: last_err })).await;
+        });
+        rx
+    }
+
+    /// kubectl-style apply: create the object, or patch it from the configuration
+    /// applied last time (fields removed from the manifest are removed).
+    pub async fn apply(&self, obj: &Value, namespace: Option<&str>) -> Result<(Value, ApplyOutcome), ClientError> {
+        let info = orc_api::validate::resource_of(obj)?;
+        let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+        if name.is_empty() {
+            return Err(ApiError::invalid(format!("{}: metadata.name: Required value (apply needs a name)", info.kind)).into());
+        }
+        let ns = if info.namespaced {
+            obj.pointer("/metadata/namespace").and_then(Value::as_str).or(namespace).unwrap_or("default").to_string()
+        } else {
+            String::new()
+        };
+        let mut desired = obj.clone();
+        if let Some(a) = desired.pointer_mut("/metadata/annotations").and_then(Value::as_object_mut) {
+            a.remove(LAST_APPLIED);
+        }
+        let last_applied = serde_json::to_string(&desired).unwrap_or_default();
+        let meta = desired["metadata"].as_object_mut().expect("metadata checked above");
+        let ann = meta.entry("annotations").or_insert_with(|| json!({}));
+        ann[LAST_APPLIED] = json!(last_applied);
+        let get = Request::Get { resource: info.plural.into(), namespace: ns.clone(), name: name.into() };
+        match self.call(&get).await {
+            Err(ClientError::Api(e)) if e.reason == Reason::NotFound => {
+                let created = self.call(&Request::Create { object: desired, namespace: Some(ns).filter(|s| !s.is_empty()) }).await?;
+                Ok((created, ApplyOutcome::Created))
+            }
+            Err(e) => Err(e),
+            Ok(current) => {
+                let previous: Value = current
+                    .pointer(&format!("/metadata/annotations/{}", LAST_APPLIED.replace('/', "~1")))
+                    .and_then(Value::as_str)
+                    .and_then(|s| serde_json::from_str(s).ok())
+                    .unwrap_or(json!({}));
+                let patch = orc_api::manifest::apply_patch(&previous, &desired);
+                let req = Request::Patch { resource: info.plural.into(), namespace: ns, name: name.into(), patch, status: false };
+                let updated = self.call(&req).await?;
+                let rv = |o: &Value| o.pointer("/metadata/resourceVersion").cloned();
+                let outcome = if rv(&updated) == rv(&current) { ApplyOutcome::Unchanged } else { ApplyOutcome::Configured };
+                Ok((updated, outcome))
+            }
+        }
+    }
+}

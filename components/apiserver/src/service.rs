@@ -1,0 +1,91 @@
+//! The `orc.Orc` gRPC service: Raft RPCs, forwarded proposals, read index, the API
+//! and watches, all on one port.
+use crate::api::Master;
+use orc_api::request::{Request, WatchRequest};
+use orc_api::{ApiError, Reason};
+use orc_proto::orc_server::{Orc, OrcServer};
+use orc_proto::Blob;
+use orc_raft::network::MAX_MESSAGE_BYTES;
+use serde::{de::DeserializeOwned, Serialize};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use tonic::{Response, Status};
+
+pub struct Service {
+    master: Arc<Master>,
+}
+
+fn decode<T: DeserializeOwned>(b: &Blob) -> Result<T, Status> {
+    serde_json::from_slice(&b.json).map_err(|e| Status::invalid_argument(format!("bad request body: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Response<Blob>, Status> {
+    serde_json::to_vec(v).map(|json| Response::new(Blob { json })).map_err(|e| Status::internal(e.to_string()))
+}
+
+type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<Blob, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Orc for Service {
+    async fn append_entries(&self, r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {
+        let req = decode(r.get_ref())?;
+        encode(&self.master.raft.append_entries(req).await)
+    }
+
+    async fn vote(&self, r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {
+        let req = decode(r.get_ref())?;
+        encode(&self.master.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(&self, r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {
+        let req = decode(r.get_ref())?;
+        encode(&self.master.raft.install_snapshot(req).await)
+    }
+
+    async fn propose(&self, r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {
+        let cmd = decode(r.get_ref())?;
+        encode(&self.master.propose_local(cmd).await)
+    }
+
+    async fn read_index(&self, _r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {
+        encode(&self.master.read_index_local().await)
+    }
+
+    async fn call(&self, r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {
+        let body = &r.get_ref().json;
+        // The envelope adds a little to the object: allow for it, then judge the object.
+        if body.len() > orc_api::MAX_REQUEST_BYTES + 4096 {
+            let e = ApiError::new(
+                Reason::RequestEntityTooLarge,
+                format!("the request is {} bytes; the limit is {} bytes (3 MiB)", body.len(), orc_api::MAX_REQUEST_BYTES),
+            );
+            return encode(&Err::<(), _>(e));
+        }
+        let res = match serde_json::from_slice::<Request>(body) {
+            Ok(req) => self.master.handle(req).await,
+            Err(e) => Err(ApiError::bad_request(format!("cannot decode request: {e}"))),
+        };
+        encode(&res)
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, r: tonic::Request<Blob>) -> Result<Response<WatchStream>, Status> {
+        let req: WatchRequest = decode(r.get_ref())?;
+        let rx = crate::watch::start(self.master.clone(), req).await;
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+pub async fn serve(master: Arc<Master>, addr: SocketAddr) -> Result<(), crate::MasterError> {
+    let svc = OrcServer::new(Service { master })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(svc)
+        .serve(addr)
+        .await
+        .map_err(|source| crate::MasterError::Serve { addr, source })
+}

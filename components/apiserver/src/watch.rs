@@ -1,0 +1,132 @@
+//! Watches, served from this master's apply stream: a resourceVersion to resume
+//! from (inside the hub's window), or the current state as ADDED events first.
+use crate::api::{resource_info, Master};
+use orc_api::mutation::{EventType, ObjectKey};
+use orc_api::request::{WatchEvent, WatchRequest};
+use orc_api::selector::{FieldSelector, LabelSelector};
+use orc_api::{ApiError, Reason};
+use orc_proto::Blob;
+use orc_raft::hub::HubMessage;
+use orc_raft::StoredEvent;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use tonic::Status;
+
+type Tx = mpsc::Sender<Result<Blob, Status>>;
+
+async fn send(tx: &Tx, ev: &WatchEvent) -> bool {
+    match serde_json::to_vec(ev) {
+        Ok(json) => tx.send(Ok(Blob { json })).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+async fn send_error(tx: &Tx, e: ApiError) {
+    let _ = send(tx, &WatchEvent { event_type: EventType::Error, object: e.to_status() }).await;
+}
+
+fn expired(rv: u64, floor: u64) -> ApiError {
+    ApiError::new(Reason::Expired, format!("too old resource version: {rv} ({floor}); the watch history on this master starts after {floor}: relist"))
+}
+
+struct Filter {
+    prefix: String,
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Filter {
+    fn matches(&self, e: &StoredEvent) -> bool {
+        e.key.starts_with(&self.prefix) && self.labels.matches(&e.object) && self.fields.matches(&e.object)
+    }
+}
+
+pub async fn start(master: Arc<Master>, req: WatchRequest) -> mpsc::Receiver<Result<Blob, Status>> {
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        if let Err(e) = run(master, req, &tx).await {
+            send_error(&tx, e).await;
+        }
+    });
+    rx
+}
+
+async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiError> {
+    let info = resource_info(&req.resource)?;
+    let filter = Filter {
+        prefix: ObjectKey::prefix(info.plural, req.namespace.as_deref().filter(|_| info.namespaced)),
+        labels: LabelSelector::parse(&req.label_selector)?,
+        fields: FieldSelector::parse(&req.field_selector)?,
+    };
+    let hub = master.sm.hub().clone();
+    let from_rv = req.resource_version.as_deref().filter(|s| !s.is_empty() && *s != "0");
+    let (start, initial) = match from_rv {
+        Some(rv) => {
+            let rv: u64 = rv.parse().map_err(|_| ApiError::bad_request(format!("resourceVersion \"{rv}\" is not a number")))?;
+            (rv, Vec::new())
+        }
+        None => {
+            // The current state (linearizable), then everything after it.
+            master.read_barrier().await?;
+            let (index, objs) = master.sm.list(&filter.prefix).map_err(|e| ApiError::internal(e.to_string()))?;
+            (index, objs)
+        }
+    };
+    let sub = hub.subscribe(start).ok_or_else(|| expired(start, hub.floor()))?;
+    for (key, object) in initial {
+        let e = StoredEvent { index: start, key, event_type: EventType::Added, object };
+        if filter.matches(&e) && !send(tx, &WatchEvent { event_type: EventType::Added, object: e.object }).await {
+            return Ok(());
+        }
+    }
+    let mut sent_up_to = start;
+    for e in sub.backlog {
+        if filter.matches(&e) && !send(tx, &WatchEvent { event_type: e.event_type, object: e.object }).await {
+            return Ok(());
+        }
+        sent_up_to = e.index;
+    }
+    let mut rx = sub.rx;
+    let mut latest = sub.last.max(sent_up_to);
+    let mut bookmarked = start;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Ok(HubMessage::Events(evs)) => {
+                    for e in evs.iter() {
+                        if e.index <= sent_up_to {
+                            continue; // already sent from the backlog
+                        }
+                        sent_up_to = e.index;
+                        latest = latest.max(e.index);
+                        if filter.matches(e) && !send(tx, &WatchEvent { event_type: e.event_type, object: e.object.clone() }).await {
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(HubMessage::Progress(i)) => latest = latest.max(i),
+                Ok(HubMessage::Reset) => return Err(expired(sent_up_to, hub.floor())),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    return Err(ApiError::new(Reason::Expired, "the watcher fell behind the apply stream: relist"))
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            _ = tick.tick() => {
+                if tx.is_closed() {
+                    return Ok(());
+                }
+                if req.bookmarks && latest > bookmarked {
+                    bookmarked = latest;
+                    let obj: Value = json!({"apiVersion": info.api_version, "kind": info.kind,
+                        "metadata": {"resourceVersion": latest.to_string()}});
+                    if !send(tx, &WatchEvent { event_type: EventType::Bookmark, object: obj }).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
