@@ -20,13 +20,21 @@ pub fn orc_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join("orc");
-    assert!(p.exists(), "{} not found: build it first (cargo build -p orc) or set ORC_BIN", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: build it first (cargo build -p orc) or set ORC_BIN",
+        p.display()
+    );
     p
 }
 
 /// A free loopback port (bound and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 pub struct CliOutput {
@@ -40,7 +48,8 @@ impl CliOutput {
         self.code == 0
     }
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
     }
 }
 
@@ -78,12 +87,29 @@ impl Cluster {
     /// Start `n` masters (ids 1..=n) with extra `orc master` flags, and wait until
     /// they have a leader that every one of them names.
     pub fn start(n: u64, extra: &[&str]) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("orc-chaos-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("orc-chaos-")
+            .tempdir()
+            .expect("tempdir");
         let masters: Vec<Master> = (1..=n)
-            .map(|id| Master { id, addr: format!("127.0.0.1:{}", free_port()), data_dir: dir.path().join(format!("m{id}")), child: None })
+            .map(|id| Master {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                data_dir: dir.path().join(format!("m{id}")),
+                child: None,
+            })
             .collect();
-        let initial = masters.iter().map(|m| format!("{}={}", m.id, m.addr)).collect::<Vec<_>>().join(",");
-        let mut c = Cluster { dir, masters, initial, extra: extra.iter().map(|s| s.to_string()).collect() };
+        let initial = masters
+            .iter()
+            .map(|m| format!("{}={}", m.id, m.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            dir,
+            masters,
+            initial,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         for id in 1..=n {
             c.spawn(id);
         }
@@ -92,11 +118,17 @@ impl Cluster {
     }
 
     fn master(&self, id: u64) -> &Master {
-        self.masters.iter().find(|m| m.id == id).unwrap_or_else(|| panic!("no master {id}"))
+        self.masters
+            .iter()
+            .find(|m| m.id == id)
+            .unwrap_or_else(|| panic!("no master {id}"))
     }
 
     fn master_mut(&mut self, id: u64) -> &mut Master {
-        self.masters.iter_mut().find(|m| m.id == id).unwrap_or_else(|| panic!("no master {id}"))
+        self.masters
+            .iter_mut()
+            .find(|m| m.id == id)
+            .unwrap_or_else(|| panic!("no master {id}"))
     }
 
     fn spawn(&mut self, id: u64) {
@@ -105,9 +137,21 @@ impl Cluster {
         let log_path = self.dir.path().join(format!("m{id}.log"));
         let m = self.master_mut(id);
         assert!(m.child.is_none(), "master {id} already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log file");
         let child = Command::new(orc_bin())
-            .args(["master", "--id", &id.to_string(), "--listen", &m.addr, "--initial-cluster", &initial])
+            .args([
+                "master",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &m.addr,
+                "--initial-cluster",
+                &initial,
+            ])
             .arg("--data-dir")
             .arg(&m.data_dir)
             .args(&extra)
@@ -122,7 +166,12 @@ impl Cluster {
     /// Add a master process that is not in the initial cluster (to be joined with
     /// `cluster add-master`). Returns its address.
     pub fn spawn_new_master(&mut self, id: u64) -> String {
-        let m = Master { id, addr: format!("127.0.0.1:{}", free_port()), data_dir: self.dir.path().join(format!("m{id}")), child: None };
+        let m = Master {
+            id,
+            addr: format!("127.0.0.1:{}", free_port()),
+            data_dir: self.dir.path().join(format!("m{id}")),
+            child: None,
+        };
         let addr = m.addr.clone();
         self.masters.push(m);
         self.spawn(id);
@@ -164,11 +213,20 @@ impl Cluster {
 
     /// Every running master's address, comma-separated.
     pub fn servers(&self) -> String {
-        self.masters.iter().filter(|m| m.running()).map(|m| m.addr.clone()).collect::<Vec<_>>().join(",")
+        self.masters
+            .iter()
+            .filter(|m| m.running())
+            .map(|m| m.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn running_ids(&self) -> Vec<u64> {
-        self.masters.iter().filter(|m| m.running()).map(|m| m.id).collect()
+        self.masters
+            .iter()
+            .filter(|m| m.running())
+            .map(|m| m.id)
+            .collect()
     }
 
     /// Run the CLI against `server` (one address or a list).
@@ -179,11 +237,26 @@ impl Cluster {
     pub fn orc_stdin(&self, server: &str, args: &[&str], stdin: Option<&str>) -> CliOutput {
         use std::io::Write;
         let mut cmd = Command::new(orc_bin());
-        cmd.arg("--server").arg(server).args(args).env("HOME", self.dir.path()).env_remove("ORC_SERVER");
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.arg("--server")
+            .arg(server)
+            .args(args)
+            .env("HOME", self.dir.path())
+            .env_remove("ORC_SERVER");
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn orc");
         if let Some(input) = stdin {
-            child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write stdin");
         }
         child.wait_with_output().expect("orc output").into()
     }
@@ -202,13 +275,21 @@ impl Cluster {
     pub fn wait_leader(&self, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         loop {
-            let leaders: Vec<Option<u64>> = self.running_ids().iter().map(|id| self.status(*id).and_then(|s| s["leader"].as_u64())).collect();
+            let leaders: Vec<Option<u64>> = self
+                .running_ids()
+                .iter()
+                .map(|id| self.status(*id).and_then(|s| s["leader"].as_u64()))
+                .collect();
             if let Some(Some(l)) = leaders.first() {
                 if leaders.iter().all(|x| *x == Some(*l)) && self.running_ids().contains(l) {
                     return *l;
                 }
             }
-            assert!(Instant::now() < deadline, "no agreed leader within {timeout:?}: {leaders:?}\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader within {timeout:?}: {leaders:?}\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -219,12 +300,16 @@ impl Cluster {
         for id in self.running_ids() {
             loop {
                 let applied = self.status(id).and_then(|s| {
-                    s["members"].as_array()?.iter().find(|m| m["id"] == id)?["applied_index"].as_u64()
+                    s["members"].as_array()?.iter().find(|m| m["id"] == id)?["applied_index"]
+                        .as_u64()
                 });
                 if applied.is_some_and(|a| a >= index) {
                     break;
                 }
-                assert!(Instant::now() < deadline, "master {id} did not apply {index} in time (at {applied:?})");
+                assert!(
+                    Instant::now() < deadline,
+                    "master {id} did not apply {index} in time (at {applied:?})"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -256,8 +341,18 @@ impl Cluster {
     pub fn check_store(&self, id: u64) -> Value {
         let m = self.master(id);
         assert!(!m.running(), "stop master {id} first");
-        let o: CliOutput = Command::new(orc_bin()).args(["debug", "check-store"]).arg(&m.data_dir).output().expect("orc debug").into();
-        assert!(o.ok(), "store of master {id} failed its check: {} {}", o.stdout, o.stderr);
+        let o: CliOutput = Command::new(orc_bin())
+            .args(["debug", "check-store"])
+            .arg(&m.data_dir)
+            .output()
+            .expect("orc debug")
+            .into();
+        assert!(
+            o.ok(),
+            "store of master {id} failed its check: {} {}",
+            o.stdout,
+            o.stderr
+        );
         o.json()
     }
 }

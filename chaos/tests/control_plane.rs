@@ -1,5 +1,5 @@
 //! Acceptance a, b, c, e, f, g of the control plane, against real master processes.
-use orc_chaos::{Cluster, CliOutput};
+use orc_chaos::{CliOutput, Cluster};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -8,7 +8,10 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 fn followers(c: &Cluster, leader: u64) -> Vec<u64> {
-    c.running_ids().into_iter().filter(|i| *i != leader).collect()
+    c.running_ids()
+        .into_iter()
+        .filter(|i| *i != leader)
+        .collect()
 }
 
 /// a. Three masters elect one leader, and every master names the same one.
@@ -68,9 +71,20 @@ fn b_apply_through_follower_reads_the_same_everywhere() {
     std::fs::write(&file, MANIFEST).unwrap();
     let out = c.orc(&c.addr(f), &["apply", "-f", file.to_str().unwrap()]);
     assert!(out.ok(), "{} {}", out.stdout, out.stderr);
-    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), vec!["namespace/shop created", "configmap/settings created", "deployment.apps/web created"]);
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        vec![
+            "namespace/shop created",
+            "configmap/settings created",
+            "deployment.apps/web created"
+        ]
+    );
     let again = c.orc(&c.addr(f), &["apply", "-f", file.to_str().unwrap()]);
-    assert!(again.stdout.lines().all(|l| l.ends_with(" unchanged")), "{}", again.stdout);
+    assert!(
+        again.stdout.lines().all(|l| l.ends_with(" unchanged")),
+        "{}",
+        again.stdout
+    );
     for (kind, name) in [("ns", "shop"), ("cm", "settings"), ("deploy", "web")] {
         let views: Vec<Value> = (1..=3)
             .filter(|i| *i != f)
@@ -81,11 +95,26 @@ fn b_apply_through_follower_reads_the_same_everywhere() {
                 o.json()
             })
             .collect();
-        assert!(views.windows(2).all(|w| w[0] == w[1]), "{kind}/{name} differs between masters: {views:?}");
-        assert!(views[0]["metadata"]["resourceVersion"].as_str().unwrap().parse::<u64>().unwrap() > 0);
+        assert!(
+            views.windows(2).all(|w| w[0] == w[1]),
+            "{kind}/{name} differs between masters: {views:?}"
+        );
+        assert!(
+            views[0]["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                > 0
+        );
         assert!(views[0]["metadata"]["uid"].as_str().is_some());
     }
-    let d = c.orc(&c.addr(leader), &["get", "deploy", "web", "-n", "shop", "-o", "json"]).json();
+    let d = c
+        .orc(
+            &c.addr(leader),
+            &["get", "deploy", "web", "-n", "shop", "-o", "json"],
+        )
+        .json();
     assert_eq!(d["metadata"]["generation"], 1);
     assert_eq!(d["spec"]["replicas"], 2);
 }
@@ -99,7 +128,9 @@ struct Watcher {
 impl Watcher {
     fn start(c: &Cluster, server: &str, extra: &[&str]) -> Watcher {
         let mut child = Command::new(orc_chaos::orc_bin())
-            .args(["--server", server, "get", "cm", "-n", "w", "-w", "-o", "json"])
+            .args([
+                "--server", server, "get", "cm", "-n", "w", "-w", "-o", "json",
+            ])
             .args(extra)
             .env("HOME", c.dir.path())
             .stdin(Stdio::null())
@@ -128,7 +159,11 @@ impl Watcher {
                 Ok(l) => {
                     let v: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"));
                     let i: u64 = v["data"]["i"].as_str().unwrap().parse().unwrap();
-                    let rv: u64 = v["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+                    let rv: u64 = v["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
                     seen.push((i, rv));
                     if i == last {
                         break;
@@ -157,8 +192,15 @@ fn set_i(c: &Cluster, server: &str, i: u64) {
 
 fn assert_in_order(seen: &[(u64, u64)], from: u64, to: u64) {
     let values: Vec<u64> = seen.iter().map(|s| s.0).collect();
-    assert_eq!(values, (from..=to).collect::<Vec<_>>(), "values out of order, missing or repeated");
-    assert!(seen.windows(2).all(|w| w[0].1 < w[1].1), "resourceVersions not increasing: {seen:?}");
+    assert_eq!(
+        values,
+        (from..=to).collect::<Vec<_>>(),
+        "values out of order, missing or repeated"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].1 < w[1].1),
+        "resourceVersions not increasing: {seen:?}"
+    );
 }
 
 /// c. A watch on one master sees 100 updates made through another, in order, once
@@ -169,7 +211,13 @@ fn c_watch_sees_every_update_in_order_and_resumes_elsewhere() {
     let leader = c.wait_leader(Duration::from_secs(20));
     let f = followers(&c, leader);
     let (watch_on, write_on, resume_on) = (f[0], leader, f[1]);
-    assert!(c.orc_stdin(&c.addr(write_on), &["create", "-f", "-"], Some(r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"w"}}"#)).ok());
+    assert!(c
+        .orc_stdin(
+            &c.addr(write_on),
+            &["create", "-f", "-"],
+            Some(r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"w"}}"#)
+        )
+        .ok());
     assert!(c.orc_stdin(&c.addr(write_on), &["create", "-f", "-"], Some(r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"counter","namespace":"w"},"data":{"i":"0"}}"#)).ok());
 
     let w = Watcher::start(&c, &c.addr(watch_on), &[]);
@@ -195,7 +243,11 @@ fn c_watch_sees_every_update_in_order_and_resumes_elsewhere() {
         set_i(&c, &c.addr(write_on), i);
     }
     let last_rv = part1.last().unwrap().1.to_string();
-    let w2 = Watcher::start(&c, &c.addr(resume_on), &["--watch-only", "--resource-version", &last_rv]);
+    let w2 = Watcher::start(
+        &c,
+        &c.addr(resume_on),
+        &["--watch-only", "--resource-version", &last_rv],
+    );
     let part2 = w2.collect_until(200, Duration::from_secs(30));
     assert_in_order(&part2, 151, 200);
 
@@ -203,7 +255,15 @@ fn c_watch_sees_every_update_in_order_and_resumes_elsewhere() {
     c.restart(watch_on);
     c.wait_leader(Duration::from_secs(20));
     let servers = format!("{},{}", c.addr(watch_on), c.addr(resume_on));
-    let w3 = Watcher::start(&c, &servers, &["--watch-only", "--resource-version", &part2.last().unwrap().1.to_string()]);
+    let w3 = Watcher::start(
+        &c,
+        &servers,
+        &[
+            "--watch-only",
+            "--resource-version",
+            &part2.last().unwrap().1.to_string(),
+        ],
+    );
     std::thread::sleep(Duration::from_millis(500));
     set_i(&c, &c.addr(write_on), 201);
     assert_in_order(&w3.collect_until(201, Duration::from_secs(20)), 201, 201);
@@ -231,7 +291,11 @@ fn e_no_quorum_fails_clearly_then_recovers() {
     let took = t.elapsed();
     assert!(!o.ok(), "a write without quorum must fail");
     assert!(took < Duration::from_secs(10), "failing took {took:?}");
-    assert!(o.stderr.contains("no quorum") || o.stderr.contains("Unavailable"), "unclear error: {}", o.stderr);
+    assert!(
+        o.stderr.contains("no quorum") || o.stderr.contains("Unavailable"),
+        "unclear error: {}",
+        o.stderr
+    );
     // A read cannot be linearizable without a quorum either.
     let r = c.orc(&c.addr(survivor), &["get", "cm"]);
     assert!(!r.ok());
@@ -243,7 +307,11 @@ fn e_no_quorum_fails_clearly_then_recovers() {
         if o.ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "write did not succeed after a master came back: {}", o.stderr);
+        assert!(
+            Instant::now() < deadline,
+            "write did not succeed after a master came back: {}",
+            o.stderr
+        );
     }
     let g = c.orc(&c.addr(leader), &["get", "cm", "lonely", "-o", "json"]);
     assert!(g.ok(), "{}", g.stderr);
@@ -263,7 +331,8 @@ fn f_replace_a_dead_master_without_stopping_writes() {
     let bin = orc_chaos::orc_bin();
     let home = c.dir.path().to_path_buf();
     let writer = {
-        let (stop, ok, failed, servers) = (stop.clone(), ok.clone(), failed.clone(), servers.clone());
+        let (stop, ok, failed, servers) =
+            (stop.clone(), ok.clone(), failed.clone(), servers.clone());
         std::thread::spawn(move || {
             let mut i = 0;
             let mut errors = Vec::new();
@@ -278,7 +347,8 @@ fn f_replace_a_dead_master_without_stopping_writes() {
                     .stderr(Stdio::piped())
                     .spawn()
                     .unwrap();
-                std::io::Write::write_all(&mut child.stdin.take().unwrap(), doc.as_bytes()).unwrap();
+                std::io::Write::write_all(&mut child.stdin.take().unwrap(), doc.as_bytes())
+                    .unwrap();
                 let out: CliOutput = child.wait_with_output().unwrap().into();
                 if out.ok() {
                     ok.fetch_add(1, Ordering::Relaxed);
@@ -300,14 +370,39 @@ fn f_replace_a_dead_master_without_stopping_writes() {
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::Relaxed);
     let errors = writer.join().unwrap();
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "writes failed during the replacement: {errors:?}");
-    assert!(ok.load(Ordering::Relaxed) > 5, "too few writes to prove anything");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "writes failed during the replacement: {errors:?}"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 5,
+        "too few writes to prove anything"
+    );
 
     let st = c.status(4).expect("status via the new master");
-    let mut ids: Vec<u64> = st["members"].as_array().unwrap().iter().map(|m| m["id"].as_u64().unwrap()).collect();
+    let mut ids: Vec<u64> = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
     ids.sort();
-    assert_eq!(ids, vec![1, 2, 3, 4].into_iter().filter(|i| *i != dead).collect::<Vec<_>>());
-    assert!(st["members"].as_array().unwrap().iter().all(|m| m["reachable"] == true), "{st}");
+    assert_eq!(
+        ids,
+        vec![1, 2, 3, 4]
+            .into_iter()
+            .filter(|i| *i != dead)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        st["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["reachable"] == true),
+        "{st}"
+    );
     // The new master serves what was written before it joined.
     let g = c.orc(&c.addr(4), &["get", "cm", "f-1", "-o", "json"]);
     assert!(g.ok(), "{}", g.stderr);
@@ -326,7 +421,10 @@ fn g_bad_input_is_rejected_and_changes_nothing() {
     assert!(c.create_cm(&s, "default", "keep", "1").ok());
     let before = c.orc(&s, &["get", "cm", "-A", "-o", "json"]).json()["items"].clone();
 
-    let big = format!(r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"big"}},"data":{{"v":"{}"}}}}"#, "x".repeat(4 << 20));
+    let big = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"big"}},"data":{{"v":"{}"}}}}"#,
+        "x".repeat(4 << 20)
+    );
     let cases: Vec<(&str, String, &str)> = vec![
         ("invalid name", r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"Bad_Name"}}"#.into(), "metadata.name"),
         ("invalid label", r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ok","labels":{"a":"b c"}}}"#.into(), "metadata.labels"),
@@ -342,19 +440,34 @@ fn g_bad_input_is_rejected_and_changes_nothing() {
         for verb in ["apply", "create"] {
             let o = c.orc_stdin(&s, &[verb, "-f", "-"], Some(body));
             assert!(!o.ok(), "{what} ({verb}) was accepted");
-            assert!(o.stderr.contains(expect), "{what} ({verb}): error does not name {expect:?}: {}", o.stderr);
+            assert!(
+                o.stderr.contains(expect),
+                "{what} ({verb}): error does not name {expect:?}: {}",
+                o.stderr
+            );
         }
     }
     // A stale resourceVersion.
     let cm = c.orc(&s, &["get", "cm", "keep", "-o", "json"]).json();
-    assert!(c.orc(&s, &["patch", "cm", "keep", "-p", r#"{"data":{"v":"2"}}"#]).ok());
+    assert!(c
+        .orc(&s, &["patch", "cm", "keep", "-p", r#"{"data":{"v":"2"}}"#])
+        .ok());
     let mut stale = cm.clone();
     stale["data"]["v"] = "3".into();
     let o = c.orc_stdin(&s, &["replace", "-f", "-"], Some(&stale.to_string()));
     assert!(!o.ok());
-    assert!(o.stderr.contains("Conflict") && o.stderr.contains("modified"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("Conflict") && o.stderr.contains("modified"),
+        "{}",
+        o.stderr
+    );
     // Bad selectors and types.
-    for args in [vec!["get", "cm", "-l", "a in b"], vec!["get", "po", "--field-selector", "spec.foo=1"], vec!["get", "widgets"], vec!["get", "cm", "nope"]] {
+    for args in [
+        vec!["get", "cm", "-l", "a in b"],
+        vec!["get", "po", "--field-selector", "spec.foo=1"],
+        vec!["get", "widgets"],
+        vec!["get", "cm", "nope"],
+    ] {
         let o = c.orc(&s, &args);
         assert!(!o.ok(), "{args:?} succeeded");
         assert!(!o.stderr.is_empty());
@@ -365,8 +478,27 @@ fn g_bad_input_is_rejected_and_changes_nothing() {
     }
     let after = c.orc(&s, &["get", "cm", "-A", "-o", "json"]).json()["items"].clone();
     let keep_before: Vec<&Value> = before.as_array().unwrap().iter().collect();
-    let after_names: Vec<&str> = after.as_array().unwrap().iter().map(|o| o["metadata"]["name"].as_str().unwrap()).collect();
-    assert_eq!(after_names, keep_before.iter().map(|o| o["metadata"]["name"].as_str().unwrap()).collect::<Vec<_>>());
-    let kept = after.as_array().unwrap().iter().find(|o| o["metadata"]["name"] == "keep").unwrap();
-    assert_eq!(kept["data"]["v"], "2", "the stale replace must not have changed the object");
+    let after_names: Vec<&str> = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        after_names,
+        keep_before
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap())
+            .collect::<Vec<_>>()
+    );
+    let kept = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["metadata"]["name"] == "keep")
+        .unwrap();
+    assert_eq!(
+        kept["data"]["v"], "2",
+        "the stale replace must not have changed the object"
+    );
 }

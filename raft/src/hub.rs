@@ -53,7 +53,15 @@ pub struct Subscription {
 impl Hub {
     pub fn new(capacity: usize) -> Arc<Self> {
         let (tx, _) = broadcast::channel(4096);
-        Arc::new(Hub { inner: Mutex::new(Inner { window: VecDeque::new(), floor: 0, last: 0 }), capacity, tx })
+        Arc::new(Hub {
+            inner: Mutex::new(Inner {
+                window: VecDeque::new(),
+                floor: 0,
+                last: 0,
+            }),
+            capacity,
+            tx,
+        })
     }
 
     /// Start (or restart) history at `index`: changes after it will be recorded.
@@ -85,7 +93,11 @@ impl Hub {
                 g.floor = e.index;
             }
         }
-        let msg = if events.is_empty() { HubMessage::Progress(last) } else { HubMessage::Events(Arc::new(events)) };
+        let msg = if events.is_empty() {
+            HubMessage::Progress(last)
+        } else {
+            HubMessage::Events(Arc::new(events))
+        };
         let _ = self.tx.send(msg);
     }
 
@@ -95,8 +107,17 @@ impl Hub {
         if from < g.floor {
             return None;
         }
-        let backlog = g.window.iter().filter(|e| e.index > from).cloned().collect();
-        Some(Subscription { backlog, rx: self.tx.subscribe(), last: g.last })
+        let backlog = g
+            .window
+            .iter()
+            .filter(|e| e.index > from)
+            .cloned()
+            .collect();
+        Some(Subscription {
+            backlog,
+            rx: self.tx.subscribe(),
+            last: g.last,
+        })
     }
 }
 
@@ -105,7 +126,12 @@ mod tests {
     use super::*;
 
     fn ev(i: u64) -> StoredEvent {
-        StoredEvent { index: i, key: format!("configmaps/d/c{i}"), event_type: EventType::Added, object: Value::Null }
+        StoredEvent {
+            index: i,
+            key: format!("configmaps/d/c{i}"),
+            event_type: EventType::Added,
+            object: Value::Null,
+        }
     }
 
     #[test]
@@ -114,9 +140,15 @@ mod tests {
         hub.reset(10);
         hub.publish(vec![ev(11), ev(12)], 12);
         let s = hub.subscribe(11).unwrap();
-        assert_eq!(s.backlog.iter().map(|e| e.index).collect::<Vec<_>>(), vec![12]);
+        assert_eq!(
+            s.backlog.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![12]
+        );
         hub.publish(vec![ev(13), ev(14)], 14);
-        assert!(hub.subscribe(10).is_none(), "11 evicted: 10 is out of the window");
+        assert!(
+            hub.subscribe(10).is_none(),
+            "11 evicted: 10 is out of the window"
+        );
         assert_eq!(hub.subscribe(11).unwrap().backlog.len(), 3);
         assert!(hub.subscribe(9).is_none());
     }

@@ -1,10 +1,13 @@
 //! The Raft network: masters send AppendEntries, Vote and InstallSnapshot to each
 //! other as JSON inside the `orc.Orc` gRPC service (the same port as the API).
 use crate::{NodeId, TypeConfig};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use orc_proto::orc_client::OrcClient;
@@ -18,7 +21,11 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// A lazily connecting channel to `addr` (`HOST:PORT`). TLS plugs in here.
 pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
     Ok(Endpoint::from_shared(uri)?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
@@ -28,7 +35,9 @@ pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::
 }
 
 pub fn client(ch: Channel) -> OrcClient<Channel> {
-    OrcClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+    OrcClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 pub struct NetworkFactory;
@@ -37,8 +46,14 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Network;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Network {
-        let client = channel(&node.addr, Duration::from_millis(500)).ok().map(client);
-        Network { target, addr: node.addr.clone(), client }
+        let client = channel(&node.addr, Duration::from_millis(500))
+            .ok()
+            .map(client);
+        Network {
+            target,
+            addr: node.addr.clone(),
+            client,
+        }
     }
 }
 
@@ -51,14 +66,21 @@ pub struct Network {
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl Network {
-    async fn call<Req, Resp, E>(&mut self, method: Method, req: &Req, ttl: Duration) -> RpcResult<Resp, E>
+    async fn call<Req, Resp, E>(
+        &mut self,
+        method: Method,
+        req: &Req,
+        ttl: Duration,
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
         let Some(client) = self.client.as_mut() else {
-            return Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!("bad address {}", self.addr)))));
+            return Err(RPCError::Unreachable(Unreachable::new(
+                &std::io::Error::other(format!("bad address {}", self.addr)),
+            )));
         };
         let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(Blob { json: body });
@@ -69,11 +91,14 @@ impl Network {
             Method::Snapshot => client.install_snapshot(request).await,
         };
         let reply = reply.map_err(|s| match s.code() {
-            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => RPCError::Unreachable(Unreachable::new(&s)),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+                RPCError::Unreachable(Unreachable::new(&s))
+            }
             _ => RPCError::Network(NetworkError::new(&s)),
         })?;
         let res: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&reply.into_inner().json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            serde_json::from_slice(&reply.into_inner().json)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -99,10 +124,19 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(Method::Snapshot, &rpc, option.hard_ttl().max(Duration::from_secs(10))).await
+        self.call(
+            Method::Snapshot,
+            &rpc,
+            option.hard_ttl().max(Duration::from_secs(10)),
+        )
+        .await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call(Method::Vote, &rpc, option.hard_ttl()).await
     }
 }

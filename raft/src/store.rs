@@ -15,11 +15,14 @@ use crate::hub::{Hub, StoredEvent};
 use crate::{NodeId, Response, TypeConfig};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
-    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+    AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend,
+    RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership, Vote,
 };
 use orc_api::mutation::{self, Change};
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -44,7 +47,11 @@ pub enum StoreError {
 
 type SResult<T> = Result<T, StorageError<NodeId>>;
 
-fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError<NodeId> {
     StorageIOError::new(subject, verb, AnyError::new(&e)).into()
 }
 
@@ -63,27 +70,56 @@ pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), Store
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = [CF_LOGS, CF_META, CF_SM, CF_OBJECTS].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let cfs = [CF_LOGS, CF_META, CF_SM, CF_OBJECTS]
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
-    let sm = StateMachine { db: db.clone(), hub };
-    let applied = sm.read_applied().map_err(|e| StoreError::Corrupt { what: "applied".into(), why: e.to_string() })?;
+    let sm = StateMachine {
+        db: db.clone(),
+        hub,
+    };
+    let applied = sm.read_applied().map_err(|e| StoreError::Corrupt {
+        what: "applied".into(),
+        why: e.to_string(),
+    })?;
     sm.hub.reset(applied.map(|l| l.index).unwrap_or(0));
     Ok((LogStore { db }, sm))
 }
 
-fn get_json<T: DeserializeOwned>(db: &DB, cf: &str, key: &str, subject: ErrorSubject<NodeId>) -> SResult<Option<T>> {
+fn get_json<T: DeserializeOwned>(
+    db: &DB,
+    cf: &str,
+    key: &str,
+    subject: ErrorSubject<NodeId>,
+) -> SResult<Option<T>> {
     let h = db.cf_handle(cf).expect("column family");
-    match db.get_cf(h, key).map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))? {
+    match db
+        .get_cf(h, key)
+        .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?
+    {
         None => Ok(None),
-        Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| io_err(subject, ErrorVerb::Read, e)),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| io_err(subject, ErrorVerb::Read, e)),
     }
 }
 
-fn put_json<T: Serialize>(db: &DB, cf: &str, key: &str, v: &T, subject: ErrorSubject<NodeId>, sync: bool) -> SResult<()> {
+fn put_json<T: Serialize>(
+    db: &DB,
+    cf: &str,
+    key: &str,
+    v: &T,
+    subject: ErrorSubject<NodeId>,
+    sync: bool,
+) -> SResult<()> {
     let h = db.cf_handle(cf).expect("column family");
     let b = serde_json::to_vec(v).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
-    let opts = if sync { sync_opts() } else { WriteOptions::default() };
-    db.put_cf_opt(h, key, b, &opts).map_err(|e| io_err(subject, ErrorVerb::Write, e))
+    let opts = if sync {
+        sync_opts()
+    } else {
+        WriteOptions::default()
+    };
+    db.put_cf_opt(h, key, b, &opts)
+        .map_err(|e| io_err(subject, ErrorVerb::Write, e))
 }
 
 // ---------------------------------------------------------------- the log
@@ -111,13 +147,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let h = self.db.cf_handle(CF_LOGS).expect("cf");
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(h, IteratorMode::From(&idx_key(start), Direction::Forward)) {
+        for item in self
+            .db
+            .iterator_cf(h, IteratorMode::From(&idx_key(start), Direction::Forward))
+        {
             let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
             let idx = u64::from_be_bytes(k[..8].try_into().expect("8-byte key"));
             if !range.contains(&idx) {
                 break;
             }
-            let ent: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let ent: Entry<TypeConfig> = serde_json::from_slice(&v)
+                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
             out.push(ent);
         }
         Ok(out)
@@ -133,12 +173,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => None,
             Some(item) => {
                 let (_, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-                let ent: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let ent: Entry<TypeConfig> = serde_json::from_slice(&v)
+                    .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
                 Some(ent.log_id)
             }
         };
         let last_purged_log_id = self.last_purged()?;
-        Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.or(last_purged_log_id),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -154,11 +198,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
-        put_json(&self.db, CF_META, "committed", &committed, ErrorSubject::Store, false)
+        put_json(
+            &self.db,
+            CF_META,
+            "committed",
+            &committed,
+            ErrorSubject::Store,
+            false,
+        )
     }
 
     async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
-        Ok(get_json::<Option<LogId<NodeId>>>(&self.db, CF_META, "committed", ErrorSubject::Store)?.flatten())
+        Ok(
+            get_json::<Option<LogId<NodeId>>>(&self.db, CF_META, "committed", ErrorSubject::Store)?
+                .flatten(),
+        )
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
@@ -169,15 +223,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let h = self.db.cf_handle(CF_LOGS).expect("cf");
         let mut batch = WriteBatch::default();
         for ent in entries {
-            let b = serde_json::to_vec(&ent).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            let b = serde_json::to_vec(&ent)
+                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
             batch.put_cf(h, idx_key(ent.log_id.index), b);
         }
-        let res = self.db.write_opt(batch, &sync_opts()).map_err(std::io::Error::other);
+        let res = self
+            .db
+            .write_opt(batch, &sync_opts())
+            .map_err(std::io::Error::other);
         let failed = res.as_ref().err().map(|e| e.to_string());
         callback.log_io_completed(res);
         match failed {
             None => Ok(()),
-            Some(e) => Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, std::io::Error::other(e))),
+            Some(e) => Err(io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                std::io::Error::other(e),
+            )),
         }
     }
 
@@ -185,15 +247,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let h = self.db.cf_handle(CF_LOGS).expect("cf");
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(h, idx_key(log_id.index), idx_key(u64::MAX));
-        self.db.write_opt(batch, &sync_opts()).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        self.db
+            .write_opt(batch, &sync_opts())
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
-        put_json(&self.db, CF_META, "last_purged", &log_id, ErrorSubject::Store, true)?;
+        put_json(
+            &self.db,
+            CF_META,
+            "last_purged",
+            &log_id,
+            ErrorSubject::Store,
+            true,
+        )?;
         let h = self.db.cf_handle(CF_LOGS).expect("cf");
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(h, idx_key(0), idx_key(log_id.index + 1));
-        self.db.write(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+        self.db
+            .write(batch)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 }
 
@@ -204,6 +277,9 @@ pub struct StateMachine {
     db: Arc<DB>,
     hub: Arc<Hub>,
 }
+
+/// Applied log id, membership and encoded objects, read from one RocksDB snapshot.
+type SnapshotContents = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>, Vec<u8>);
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -219,7 +295,9 @@ fn encode_pair(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
     out.extend_from_slice(v);
 }
 
-fn decode_pairs(mut data: &[u8]) -> Result<Vec<(&[u8], &[u8])>, String> {
+type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
+fn decode_pairs(mut data: &[u8]) -> Result<Pairs<'_>, String> {
     let mut out = Vec::new();
     let take = |d: &mut &[u8]| -> Result<usize, String> {
         if d.len() < 4 {
@@ -253,12 +331,22 @@ impl StateMachine {
     }
 
     fn read_applied(&self) -> SResult<Option<LogId<NodeId>>> {
-        Ok(get_json::<Option<LogId<NodeId>>>(&self.db, CF_SM, "applied", ErrorSubject::StateMachine)?.flatten())
+        Ok(get_json::<Option<LogId<NodeId>>>(
+            &self.db,
+            CF_SM,
+            "applied",
+            ErrorSubject::StateMachine,
+        )?
+        .flatten())
     }
 
     /// The index this master has applied up to.
     pub fn applied_index(&self) -> u64 {
-        self.read_applied().ok().flatten().map(|l| l.index).unwrap_or(0)
+        self.read_applied()
+            .ok()
+            .flatten()
+            .map(|l| l.index)
+            .unwrap_or(0)
     }
 
     /// One object, as stored.
@@ -266,17 +354,26 @@ impl StateMachine {
         let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
         match self.db.get_cf(h, key)? {
             None => Ok(None),
-            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| StoreError::Corrupt { what: key.into(), why: e.to_string() }),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    what: key.into(),
+                    why: e.to_string(),
+                }),
         }
     }
 
     /// Every object under `prefix`, and the applied index they are consistent with.
     pub fn list(&self, prefix: &str) -> Result<(u64, Vec<(String, Value)>), StoreError> {
         let snap = self.db.snapshot();
-        let applied: Option<LogId<NodeId>> = match snap.get_cf(self.db.cf_handle(CF_SM).expect("cf"), "applied")? {
-            None => None,
-            Some(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt { what: "applied".into(), why: e.to_string() })?,
-        };
+        let applied: Option<LogId<NodeId>> =
+            match snap.get_cf(self.db.cf_handle(CF_SM).expect("cf"), "applied")? {
+                None => None,
+                Some(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                    what: "applied".into(),
+                    why: e.to_string(),
+                })?,
+            };
         let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
         let mut out = Vec::new();
         for item in snap.iterator_cf(h, IteratorMode::From(prefix.as_bytes(), Direction::Forward)) {
@@ -285,7 +382,10 @@ impl StateMachine {
                 break;
             }
             let key = String::from_utf8_lossy(&k).into_owned();
-            let obj = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt { what: key.clone(), why: e.to_string() })?;
+            let obj = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                what: key.clone(),
+                why: e.to_string(),
+            })?;
             out.push((key, obj));
         }
         Ok((applied.map(|l| l.index).unwrap_or(0), out))
@@ -297,34 +397,55 @@ impl StateMachine {
         let (applied, objs) = self.list("").map_err(|e| e.to_string())?;
         for (k, o) in &objs {
             let key = orc_api::ObjectKey::decode(k).ok_or(format!("bad key {k}"))?;
-            let name = o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
-            let ns = o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
+            let name = o
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let ns = o
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             if key.name != name || key.namespace != ns {
                 return Err(format!("{k}: metadata names {ns}/{name}"));
             }
-            let rv: u64 = o.pointer("/metadata/resourceVersion").and_then(Value::as_str).and_then(|s| s.parse().ok()).ok_or(format!("{k}: no resourceVersion"))?;
+            let rv: u64 = o
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse().ok())
+                .ok_or(format!("{k}: no resourceVersion"))?;
             if rv > applied {
-                return Err(format!("{k}: resourceVersion {rv} beyond applied index {applied}"));
+                return Err(format!(
+                    "{k}: resourceVersion {rv} beyond applied index {applied}"
+                ));
             }
         }
         Ok(objs.len())
     }
 
-    fn snapshot_bytes(&self) -> SResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>, Vec<u8>)> {
+    fn snapshot_bytes(&self) -> SResult<SnapshotContents> {
         let snap = self.db.snapshot();
         let read = |key: &str| -> SResult<Option<Vec<u8>>> {
-            snap.get_cf(self.db.cf_handle(CF_SM).expect("cf"), key).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
+            snap.get_cf(self.db.cf_handle(CF_SM).expect("cf"), key)
+                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
         };
         let de = |b: Option<Vec<u8>>| -> SResult<Option<serde_json::Value>> {
-            b.map(|b| serde_json::from_slice(&b).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))).transpose()
+            b.map(|b| {
+                serde_json::from_slice(&b)
+                    .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
+            })
+            .transpose()
         };
-        let applied: Option<LogId<NodeId>> = de(read("applied")?)?.and_then(|v| serde_json::from_value(v).ok()).flatten();
-        let membership: StoredMembership<NodeId, BasicNode> =
-            de(read("membership")?)?.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default();
+        let applied: Option<LogId<NodeId>> = de(read("applied")?)?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .flatten();
+        let membership: StoredMembership<NodeId, BasicNode> = de(read("membership")?)?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
         let mut data = Vec::new();
         let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
         for item in snap.iterator_cf(h, IteratorMode::Start) {
-            let (k, v) = item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            let (k, v) =
+                item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
             encode_pair(&mut data, &k, &v);
         }
         Ok((applied, membership, data))
@@ -341,32 +462,59 @@ impl StateMachine {
 pub fn decode_export(data: &[u8]) -> Result<Vec<(String, Value)>, String> {
     decode_pairs(data)?
         .into_iter()
-        .map(|(k, v)| Ok((String::from_utf8_lossy(k).into_owned(), serde_json::from_slice(v).map_err(|e| e.to_string())?)))
+        .map(|(k, v)| {
+            Ok((
+                String::from_utf8_lossy(k).into_owned(),
+                serde_json::from_slice(v).map_err(|e| e.to_string())?,
+            ))
+        })
         .collect()
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
         // Make everything the snapshot covers durable before Raft may purge logs behind it.
-        self.db.flush_wal(true).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        self.db
+            .flush_wal(true)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         let (applied, membership, data) = self.snapshot_bytes()?;
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}", l.leader_id, l.index),
             None => "empty".to_string(),
         };
-        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        put_json(&self.db, CF_META, "snapshot", &stored, ErrorSubject::Snapshot(Some(meta.signature())), true)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        put_json(
+            &self.db,
+            CF_META,
+            "snapshot",
+            &stored,
+            ErrorSubject::Snapshot(Some(meta.signature())),
+            true,
+        )?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> SResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+    async fn applied_state(
+        &mut self,
+    ) -> SResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
         let applied = self.read_applied()?;
-        let membership = get_json(&self.db, CF_SM, "membership", ErrorSubject::StateMachine)?.unwrap_or_default();
+        let membership = get_json(&self.db, CF_SM, "membership", ErrorSubject::StateMachine)?
+            .unwrap_or_default();
         Ok((applied, membership))
     }
 
@@ -387,12 +535,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last = Some(ent.log_id);
             let index = ent.log_id.index;
             match ent.payload {
-                EntryPayload::Blank => replies.push(Ok(Change::Unchanged { object: Value::Null })),
+                EntryPayload::Blank => replies.push(Ok(Change::Unchanged {
+                    object: Value::Null,
+                })),
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(ent.log_id), m);
-                    let b = serde_json::to_vec(&stored).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+                    let b = serde_json::to_vec(&stored)
+                        .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
                     batch.put_cf(sm, "membership", b);
-                    replies.push(Ok(Change::Unchanged { object: Value::Null }));
+                    replies.push(Ok(Change::Unchanged {
+                        object: Value::Null,
+                    }));
                 }
                 EntryPayload::Normal(cmd) => {
                     let db = &self.db;
@@ -400,21 +553,36 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         if let Some(v) = overlay.get(k) {
                             return v.clone();
                         }
-                        db.get_cf(objects, k).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok())
+                        db.get_cf(objects, k)
+                            .ok()
+                            .flatten()
+                            .and_then(|b| serde_json::from_slice(&b).ok())
                     };
                     let res = mutation::apply(&cmd, index, &get);
                     if let Ok(ch) = &res {
                         match ch {
                             Change::Put { key, object, event } => {
-                                let b = serde_json::to_vec(object).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+                                let b = serde_json::to_vec(object).map_err(|e| {
+                                    io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+                                })?;
                                 batch.put_cf(objects, key, b);
                                 overlay.insert(key.clone(), Some(object.clone()));
-                                events.push(StoredEvent { index, key: key.clone(), event_type: *event, object: object.clone() });
+                                events.push(StoredEvent {
+                                    index,
+                                    key: key.clone(),
+                                    event_type: *event,
+                                    object: object.clone(),
+                                });
                             }
                             Change::Remove { key, object } => {
                                 batch.delete_cf(objects, key);
                                 overlay.insert(key.clone(), None);
-                                events.push(StoredEvent { index, key: key.clone(), event_type: orc_api::EventType::Deleted, object: object.clone() });
+                                events.push(StoredEvent {
+                                    index,
+                                    key: key.clone(),
+                                    event_type: orc_api::EventType::Deleted,
+                                    object: object.clone(),
+                                });
                             }
                             Change::Unchanged { .. } => {}
                         }
@@ -424,9 +592,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         if let Some(l) = last {
-            let b = serde_json::to_vec(&Some(l)).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            let b = serde_json::to_vec(&Some(l))
+                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
             batch.put_cf(sm, "applied", b);
-            self.db.write(batch).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            self.db
+                .write(batch)
+                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
             self.hub.publish(events, l.index);
         }
         Ok(replies)
@@ -440,10 +611,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, BasicNode>, snapshot: Box<Cursor<Vec<u8>>>) -> SResult<()> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> SResult<()> {
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
         let data = snapshot.into_inner();
-        let pairs = decode_pairs(&data).map_err(|e| io_err(subject.clone(), ErrorVerb::Read, std::io::Error::other(e)))?;
+        let pairs = decode_pairs(&data)
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, std::io::Error::other(e)))?;
         let objects = self.db.cf_handle(CF_OBJECTS).expect("cf");
         let sm = self.db.cf_handle(CF_SM).expect("cf");
         let mut batch = WriteBatch::default();
@@ -456,19 +632,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for (k, v) in &pairs {
             batch.put_cf(objects, k, v);
         }
-        let ser = |v: &dyn erased::Ser| v.to_vec().map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e));
+        let ser = |v: &dyn erased::Ser| {
+            v.to_vec()
+                .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))
+        };
         batch.put_cf(sm, "applied", ser(&meta.last_log_id)?);
         batch.put_cf(sm, "membership", ser(&meta.last_membership)?);
-        self.db.write_opt(batch, &sync_opts()).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
-        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.db
+            .write_opt(batch, &sync_opts())
+            .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
         put_json(&self.db, CF_META, "snapshot", &stored, subject, true)?;
-        self.hub.reset(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        self.hub
+            .reset(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        let stored: Option<StoredSnapshot> = get_json(&self.db, CF_META, "snapshot", ErrorSubject::Snapshot(None))?;
-        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let stored: Option<StoredSnapshot> =
+            get_json(&self.db, CF_META, "snapshot", ErrorSubject::Snapshot(None))?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }
 
@@ -511,7 +700,13 @@ mod tests {
         encode_pair(&mut d, b"a", b"{}");
         encode_pair(&mut d, b"configmaps/x/y", b"[1]");
         let p = decode_pairs(&d).unwrap();
-        assert_eq!(p, vec![(&b"a"[..], &b"{}"[..]), (&b"configmaps/x/y"[..], &b"[1]"[..])]);
+        assert_eq!(
+            p,
+            vec![
+                (&b"a"[..], &b"{}"[..]),
+                (&b"configmaps/x/y"[..], &b"[1]"[..])
+            ]
+        );
         assert!(decode_pairs(&d[..d.len() - 1]).is_err());
     }
 }

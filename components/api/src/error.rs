@@ -41,7 +41,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(reason: Reason, message: impl Into<String>) -> Self {
-        ApiError { reason, code: reason.code(), message: message.into() }
+        ApiError {
+            reason,
+            code: reason.code(),
+            message: message.into(),
+        }
     }
     pub fn bad_request(m: impl Into<String>) -> Self {
         Self::new(Reason::BadRequest, m)

@@ -40,7 +40,10 @@ pub fn now_rfc3339() -> String {
 /// Seconds elapsed since an RFC 3339 timestamp (None if it does not parse).
 pub fn seconds_since(ts: &str) -> Option<i64> {
     let t: k8s_openapi::jiff::Timestamp = ts.parse().ok()?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
     Some((now - t.as_second()).max(0))
 }
 

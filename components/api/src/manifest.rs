@@ -6,7 +6,10 @@ pub fn parse(text: &str) -> Result<Vec<Value>, String> {
     let trimmed = text.trim_start();
     let docs: Vec<Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
         let mut out = Vec::new();
-        for (i, v) in serde_json::Deserializer::from_str(text).into_iter::<Value>().enumerate() {
+        for (i, v) in serde_json::Deserializer::from_str(text)
+            .into_iter::<Value>()
+            .enumerate()
+        {
             out.push(v.map_err(|e| format!("JSON document {}: {e}", i + 1))?);
         }
         out
@@ -19,7 +22,12 @@ pub fn parse(text: &str) -> Result<Vec<Value>, String> {
             Value::Null => {}
             Value::Array(items) => objects.extend(items),
             Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
-                objects.extend(m.get("items").and_then(Value::as_array).cloned().unwrap_or_default())
+                objects.extend(
+                    m.get("items")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default(),
+                )
             }
             Value::Object(_) => objects.push(d),
             other => return Err(format!("a manifest must hold objects, found {other}")),
@@ -61,10 +69,13 @@ pub fn apply_patch(previous: &Value, desired: &Value) -> Value {
         (Some(p), Some(d)) => {
             let mut out = serde_json::Map::new();
             for (k, v) in d {
-                out.insert(k.clone(), match p.get(k) {
-                    Some(pv) if pv.is_object() && v.is_object() => apply_patch(pv, v),
-                    _ => v.clone(),
-                });
+                out.insert(
+                    k.clone(),
+                    match p.get(k) {
+                        Some(pv) if pv.is_object() && v.is_object() => apply_patch(pv, v),
+                        _ => v.clone(),
+                    },
+                );
             }
             for k in p.keys() {
                 if !d.contains_key(k) {
@@ -86,6 +97,9 @@ mod apply_tests {
     fn removed_fields_become_null() {
         let prev = json!({"data": {"a": "1", "b": "2"}, "metadata": {"labels": {"x": "y"}}});
         let new = json!({"data": {"a": "3"}, "metadata": {}});
-        assert_eq!(apply_patch(&prev, &new), json!({"data": {"a": "3", "b": null}, "metadata": {"labels": null}}));
+        assert_eq!(
+            apply_patch(&prev, &new),
+            json!({"data": {"a": "3", "b": null}, "metadata": {"labels": null}})
+        );
     }
 }

@@ -17,7 +17,11 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(resource: &str, namespace: &str, name: &str) -> Self {
-        ObjectKey { resource: resource.into(), namespace: namespace.into(), name: name.into() }
+        ObjectKey {
+            resource: resource.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
     pub fn encode(&self) -> String {
         format!("{}/{}/{}", self.resource, self.namespace, self.name)
@@ -50,9 +54,18 @@ pub enum Command {
     Create { key: ObjectKey, object: Value },
     /// Replace an object (or only its status). A `metadata.resourceVersion` in the
     /// object is a precondition.
-    Update { key: ObjectKey, object: Value, status: bool },
+    Update {
+        key: ObjectKey,
+        object: Value,
+        status: bool,
+    },
     /// Delete, or mark for deletion while finalizers remain.
-    Delete { key: ObjectKey, preconditions: Preconditions, propagation: Option<String>, now: String },
+    Delete {
+        key: ObjectKey,
+        preconditions: Preconditions,
+        propagation: Option<String>,
+        now: String,
+    },
     /// Nothing: a no-op entry, used to prove leadership and to test the log.
     Noop,
 }
@@ -60,7 +73,9 @@ pub enum Command {
 impl Command {
     pub fn key(&self) -> Option<&ObjectKey> {
         match self {
-            Command::Create { key, .. } | Command::Update { key, .. } | Command::Delete { key, .. } => Some(key),
+            Command::Create { key, .. }
+            | Command::Update { key, .. }
+            | Command::Delete { key, .. } => Some(key),
             Command::Noop => None,
         }
     }
@@ -80,7 +95,11 @@ pub enum EventType {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Change {
     /// Write `object` at `key` (ADDED or MODIFIED).
-    Put { key: String, object: Value, event: EventType },
+    Put {
+        key: String,
+        object: Value,
+        event: EventType,
+    },
     /// Remove `key`; `object` is its last state, with the deletion's resourceVersion.
     Remove { key: String, object: Value },
     /// Nothing changed (an update that changed nothing, a second delete of a
@@ -91,13 +110,16 @@ pub enum Change {
 impl Change {
     pub fn object(&self) -> &Value {
         match self {
-            Change::Put { object, .. } | Change::Remove { object, .. } | Change::Unchanged { object } => object,
+            Change::Put { object, .. }
+            | Change::Remove { object, .. }
+            | Change::Unchanged { object } => object,
         }
     }
 }
 
 fn rv_of(obj: &Value) -> Option<&str> {
-    obj.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+    obj.pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
 }
 
 fn set_meta(obj: &mut Value, field: &str, v: Value) {
@@ -113,7 +135,11 @@ fn meta_field<'a>(obj: &'a Value, field: &str) -> Option<&'a Value> {
 fn finalizers(obj: &Value) -> Vec<String> {
     meta_field(obj, "finalizers")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -122,18 +148,32 @@ fn describe(key: &ObjectKey) -> String {
 }
 
 /// Apply `cmd` at log index `index` to a store read through `get`.
-pub fn apply(cmd: &Command, index: u64, get: &dyn Fn(&str) -> Option<Value>) -> Result<Change, ApiError> {
+pub fn apply(
+    cmd: &Command,
+    index: u64,
+    get: &dyn Fn(&str) -> Option<Value>,
+) -> Result<Change, ApiError> {
     let rv = Value::String(index.to_string());
     match cmd {
-        Command::Noop => Ok(Change::Unchanged { object: Value::Null }),
+        Command::Noop => Ok(Change::Unchanged {
+            object: Value::Null,
+        }),
         Command::Create { key, object } => {
             let k = key.encode();
             if get(&k).is_some() {
-                return Err(ApiError::new(crate::Reason::AlreadyExists, format!("{} already exists", describe(key))));
+                return Err(ApiError::new(
+                    crate::Reason::AlreadyExists,
+                    format!("{} already exists", describe(key)),
+                ));
             }
             if !key.namespace.is_empty() {
                 match get(&ObjectKey::namespace_key(&key.namespace)) {
-                    None => return Err(ApiError::not_found(format!("namespaces \"{}\" not found", key.namespace))),
+                    None => {
+                        return Err(ApiError::not_found(format!(
+                            "namespaces \"{}\" not found",
+                            key.namespace
+                        )))
+                    }
                     Some(ns) if meta_field(&ns, "deletionTimestamp").is_some() => {
                         return Err(ApiError::new(
                             crate::Reason::Conflict,
@@ -148,11 +188,20 @@ pub fn apply(cmd: &Command, index: u64, get: &dyn Fn(&str) -> Option<Value>) -> 
             if obj.get("spec").is_some() {
                 set_meta(&mut obj, "generation", Value::from(1));
             }
-            Ok(Change::Put { key: k, object: obj, event: EventType::Added })
+            Ok(Change::Put {
+                key: k,
+                object: obj,
+                event: EventType::Added,
+            })
         }
-        Command::Update { key, object, status } => {
+        Command::Update {
+            key,
+            object,
+            status,
+        } => {
             let k = key.encode();
-            let current = get(&k).ok_or_else(|| ApiError::not_found(format!("{} not found", describe(key))))?;
+            let current = get(&k)
+                .ok_or_else(|| ApiError::not_found(format!("{} not found", describe(key))))?;
             if let Some(want) = rv_of(object) {
                 if Some(want) != rv_of(&current) {
                     return Err(ApiError::conflict(format!(
@@ -163,7 +212,10 @@ pub fn apply(cmd: &Command, index: u64, get: &dyn Fn(&str) -> Option<Value>) -> 
             }
             if let Some(uid) = meta_field(object, "uid") {
                 if Some(uid) != meta_field(&current, "uid") {
-                    return Err(ApiError::conflict(format!("{}: the uid in the request does not match the stored object", describe(key))));
+                    return Err(ApiError::conflict(format!(
+                        "{}: the uid in the request does not match the stored object",
+                        describe(key)
+                    )));
                 }
             }
             let mut new = if *status {
@@ -187,36 +239,70 @@ pub fn apply(cmd: &Command, index: u64, get: &dyn Fn(&str) -> Option<Value>) -> 
                 n
             };
             // Fields the system owns are kept from the stored object.
-            for f in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "name", "namespace"] {
+            for f in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "name",
+                "namespace",
+            ] {
                 match meta_field(&current, f).cloned() {
                     Some(v) => set_meta(&mut new, f, v),
                     None => {
-                        new.get_mut("metadata").and_then(Value::as_object_mut).map(|m| m.remove(f));
+                        new.get_mut("metadata")
+                            .and_then(Value::as_object_mut)
+                            .map(|m| m.remove(f));
                     }
                 }
             }
-            set_meta(&mut new, "resourceVersion", current.pointer("/metadata/resourceVersion").cloned().unwrap_or(Value::Null));
+            set_meta(
+                &mut new,
+                "resourceVersion",
+                current
+                    .pointer("/metadata/resourceVersion")
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            );
             if new == current {
                 return Ok(Change::Unchanged { object: current });
             }
             if !*status && new.get("spec") != current.get("spec") {
-                let g = meta_field(&current, "generation").and_then(Value::as_i64).unwrap_or(0);
+                let g = meta_field(&current, "generation")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0);
                 set_meta(&mut new, "generation", Value::from(g + 1));
             }
             set_meta(&mut new, "resourceVersion", rv);
             if meta_field(&new, "deletionTimestamp").is_some() && finalizers(&new).is_empty() {
-                return Ok(Change::Remove { key: k, object: new });
+                return Ok(Change::Remove {
+                    key: k,
+                    object: new,
+                });
             }
-            Ok(Change::Put { key: k, object: new, event: EventType::Modified })
+            Ok(Change::Put {
+                key: k,
+                object: new,
+                event: EventType::Modified,
+            })
         }
-        Command::Delete { key, preconditions, propagation, now } => {
+        Command::Delete {
+            key,
+            preconditions,
+            propagation,
+            now,
+        } => {
             let k = key.encode();
-            let current = get(&k).ok_or_else(|| ApiError::not_found(format!("{} not found", describe(key))))?;
+            let current = get(&k)
+                .ok_or_else(|| ApiError::not_found(format!("{} not found", describe(key))))?;
             if let Some(uid) = &preconditions.uid {
                 if meta_field(&current, "uid").and_then(Value::as_str) != Some(uid) {
                     return Err(ApiError::conflict(format!(
                         "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                        meta_field(&current, "uid").and_then(Value::as_str).unwrap_or("")
+                        meta_field(&current, "uid")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
                     )));
                 }
             }
@@ -233,7 +319,9 @@ pub fn apply(cmd: &Command, index: u64, get: &dyn Fn(&str) -> Option<Value>) -> 
                 Some("Foreground") => Some("foregroundDeletion"),
                 Some("Orphan") => Some("orphan"),
                 Some("Background") | None => None,
-                Some(other) => return Err(ApiError::bad_request(format!("propagationPolicy \"{other}\" is not one of Foreground, Background, Orphan"))),
+                Some(other) => return Err(ApiError::bad_request(format!(
+                    "propagationPolicy \"{other}\" is not one of Foreground, Background, Orphan"
+                ))),
             };
             if meta_field(&current, "deletionTimestamp").is_some() {
                 return Ok(Change::Unchanged { object: current });
@@ -246,12 +334,19 @@ pub fn apply(cmd: &Command, index: u64, get: &dyn Fn(&str) -> Option<Value>) -> 
             let mut obj = current.clone();
             set_meta(&mut obj, "resourceVersion", rv);
             if fins.is_empty() {
-                return Ok(Change::Remove { key: k, object: obj });
+                return Ok(Change::Remove {
+                    key: k,
+                    object: obj,
+                });
             }
             set_meta(&mut obj, "deletionTimestamp", Value::String(now.clone()));
             set_meta(&mut obj, "deletionGracePeriodSeconds", Value::from(0));
             set_meta(&mut obj, "finalizers", Value::from(fins));
-            Ok(Change::Put { key: k, object: obj, event: EventType::Modified })
+            Ok(Change::Put {
+                key: k,
+                object: obj,
+                event: EventType::Modified,
+            })
         }
     }
 }
@@ -270,7 +365,10 @@ mod tests {
     impl Store {
         fn new() -> Self {
             let mut m = HashMap::new();
-            m.insert(ObjectKey::namespace_key("default"), json!({"metadata": {"name": "default"}}));
+            m.insert(
+                ObjectKey::namespace_key("default"),
+                json!({"metadata": {"name": "default"}}),
+            );
             Store(m)
         }
         fn run(&mut self, cmd: &Command, index: u64) -> Result<Change, ApiError> {
@@ -301,17 +399,41 @@ mod tests {
     #[test]
     fn create_sets_rv_and_generation_and_rejects_duplicates() {
         let mut s = Store::new();
-        let ch = s.run(&Command::Create { key: key(), object: deploy(1) }, 7).unwrap();
+        let ch = s
+            .run(
+                &Command::Create {
+                    key: key(),
+                    object: deploy(1),
+                },
+                7,
+            )
+            .unwrap();
         assert_eq!(ch.object()["metadata"]["resourceVersion"], "7");
         assert_eq!(ch.object()["metadata"]["generation"], 1);
-        let e = s.run(&Command::Create { key: key(), object: deploy(1) }, 8).unwrap_err();
+        let e = s
+            .run(
+                &Command::Create {
+                    key: key(),
+                    object: deploy(1),
+                },
+                8,
+            )
+            .unwrap_err();
         assert_eq!(e.reason, crate::Reason::AlreadyExists);
     }
 
     #[test]
     fn create_in_missing_namespace_fails() {
         let mut s = Store::new();
-        let e = s.run(&Command::Create { key: ObjectKey::new("configmaps", "nope", "c"), object: json!({"metadata": {}}) }, 2).unwrap_err();
+        let e = s
+            .run(
+                &Command::Create {
+                    key: ObjectKey::new("configmaps", "nope", "c"),
+                    object: json!({"metadata": {}}),
+                },
+                2,
+            )
+            .unwrap_err();
         assert_eq!(e.reason, crate::Reason::NotFound);
         assert!(e.message.contains("nope"));
     }
@@ -319,22 +441,67 @@ mod tests {
     #[test]
     fn update_checks_rv_bumps_generation_and_keeps_status() {
         let mut s = Store::new();
-        s.run(&Command::Create { key: key(), object: deploy(1) }, 2).unwrap();
-        s.run(&Command::Update { key: key(), object: json!({"status": {"replicas": 1}}), status: true }, 3).unwrap();
+        s.run(
+            &Command::Create {
+                key: key(),
+                object: deploy(1),
+            },
+            2,
+        )
+        .unwrap();
+        s.run(
+            &Command::Update {
+                key: key(),
+                object: json!({"status": {"replicas": 1}}),
+                status: true,
+            },
+            3,
+        )
+        .unwrap();
         let mut stale = deploy(2);
         stale["metadata"]["resourceVersion"] = json!("2");
-        assert_eq!(s.run(&Command::Update { key: key(), object: stale, status: false }, 4).unwrap_err().reason, crate::Reason::Conflict);
+        assert_eq!(
+            s.run(
+                &Command::Update {
+                    key: key(),
+                    object: stale,
+                    status: false
+                },
+                4
+            )
+            .unwrap_err()
+            .reason,
+            crate::Reason::Conflict
+        );
         let mut fresh = deploy(2);
         fresh["metadata"]["resourceVersion"] = json!("3");
         fresh["status"] = json!({"replicas": 99});
-        let ch = s.run(&Command::Update { key: key(), object: fresh, status: false }, 5).unwrap();
+        let ch = s
+            .run(
+                &Command::Update {
+                    key: key(),
+                    object: fresh,
+                    status: false,
+                },
+                5,
+            )
+            .unwrap();
         let o = ch.object();
         assert_eq!(o["metadata"]["generation"], 2);
         assert_eq!(o["metadata"]["resourceVersion"], "5");
         assert_eq!(o["status"]["replicas"], 1, "status kept from the store");
         assert_eq!(o["metadata"]["uid"], "u1");
         // status writes leave spec and generation alone
-        let ch = s.run(&Command::Update { key: key(), object: json!({"spec": {"replicas": 7}, "status": {"replicas": 2}}), status: true }, 6).unwrap();
+        let ch = s
+            .run(
+                &Command::Update {
+                    key: key(),
+                    object: json!({"spec": {"replicas": 7}, "status": {"replicas": 2}}),
+                    status: true,
+                },
+                6,
+            )
+            .unwrap();
         assert_eq!(ch.object()["spec"]["replicas"], 2);
         assert_eq!(ch.object()["metadata"]["generation"], 2);
     }
@@ -342,8 +509,24 @@ mod tests {
     #[test]
     fn update_without_change_writes_nothing() {
         let mut s = Store::new();
-        s.run(&Command::Create { key: key(), object: deploy(1) }, 2).unwrap();
-        let ch = s.run(&Command::Update { key: key(), object: deploy(1), status: false }, 3).unwrap();
+        s.run(
+            &Command::Create {
+                key: key(),
+                object: deploy(1),
+            },
+            2,
+        )
+        .unwrap();
+        let ch = s
+            .run(
+                &Command::Update {
+                    key: key(),
+                    object: deploy(1),
+                    status: false,
+                },
+                3,
+            )
+            .unwrap();
         assert!(matches!(ch, Change::Unchanged { .. }));
         assert_eq!(ch.object()["metadata"]["resourceVersion"], "2");
     }
@@ -353,31 +536,94 @@ mod tests {
         let mut s = Store::new();
         let mut d = deploy(1);
         d["metadata"]["finalizers"] = json!(["x"]);
-        s.run(&Command::Create { key: key(), object: d }, 2).unwrap();
-        let del = Command::Delete { key: key(), preconditions: Preconditions::default(), propagation: None, now: "T".into() };
+        s.run(
+            &Command::Create {
+                key: key(),
+                object: d,
+            },
+            2,
+        )
+        .unwrap();
+        let del = Command::Delete {
+            key: key(),
+            preconditions: Preconditions::default(),
+            propagation: None,
+            now: "T".into(),
+        };
         let ch = s.run(&del, 3).unwrap();
         assert!(matches!(ch, Change::Put { .. }));
         assert_eq!(ch.object()["metadata"]["deletionTimestamp"], "T");
         assert!(matches!(s.run(&del, 4).unwrap(), Change::Unchanged { .. }));
         let mut cleared = ch.object().clone();
         cleared["metadata"]["finalizers"] = json!([]);
-        let ch = s.run(&Command::Update { key: key(), object: cleared, status: false }, 5).unwrap();
+        let ch = s
+            .run(
+                &Command::Update {
+                    key: key(),
+                    object: cleared,
+                    status: false,
+                },
+                5,
+            )
+            .unwrap();
         assert!(matches!(ch, Change::Remove { .. }));
-        assert!(s.0.get(&key().encode()).is_none());
+        assert!(!s.0.contains_key(&key().encode()));
     }
 
     #[test]
     fn delete_preconditions_and_propagation() {
         let mut s = Store::new();
-        s.run(&Command::Create { key: key(), object: deploy(1) }, 2).unwrap();
-        let bad_uid = Command::Delete { key: key(), preconditions: Preconditions { uid: Some("zz".into()), resource_version: None }, propagation: None, now: "T".into() };
-        assert_eq!(s.run(&bad_uid, 3).unwrap_err().reason, crate::Reason::Conflict);
-        let bad_rv = Command::Delete { key: key(), preconditions: Preconditions { uid: None, resource_version: Some("1".into()) }, propagation: None, now: "T".into() };
-        assert_eq!(s.run(&bad_rv, 3).unwrap_err().reason, crate::Reason::Conflict);
-        let fg = Command::Delete { key: key(), preconditions: Preconditions::default(), propagation: Some("Foreground".into()), now: "T".into() };
+        s.run(
+            &Command::Create {
+                key: key(),
+                object: deploy(1),
+            },
+            2,
+        )
+        .unwrap();
+        let bad_uid = Command::Delete {
+            key: key(),
+            preconditions: Preconditions {
+                uid: Some("zz".into()),
+                resource_version: None,
+            },
+            propagation: None,
+            now: "T".into(),
+        };
+        assert_eq!(
+            s.run(&bad_uid, 3).unwrap_err().reason,
+            crate::Reason::Conflict
+        );
+        let bad_rv = Command::Delete {
+            key: key(),
+            preconditions: Preconditions {
+                uid: None,
+                resource_version: Some("1".into()),
+            },
+            propagation: None,
+            now: "T".into(),
+        };
+        assert_eq!(
+            s.run(&bad_rv, 3).unwrap_err().reason,
+            crate::Reason::Conflict
+        );
+        let fg = Command::Delete {
+            key: key(),
+            preconditions: Preconditions::default(),
+            propagation: Some("Foreground".into()),
+            now: "T".into(),
+        };
         let ch = s.run(&fg, 4).unwrap();
-        assert_eq!(ch.object()["metadata"]["finalizers"], json!(["foregroundDeletion"]));
-        let bg = Command::Delete { key: ObjectKey::new("deployments", "default", "missing"), preconditions: Preconditions::default(), propagation: None, now: "T".into() };
+        assert_eq!(
+            ch.object()["metadata"]["finalizers"],
+            json!(["foregroundDeletion"])
+        );
+        let bg = Command::Delete {
+            key: ObjectKey::new("deployments", "default", "missing"),
+            preconditions: Preconditions::default(),
+            propagation: None,
+            now: "T".into(),
+        };
         assert_eq!(s.run(&bg, 5).unwrap_err().reason, crate::Reason::NotFound);
     }
 

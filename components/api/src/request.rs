@@ -7,8 +7,15 @@ use serde_json::Value;
 #[serde(tag = "verb", rename_all = "camelCase")]
 pub enum Request {
     /// Create an object; `namespace` fills in a missing `metadata.namespace`.
-    Create { object: Value, namespace: Option<String> },
-    Get { resource: String, namespace: String, name: String },
+    Create {
+        object: Value,
+        namespace: Option<String>,
+    },
+    Get {
+        resource: String,
+        namespace: String,
+        name: String,
+    },
     List {
         resource: String,
         /// None: all namespaces.
@@ -19,9 +26,21 @@ pub enum Request {
         field_selector: String,
     },
     /// Replace an object; a `metadata.resourceVersion` in it is a precondition.
-    Update { object: Value, namespace: Option<String>, #[serde(default)] status: bool },
+    Update {
+        object: Value,
+        namespace: Option<String>,
+        #[serde(default)]
+        status: bool,
+    },
     /// RFC 7386 JSON merge patch.
-    Patch { resource: String, namespace: String, name: String, patch: Value, #[serde(default)] status: bool },
+    Patch {
+        resource: String,
+        namespace: String,
+        name: String,
+        patch: Value,
+        #[serde(default)]
+        status: bool,
+    },
     Delete {
         resource: String,
         namespace: String,
@@ -34,8 +53,13 @@ pub enum Request {
     ClusterStatus,
     /// This master's own Raft state (used by ClusterStatus on other masters).
     MemberStatus,
-    AddMaster { id: u64, address: String },
-    RemoveMaster { id: u64 },
+    AddMaster {
+        id: u64,
+        address: String,
+    },
+    RemoveMaster {
+        id: u64,
+    },
     /// A consistent copy of the whole object store.
     Snapshot,
 }

@@ -27,9 +27,13 @@ pub struct ResourceInfo {
 pub fn typed<T: DeserializeOwned + Serialize>(v: Value) -> Result<Value, Vec<String>> {
     let mut unknown = Vec::new();
     // serde_ignored writes `?` for each Option it passes through; users think in field paths.
-    let parsed: Result<T, _> =
-        serde_ignored::deserialize(v, |path| unknown.push(path.to_string().replace(".?", "").replace("?.", "")));
-    let mut errors: Vec<String> = unknown.into_iter().map(|p| format!("unknown field \"{p}\"")).collect();
+    let parsed: Result<T, _> = serde_ignored::deserialize(v, |path| {
+        unknown.push(path.to_string().replace(".?", "").replace("?.", ""))
+    });
+    let mut errors: Vec<String> = unknown
+        .into_iter()
+        .map(|p| format!("unknown field \"{p}\""))
+        .collect();
     match parsed {
         Ok(t) if errors.is_empty() => serde_json::to_value(&t).map_err(|e| vec![e.to_string()]),
         Ok(_) => Err(errors),
@@ -69,27 +73,207 @@ macro_rules! res {
 }
 
 pub static RESOURCES: &[ResourceInfo] = &[
-    res!("namespaces", "namespace", "Namespace", "v1", false, true, ["ns"], typed::<core::v1::Namespace>),
-    res!("pods", "pod", "Pod", "v1", true, true, ["po"], typed::<core::v1::Pod>),
-    res!("replicationcontrollers", "replicationcontroller", "ReplicationController", "v1", true, true, ["rc"], typed::<core::v1::ReplicationController>),
-    res!("replicasets", "replicaset", "ReplicaSet", "apps/v1", true, true, ["rs"], typed::<apps::v1::ReplicaSet>),
-    res!("deployments", "deployment", "Deployment", "apps/v1", true, true, ["deploy"], typed::<apps::v1::Deployment>),
-    res!("daemonsets", "daemonset", "DaemonSet", "apps/v1", true, true, ["ds"], typed::<apps::v1::DaemonSet>),
-    res!("statefulsets", "statefulset", "StatefulSet", "apps/v1", true, true, ["sts"], typed::<apps::v1::StatefulSet>),
-    res!("jobs", "job", "Job", "batch/v1", true, true, [], typed::<batch::v1::Job>),
-    res!("cronjobs", "cronjob", "CronJob", "batch/v1", true, true, ["cj"], typed::<batch::v1::CronJob>),
-    res!("services", "service", "Service", "v1", true, true, ["svc"], typed::<core::v1::Service>),
-    res!("endpoints", "endpoints", "Endpoints", "v1", true, false, ["ep"], typed::<core::v1::Endpoints>),
-    res!("endpointslices", "endpointslice", "EndpointSlice", "discovery.k8s.io/v1", true, false, [], typed::<discovery::v1::EndpointSlice>),
-    res!("ingresses", "ingress", "Ingress", "networking.k8s.io/v1", true, true, ["ing"], typed::<networking::v1::Ingress>),
-    res!("ingressclasses", "ingressclass", "IngressClass", "networking.k8s.io/v1", false, false, [], typed::<networking::v1::IngressClass>),
-    res!("configmaps", "configmap", "ConfigMap", "v1", true, false, ["cm"], typed::<core::v1::ConfigMap>),
+    res!(
+        "namespaces",
+        "namespace",
+        "Namespace",
+        "v1",
+        false,
+        true,
+        ["ns"],
+        typed::<core::v1::Namespace>
+    ),
+    res!(
+        "pods",
+        "pod",
+        "Pod",
+        "v1",
+        true,
+        true,
+        ["po"],
+        typed::<core::v1::Pod>
+    ),
+    res!(
+        "replicationcontrollers",
+        "replicationcontroller",
+        "ReplicationController",
+        "v1",
+        true,
+        true,
+        ["rc"],
+        typed::<core::v1::ReplicationController>
+    ),
+    res!(
+        "replicasets",
+        "replicaset",
+        "ReplicaSet",
+        "apps/v1",
+        true,
+        true,
+        ["rs"],
+        typed::<apps::v1::ReplicaSet>
+    ),
+    res!(
+        "deployments",
+        "deployment",
+        "Deployment",
+        "apps/v1",
+        true,
+        true,
+        ["deploy"],
+        typed::<apps::v1::Deployment>
+    ),
+    res!(
+        "daemonsets",
+        "daemonset",
+        "DaemonSet",
+        "apps/v1",
+        true,
+        true,
+        ["ds"],
+        typed::<apps::v1::DaemonSet>
+    ),
+    res!(
+        "statefulsets",
+        "statefulset",
+        "StatefulSet",
+        "apps/v1",
+        true,
+        true,
+        ["sts"],
+        typed::<apps::v1::StatefulSet>
+    ),
+    res!(
+        "jobs",
+        "job",
+        "Job",
+        "batch/v1",
+        true,
+        true,
+        [],
+        typed::<batch::v1::Job>
+    ),
+    res!(
+        "cronjobs",
+        "cronjob",
+        "CronJob",
+        "batch/v1",
+        true,
+        true,
+        ["cj"],
+        typed::<batch::v1::CronJob>
+    ),
+    res!(
+        "services",
+        "service",
+        "Service",
+        "v1",
+        true,
+        true,
+        ["svc"],
+        typed::<core::v1::Service>
+    ),
+    res!(
+        "endpoints",
+        "endpoints",
+        "Endpoints",
+        "v1",
+        true,
+        false,
+        ["ep"],
+        typed::<core::v1::Endpoints>
+    ),
+    res!(
+        "endpointslices",
+        "endpointslice",
+        "EndpointSlice",
+        "discovery.k8s.io/v1",
+        true,
+        false,
+        [],
+        typed::<discovery::v1::EndpointSlice>
+    ),
+    res!(
+        "ingresses",
+        "ingress",
+        "Ingress",
+        "networking.k8s.io/v1",
+        true,
+        true,
+        ["ing"],
+        typed::<networking::v1::Ingress>
+    ),
+    res!(
+        "ingressclasses",
+        "ingressclass",
+        "IngressClass",
+        "networking.k8s.io/v1",
+        false,
+        false,
+        [],
+        typed::<networking::v1::IngressClass>
+    ),
+    res!(
+        "configmaps",
+        "configmap",
+        "ConfigMap",
+        "v1",
+        true,
+        false,
+        ["cm"],
+        typed::<core::v1::ConfigMap>
+    ),
     res!("secrets", "secret", "Secret", "v1", true, false, [], secret),
-    res!("nodes", "node", "Node", "v1", false, true, ["no"], typed::<core::v1::Node>),
-    res!("leases", "lease", "Lease", "coordination.k8s.io/v1", true, false, [], typed::<coordination::v1::Lease>),
-    res!("events", "event", "Event", "v1", true, false, ["ev"], typed::<core::v1::Event>),
-    res!("persistentvolumes", "persistentvolume", "PersistentVolume", "v1", false, true, ["pv"], typed::<core::v1::PersistentVolume>),
-    res!("persistentvolumeclaims", "persistentvolumeclaim", "PersistentVolumeClaim", "v1", true, true, ["pvc"], typed::<core::v1::PersistentVolumeClaim>),
+    res!(
+        "nodes",
+        "node",
+        "Node",
+        "v1",
+        false,
+        true,
+        ["no"],
+        typed::<core::v1::Node>
+    ),
+    res!(
+        "leases",
+        "lease",
+        "Lease",
+        "coordination.k8s.io/v1",
+        true,
+        false,
+        [],
+        typed::<coordination::v1::Lease>
+    ),
+    res!(
+        "events",
+        "event",
+        "Event",
+        "v1",
+        true,
+        false,
+        ["ev"],
+        typed::<core::v1::Event>
+    ),
+    res!(
+        "persistentvolumes",
+        "persistentvolume",
+        "PersistentVolume",
+        "v1",
+        false,
+        true,
+        ["pv"],
+        typed::<core::v1::PersistentVolume>
+    ),
+    res!(
+        "persistentvolumeclaims",
+        "persistentvolumeclaim",
+        "PersistentVolumeClaim",
+        "v1",
+        true,
+        true,
+        ["pvc"],
+        typed::<core::v1::PersistentVolumeClaim>
+    ),
 ];
 
 /// A resource by plural, singular, short name or kind (case-insensitive), with an
@@ -107,7 +291,11 @@ pub fn lookup(name: &str) -> Option<&'static ResourceInfo> {
             || r.short_names.contains(&base.as_str());
         let group_ok = match &group {
             None => true,
-            Some(g) => r.api_version.rsplit_once('/').map(|(grp, _)| grp == g).unwrap_or(g == "core" || g.is_empty()),
+            Some(g) => r
+                .api_version
+                .rsplit_once('/')
+                .map(|(grp, _)| grp == g)
+                .unwrap_or(g == "core" || g.is_empty()),
         };
         matches && group_ok
     })
@@ -115,7 +303,9 @@ pub fn lookup(name: &str) -> Option<&'static ResourceInfo> {
 
 /// A resource by apiVersion and kind, exactly as in a manifest.
 pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceInfo> {
-    RESOURCES.iter().find(|r| r.api_version == api_version && r.kind == kind)
+    RESOURCES
+        .iter()
+        .find(|r| r.api_version == api_version && r.kind == kind)
 }
 
 /// A resource by its plural (the form used on the wire).
@@ -130,7 +320,31 @@ mod tests {
 
     #[test]
     fn lookup_by_every_name() {
-        for n in ["po", "pods", "pod", "Pod", "deploy", "deployments.apps", "cj", "ing", "ep", "no", "pvc", "pv", "lease", "ev", "secret", "cm", "ns", "sts", "ds", "rs", "rc", "svc", "job"] {
+        for n in [
+            "po",
+            "pods",
+            "pod",
+            "Pod",
+            "deploy",
+            "deployments.apps",
+            "cj",
+            "ing",
+            "ep",
+            "no",
+            "pvc",
+            "pv",
+            "lease",
+            "ev",
+            "secret",
+            "cm",
+            "ns",
+            "sts",
+            "ds",
+            "rs",
+            "rc",
+            "svc",
+            "job",
+        ] {
             assert!(lookup(n).is_some(), "{n}");
         }
         assert_eq!(lookup("deploy").unwrap().kind, "Deployment");
@@ -145,7 +359,11 @@ mod tests {
             "spec": {"containers": [{"name": "c", "imagee": "busybox"}]}}}});
         let errs = typed::<apps::v1::Deployment>(d).unwrap_err();
         assert!(errs.iter().any(|e| e.contains("bogusField")), "{errs:?}");
-        assert!(errs.iter().any(|e| e.contains("spec.template.spec.containers.0.imagee")), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("spec.template.spec.containers.0.imagee")),
+            "{errs:?}"
+        );
     }
 
     #[test]

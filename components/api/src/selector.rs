@@ -49,20 +49,30 @@ fn split_top(s: &str) -> Vec<String> {
         cur.push(c);
     }
     out.push(cur);
-    out.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect()
+    out.into_iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 fn check_key(k: &str, all: &str) -> Result<String, ApiError> {
-    crate::validate::qualified_name(k).map_err(|e| ApiError::bad_request(format!("invalid label selector \"{all}\": {e}")))?;
+    crate::validate::qualified_name(k)
+        .map_err(|e| ApiError::bad_request(format!("invalid label selector \"{all}\": {e}")))?;
     Ok(k.to_string())
 }
 
 fn parse_set(rest: &str, all: &str) -> Result<Vec<String>, ApiError> {
     let rest = rest.trim();
     if !(rest.starts_with('(') && rest.ends_with(')')) {
-        return Err(ApiError::bad_request(format!("invalid label selector \"{all}\": expected a parenthesised set of values")));
+        return Err(ApiError::bad_request(format!(
+            "invalid label selector \"{all}\": expected a parenthesised set of values"
+        )));
     }
-    Ok(rest[1..rest.len() - 1].split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
+    Ok(rest[1..rest.len() - 1]
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect())
 }
 
 impl LabelSelector {
@@ -82,7 +92,9 @@ impl LabelSelector {
             } else if let Some((k, rest)) = part.split_once(" in ") {
                 Requirement::In(check_key(k.trim(), s)?, parse_set(rest, s)?)
             } else if part.contains(' ') || part.contains('(') {
-                return Err(ApiError::bad_request(format!("invalid label selector \"{s}\": cannot parse \"{part}\"")));
+                return Err(ApiError::bad_request(format!(
+                    "invalid label selector \"{s}\": cannot parse \"{part}\""
+                )));
             } else {
                 Requirement::Exists(check_key(&part, s)?)
             };
@@ -96,22 +108,42 @@ impl LabelSelector {
         let mut reqs = Vec::new();
         if let Some(ml) = sel.get("matchLabels").and_then(Value::as_object) {
             for (k, v) in ml {
-                reqs.push(Requirement::Eq(k.clone(), v.as_str().unwrap_or("").to_string()));
+                reqs.push(Requirement::Eq(
+                    k.clone(),
+                    v.as_str().unwrap_or("").to_string(),
+                ));
             }
         }
-        for e in sel.get("matchExpressions").and_then(Value::as_array).into_iter().flatten() {
-            let key = e.get("key").and_then(Value::as_str).unwrap_or("").to_string();
+        for e in sel
+            .get("matchExpressions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let key = e
+                .get("key")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             let values: Vec<String> = e
                 .get("values")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             reqs.push(match e.get("operator").and_then(Value::as_str) {
                 Some("In") => Requirement::In(key, values),
                 Some("NotIn") => Requirement::NotIn(key, values),
                 Some("Exists") => Requirement::Exists(key),
                 Some("DoesNotExist") => Requirement::NotExists(key),
-                other => return Err(ApiError::invalid(format!("matchExpressions: invalid operator {other:?}"))),
+                other => {
+                    return Err(ApiError::invalid(format!(
+                        "matchExpressions: invalid operator {other:?}"
+                    )))
+                }
             });
         }
         Ok(LabelSelector(reqs))
@@ -121,7 +153,11 @@ impl LabelSelector {
         let labels: BTreeMap<String, String> = obj
             .pointer("/metadata/labels")
             .and_then(Value::as_object)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                    .collect()
+            })
             .unwrap_or_default();
         self.0.iter().all(|r| r.matches(&labels))
     }
@@ -149,7 +185,9 @@ impl FieldSelector {
             } else if let Some((f, v)) = part.split_once('=') {
                 (f, true, v)
             } else {
-                return Err(ApiError::bad_request(format!("invalid field selector \"{part}\": expected FIELD=VALUE or FIELD!=VALUE")));
+                return Err(ApiError::bad_request(format!(
+                    "invalid field selector \"{part}\": expected FIELD=VALUE or FIELD!=VALUE"
+                )));
             };
             let field = field.trim();
             let Some((_, pointer)) = FIELDS.iter().find(|(f, _)| *f == field) else {
@@ -198,7 +236,11 @@ mod tests {
             ("app in (web),tier", true),
             ("", true),
         ] {
-            assert_eq!(LabelSelector::parse(sel).unwrap().matches(&o), want, "{sel}");
+            assert_eq!(
+                LabelSelector::parse(sel).unwrap().matches(&o),
+                want,
+                "{sel}"
+            );
         }
         assert!(LabelSelector::parse("app in web").is_err());
         assert!(LabelSelector::parse("bad key=1").is_err());
@@ -214,9 +256,15 @@ mod tests {
     #[test]
     fn fields() {
         let o = obj(json!({}));
-        assert!(FieldSelector::parse("metadata.name=a,spec.nodeName=n1").unwrap().matches(&o));
-        assert!(!FieldSelector::parse("status.phase!=Running").unwrap().matches(&o));
-        assert!(FieldSelector::parse("metadata.namespace==ns").unwrap().matches(&o));
+        assert!(FieldSelector::parse("metadata.name=a,spec.nodeName=n1")
+            .unwrap()
+            .matches(&o));
+        assert!(!FieldSelector::parse("status.phase!=Running")
+            .unwrap()
+            .matches(&o));
+        assert!(FieldSelector::parse("metadata.namespace==ns")
+            .unwrap()
+            .matches(&o));
         let e = FieldSelector::parse("spec.foo=1").unwrap_err();
         assert!(e.message.contains("spec.foo"));
     }

@@ -42,7 +42,8 @@ pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
 fn qualified_name_part(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
@@ -75,7 +76,11 @@ pub fn label_value(v: &str) -> Result<(), String> {
 /// Validate metadata fields the typed parse cannot judge.
 fn check_metadata(info: &ResourceInfo, meta: &Value, errs: &mut Vec<String>) {
     if let Some(name) = meta.get("name").and_then(Value::as_str) {
-        let r = if matches!(info.kind, "Namespace" | "Service") { dns1123_label(name) } else { dns1123_subdomain(name) };
+        let r = if matches!(info.kind, "Namespace" | "Service") {
+            dns1123_label(name)
+        } else {
+            dns1123_subdomain(name)
+        };
         if let Err(e) = r {
             errs.push(format!("metadata.name: Invalid value: {e}"));
         }
@@ -99,7 +104,9 @@ fn check_metadata(info: &ResourceInfo, meta: &Value, errs: &mut Vec<String>) {
             total += k.len() + v.as_str().map(str::len).unwrap_or(0);
         }
         if total > 256 * 1024 {
-            errs.push(format!("metadata.annotations: Too long: must have at most 262144 bytes, has {total}"));
+            errs.push(format!(
+                "metadata.annotations: Too long: must have at most 262144 bytes, has {total}"
+            ));
         }
     }
 }
@@ -115,14 +122,18 @@ pub fn resource_of(obj: &Value) -> Result<&'static ResourceInfo, ApiError> {
         return Err(ApiError::bad_request("kind not set in the object"));
     }
     resources::by_kind(api_version, kind).ok_or_else(|| {
-        ApiError::bad_request(format!("no matches for kind \"{kind}\" in version \"{api_version}\""))
+        ApiError::bad_request(format!(
+            "no matches for kind \"{kind}\" in version \"{api_version}\""
+        ))
     })
 }
 
 /// Validate and normalise a user's body for `info`. Returns the stored form.
 pub fn admit(info: &ResourceInfo, obj: Value) -> Result<Value, ApiError> {
     if !obj.is_object() {
-        return Err(ApiError::bad_request("the body must be a JSON or YAML object"));
+        return Err(ApiError::bad_request(
+            "the body must be a JSON or YAML object",
+        ));
     }
     let mut errs = Vec::new();
     let meta = obj.get("metadata").cloned().unwrap_or(Value::Null);
@@ -136,7 +147,11 @@ pub fn admit(info: &ResourceInfo, obj: Value) -> Result<Value, ApiError> {
     };
     match typed {
         Some(v) if errs.is_empty() => Ok(v),
-        _ => Err(ApiError::invalid(format!("{} is invalid: {}", info.kind, errs.join("; ")))),
+        _ => Err(ApiError::invalid(format!(
+            "{} is invalid: {}",
+            info.kind,
+            errs.join("; ")
+        ))),
     }
 }
 
@@ -175,14 +190,21 @@ mod tests {
         assert_eq!(e.reason, crate::Reason::Invalid);
         assert!(e.message.contains("metadata.name"), "{}", e.message);
         assert!(e.message.contains("metadata.labels"), "{}", e.message);
-        let unknown = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ok"}, "dta": {}});
-        assert!(admit(info, unknown).unwrap_err().message.contains("unknown field \"dta\""));
+        let unknown =
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ok"}, "dta": {}});
+        assert!(admit(info, unknown)
+            .unwrap_err()
+            .message
+            .contains("unknown field \"dta\""));
     }
 
     #[test]
     fn resource_of_unknown_kind() {
         let e = resource_of(&json!({"apiVersion": "v9", "kind": "Widget"})).unwrap_err();
         assert!(e.message.contains("Widget"));
-        assert!(resource_of(&json!({"kind": "Pod"})).unwrap_err().message.contains("apiVersion"));
+        assert!(resource_of(&json!({"kind": "Pod"}))
+            .unwrap_err()
+            .message
+            .contains("apiVersion"));
     }
 }

@@ -42,8 +42,15 @@ impl Master {
         m.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
-    async fn rpc(&self, addr: &str, method: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, tonic::Status> {
-        let ch = orc_raft::network::channel(addr, Duration::from_millis(300)).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    async fn rpc(
+        &self,
+        addr: &str,
+        method: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let ch = orc_raft::network::channel(addr, Duration::from_millis(300))
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let mut c = orc_raft::network::client(ch);
         let mut req = tonic::Request::new(Blob { json: body });
         req.set_timeout(timeout);
@@ -71,19 +78,32 @@ impl Master {
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f,
                 Ok(Err(e)) => return Err(ApiError::unavailable(format!("raft: {e}"))),
             };
-            if let Some(addr) = self.leader_addr(&forward).filter(|_| forward.leader_id != Some(self.cfg.id)) {
+            if let Some(addr) = self
+                .leader_addr(&forward)
+                .filter(|_| forward.leader_id != Some(self.cfg.id))
+            {
                 match self.rpc(&addr, "propose", body.clone(), left).await {
                     Ok(bytes) => {
-                        let r: Result<Change, ApiError> = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(e.to_string()))?;
+                        let r: Result<Change, ApiError> = serde_json::from_slice(&bytes)
+                            .map_err(|e| ApiError::internal(e.to_string()))?;
                         match r {
                             // The leader changed under us: find the new one.
-                            Err(e) if e.reason == Reason::Unavailable && e.message.starts_with("not the leader") => {}
+                            Err(e)
+                                if e.reason == Reason::Unavailable
+                                    && e.message.starts_with("not the leader") => {}
                             other => return other,
                         }
                     }
                     Err(s) if s.code() == tonic::Code::Unavailable => {}
-                    Err(s) if s.code() == tonic::Code::DeadlineExceeded => return Err(unavailable_no_quorum(&self.cfg)),
-                    Err(s) => return Err(ApiError::unavailable(format!("forwarding to the leader at {addr}: {}", s.message()))),
+                    Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                        return Err(unavailable_no_quorum(&self.cfg))
+                    }
+                    Err(s) => {
+                        return Err(ApiError::unavailable(format!(
+                            "forwarding to the leader at {addr}: {}",
+                            s.message()
+                        )))
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -95,7 +115,9 @@ impl Master {
         match tokio::time::timeout(self.cfg.write_timeout, self.raft.client_write(cmd)).await {
             Err(_) => Err(unavailable_no_quorum(&self.cfg)),
             Ok(Ok(resp)) => resp.data,
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::unavailable("not the leader")),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(ApiError::unavailable("not the leader"))
+            }
             Ok(Err(e)) => Err(ApiError::unavailable(format!("raft: {e}"))),
         }
     }
@@ -105,7 +127,9 @@ impl Master {
         match tokio::time::timeout(self.cfg.write_timeout, self.raft.get_read_log_id()).await {
             Err(_) => Err(unavailable_no_quorum(&self.cfg)),
             Ok(Ok((read, _))) => Ok(read.map(|l| l.index).unwrap_or(0)),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => Err(ApiError::unavailable("not the leader")),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                Err(ApiError::unavailable("not the leader"))
+            }
             Ok(Err(e)) => Err(ApiError::unavailable(format!("raft: {e}"))),
         }
     }
@@ -121,15 +145,21 @@ impl Master {
             let index = match tokio::time::timeout(left, self.raft.get_read_log_id()).await {
                 Err(_) => return Err(unavailable_no_quorum(&self.cfg)),
                 Ok(Ok((read, _))) => Some(read.map(|l| l.index).unwrap_or(0)),
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => match self.leader_addr(&f) {
-                    Some(addr) if f.leader_id != Some(self.cfg.id) => match self.rpc(&addr, "read_index", b"{}".to_vec(), left).await {
-                        Ok(b) => match serde_json::from_slice::<Result<u64, ApiError>>(&b) {
-                            Ok(Ok(i)) => Some(i),
-                            _ => None,
-                        },
-                        Err(s) if s.code() == tonic::Code::DeadlineExceeded => return Err(unavailable_no_quorum(&self.cfg)),
-                        Err(_) => None,
-                    },
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => match self
+                    .leader_addr(&f)
+                {
+                    Some(addr) if f.leader_id != Some(self.cfg.id) => {
+                        match self.rpc(&addr, "read_index", b"{}".to_vec(), left).await {
+                            Ok(b) => match serde_json::from_slice::<Result<u64, ApiError>>(&b) {
+                                Ok(Ok(i)) => Some(i),
+                                _ => None,
+                            },
+                            Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                                return Err(unavailable_no_quorum(&self.cfg))
+                            }
+                            Err(_) => None,
+                        }
+                    }
                     _ => None,
                 },
                 Ok(Err(e)) => return Err(ApiError::unavailable(format!("raft: {e}"))),
@@ -142,17 +172,28 @@ impl Master {
                     .applied_index_at_least(Some(i), "read barrier")
                     .await
                     .map(|_| i)
-                    .map_err(|_| ApiError::unavailable(format!("this master could not catch up to index {i} in time")));
+                    .map_err(|_| {
+                        ApiError::unavailable(format!(
+                            "this master could not catch up to index {i} in time"
+                        ))
+                    });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    fn namespace_for(info: &resources::ResourceInfo, obj: &Value, hint: Option<&str>) -> Result<String, ApiError> {
+    fn namespace_for(
+        info: &resources::ResourceInfo,
+        obj: &Value,
+        hint: Option<&str>,
+    ) -> Result<String, ApiError> {
         if !info.namespaced {
             return Ok(String::new());
         }
-        let in_obj = obj.pointer("/metadata/namespace").and_then(Value::as_str).filter(|s| !s.is_empty());
+        let in_obj = obj
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty());
         match (in_obj, hint) {
             (Some(a), Some(b)) if a != b => Err(ApiError::bad_request(format!(
                 "the namespace of the provided object ({a}) does not match the namespace sent on the request ({b})"
@@ -166,15 +207,33 @@ impl Master {
     async fn create(&self, mut obj: Value, ns_hint: Option<&str>) -> Result<Value, ApiError> {
         let info = validate::resource_of(&obj)?;
         let ns = Self::namespace_for(info, &obj, ns_hint)?;
-        let meta = obj.get_mut("metadata").and_then(Value::as_object_mut).ok_or_else(|| ApiError::invalid("metadata: Required value"))?;
+        let meta = obj
+            .get_mut("metadata")
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| ApiError::invalid("metadata: Required value"))?;
         if meta.get("resourceVersion").is_some_and(|v| !v.is_null()) {
-            return Err(ApiError::bad_request("metadata.resourceVersion: must not be set for objects to be created"));
+            return Err(ApiError::bad_request(
+                "metadata.resourceVersion: must not be set for objects to be created",
+            ));
         }
-        let name = meta.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+        let name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let name = if name.is_empty() {
-            match meta.get("generateName").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+            match meta
+                .get("generateName")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+            {
                 Some(prefix) => format!("{prefix}{}", random_suffix()),
-                None => return Err(ApiError::invalid(format!("{}: metadata.name: Required value: name or generateName is required", info.kind))),
+                None => {
+                    return Err(ApiError::invalid(format!(
+                        "{}: metadata.name: Required value: name or generateName is required",
+                        info.kind
+                    )))
+                }
             }
         } else {
             name
@@ -185,35 +244,75 @@ impl Master {
         } else {
             meta.remove("namespace");
         }
-        for f in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+        for f in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+        ] {
             meta.remove(f);
         }
         meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
         meta.insert("creationTimestamp".into(), json!(orc_api::now_rfc3339()));
         let obj = validate::admit(info, obj)?;
         let key = ObjectKey::new(info.plural, &ns, &name);
-        Ok(self.propose(Command::Create { key, object: obj }).await?.object().clone())
+        Ok(self
+            .propose(Command::Create { key, object: obj })
+            .await?
+            .object()
+            .clone())
     }
 
-    async fn update(&self, obj: Value, ns_hint: Option<&str>, status: bool) -> Result<Value, ApiError> {
+    async fn update(
+        &self,
+        obj: Value,
+        ns_hint: Option<&str>,
+        status: bool,
+    ) -> Result<Value, ApiError> {
         let info = validate::resource_of(&obj)?;
         if status && !info.has_status {
-            return Err(ApiError::new(Reason::NotFound, format!("{} has no status subresource", info.plural)));
+            return Err(ApiError::new(
+                Reason::NotFound,
+                format!("{} has no status subresource", info.plural),
+            ));
         }
         let ns = Self::namespace_for(info, &obj, ns_hint)?;
-        let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+        let name = obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         if name.is_empty() {
-            return Err(ApiError::invalid(format!("{}: metadata.name: Required value", info.kind)));
+            return Err(ApiError::invalid(format!(
+                "{}: metadata.name: Required value",
+                info.kind
+            )));
         }
         let mut obj = validate::admit(info, obj)?;
         if info.namespaced {
             obj["metadata"]["namespace"] = json!(ns);
         }
         let key = ObjectKey::new(info.plural, &ns, &name);
-        Ok(self.propose(Command::Update { key, object: obj, status }).await?.object().clone())
+        Ok(self
+            .propose(Command::Update {
+                key,
+                object: obj,
+                status,
+            })
+            .await?
+            .object()
+            .clone())
     }
 
-    async fn patch(&self, resource: &str, ns: &str, name: &str, patch: &Value, status: bool) -> Result<Value, ApiError> {
+    async fn patch(
+        &self,
+        resource: &str,
+        ns: &str,
+        name: &str,
+        patch: &Value,
+        status: bool,
+    ) -> Result<Value, ApiError> {
         if !patch.is_object() {
             return Err(ApiError::bad_request("a merge patch must be a JSON object"));
         }
@@ -226,10 +325,15 @@ impl Master {
             patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
             for f in ["name", "namespace"] {
                 if patched["metadata"][f] != current["metadata"][f] {
-                    return Err(ApiError::bad_request(format!("metadata.{f} cannot be changed by a patch")));
+                    return Err(ApiError::bad_request(format!(
+                        "metadata.{f} cannot be changed by a patch"
+                    )));
                 }
             }
-            match self.update(patched, Some(ns).filter(|s| !s.is_empty()), status).await {
+            match self
+                .update(patched, Some(ns).filter(|s| !s.is_empty()), status)
+                .await
+            {
                 Err(e) if e.reason == Reason::Conflict => last = Some(e),
                 other => return other,
             }
@@ -247,22 +351,49 @@ impl Master {
             .ok_or_else(|| ApiError::not_found(format!("{} \"{}\" not found", info.plural, name)))
     }
 
-    async fn list(&self, resource: &str, ns: Option<&str>, labels: &str, fields: &str) -> Result<Value, ApiError> {
+    async fn list(
+        &self,
+        resource: &str,
+        ns: Option<&str>,
+        labels: &str,
+        fields: &str,
+    ) -> Result<Value, ApiError> {
         let info = resource_info(resource)?;
         let ls = LabelSelector::parse(labels)?;
         let fs = FieldSelector::parse(fields)?;
         self.read_barrier().await?;
         let prefix = ObjectKey::prefix(info.plural, ns.filter(|_| info.namespaced));
-        let (index, objs) = self.sm.list(&prefix).map_err(|e| ApiError::internal(e.to_string()))?;
-        let items: Vec<Value> = objs.into_iter().map(|(_, o)| o).filter(|o| ls.matches(o) && fs.matches(o)).collect();
+        let (index, objs) = self
+            .sm
+            .list(&prefix)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let items: Vec<Value> = objs
+            .into_iter()
+            .map(|(_, o)| o)
+            .filter(|o| ls.matches(o) && fs.matches(o))
+            .collect();
         let (av, kind) = (info.api_version, format!("{}List", info.kind));
-        Ok(json!({"apiVersion": av, "kind": kind, "metadata": {"resourceVersion": index.to_string()}, "items": items}))
+        Ok(
+            json!({"apiVersion": av, "kind": kind, "metadata": {"resourceVersion": index.to_string()}, "items": items}),
+        )
     }
 
-    async fn delete(&self, resource: &str, ns: &str, name: &str, pre: orc_api::mutation::Preconditions, policy: Option<String>) -> Result<Value, ApiError> {
+    async fn delete(
+        &self,
+        resource: &str,
+        ns: &str,
+        name: &str,
+        pre: orc_api::mutation::Preconditions,
+        policy: Option<String>,
+    ) -> Result<Value, ApiError> {
         let info = resource_info(resource)?;
         let key = ObjectKey::new(info.plural, if info.namespaced { ns } else { "" }, name);
-        let cmd = Command::Delete { key, preconditions: pre, propagation: policy, now: orc_api::now_rfc3339() };
+        let cmd = Command::Delete {
+            key,
+            preconditions: pre,
+            propagation: policy,
+            now: orc_api::now_rfc3339(),
+        };
         Ok(self.propose(cmd).await?.object().clone())
     }
 
@@ -275,8 +406,12 @@ impl Master {
             ServerState::Learner => "learner",
             ServerState::Shutdown => "shutdown",
         };
-        let members: BTreeMap<String, String> =
-            m.membership_config.membership().nodes().map(|(id, n)| (id.to_string(), n.addr.clone())).collect();
+        let members: BTreeMap<String, String> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (id.to_string(), n.addr.clone()))
+            .collect();
         let voters: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
         json!({
             "id": self.cfg.id, "role": role, "term": m.current_term, "leader": m.current_leader,
@@ -290,8 +425,10 @@ impl Master {
 
     async fn cluster_status(&self) -> Result<Value, ApiError> {
         let me = self.member_status();
-        let members: BTreeMap<String, String> = serde_json::from_value(me["members"].clone()).unwrap_or_default();
-        let voters: BTreeSet<u64> = serde_json::from_value(me["voters"].clone()).unwrap_or_default();
+        let members: BTreeMap<String, String> =
+            serde_json::from_value(me["members"].clone()).unwrap_or_default();
+        let voters: BTreeSet<u64> =
+            serde_json::from_value(me["voters"].clone()).unwrap_or_default();
         let asks = members.iter().map(|(id, addr)| {
             let id: u64 = id.parse().unwrap_or(0);
             let addr = addr.clone();
@@ -326,29 +463,66 @@ impl Master {
         if m.current_leader == Some(self.cfg.id) {
             return Ok(None);
         }
-        let Some(addr) = m.current_leader.and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone())) else {
-            return Err(ApiError::unavailable("no leader is known; is a majority of masters up?"));
+        let Some(addr) = m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+        }) else {
+            return Err(ApiError::unavailable(
+                "no leader is known; is a majority of masters up?",
+            ));
         };
         let body = serde_json::to_vec(req).map_err(|e| ApiError::internal(e.to_string()))?;
-        let b = self.rpc(&addr, "call", body, Duration::from_secs(60)).await.map_err(|s| ApiError::unavailable(s.message().to_string()))?;
-        serde_json::from_slice::<Result<Value, ApiError>>(&b).map_err(|e| ApiError::internal(e.to_string()))?.map(Some)
+        let b = self
+            .rpc(&addr, "call", body, Duration::from_secs(60))
+            .await
+            .map_err(|s| ApiError::unavailable(s.message().to_string()))?;
+        serde_json::from_slice::<Result<Value, ApiError>>(&b)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map(Some)
     }
 
     async fn add_master(&self, id: u64, address: &str) -> Result<Value, ApiError> {
-        let voters: BTreeSet<u64> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let voters: BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
         if voters.contains(&id) {
-            return Err(ApiError::new(Reason::AlreadyExists, format!("master {id} is already a member")));
+            return Err(ApiError::new(
+                Reason::AlreadyExists,
+                format!("master {id} is already a member"),
+            ));
         }
-        let err = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| ApiError::unavailable(format!("membership change: {e}"));
-        self.raft.add_learner(id, BasicNode::new(address), true).await.map_err(err)?;
+        let err = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| {
+            ApiError::unavailable(format!("membership change: {e}"))
+        };
+        self.raft
+            .add_learner(id, BasicNode::new(address), true)
+            .await
+            .map_err(err)?;
         let mut new_voters = voters.clone();
         new_voters.insert(id);
-        self.raft.change_membership(new_voters, false).await.map_err(err)?;
+        self.raft
+            .change_membership(new_voters, false)
+            .await
+            .map_err(err)?;
         Ok(json!({"added": id, "address": address}))
     }
 
     async fn remove_master(&self, id: u64) -> Result<Value, ApiError> {
-        let voters: BTreeSet<u64> = self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let voters: BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
         if !voters.contains(&id) {
             return Err(ApiError::not_found(format!("master {id} is not a member")));
         }
@@ -369,20 +543,65 @@ impl Master {
         let (index, data) = self.sm.export().map_err(ApiError::internal)?;
         let objects = orc_raft::store::decode_export(&data).map_err(ApiError::internal)?;
         let items: Vec<Value> = objects.into_iter().map(|(_, o)| o).collect();
-        Ok(json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": index.to_string()}, "items": items}))
+        Ok(
+            json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": index.to_string()}, "items": items}),
+        )
     }
 
     pub async fn handle(&self, req: Request) -> Result<Value, ApiError> {
         match req {
-            Request::Create { object, namespace } => self.create(object, namespace.as_deref()).await,
-            Request::Update { object, namespace, status } => self.update(object, namespace.as_deref(), status).await,
-            Request::Get { resource, namespace, name } => self.get(&resource, &namespace, &name).await,
-            Request::List { resource, namespace, label_selector, field_selector } => {
-                self.list(&resource, namespace.as_deref(), &label_selector, &field_selector).await
+            Request::Create { object, namespace } => {
+                self.create(object, namespace.as_deref()).await
             }
-            Request::Patch { resource, namespace, name, patch, status } => self.patch(&resource, &namespace, &name, &patch, status).await,
-            Request::Delete { resource, namespace, name, preconditions, propagation_policy } => {
-                self.delete(&resource, &namespace, &name, preconditions, propagation_policy).await
+            Request::Update {
+                object,
+                namespace,
+                status,
+            } => self.update(object, namespace.as_deref(), status).await,
+            Request::Get {
+                resource,
+                namespace,
+                name,
+            } => self.get(&resource, &namespace, &name).await,
+            Request::List {
+                resource,
+                namespace,
+                label_selector,
+                field_selector,
+            } => {
+                self.list(
+                    &resource,
+                    namespace.as_deref(),
+                    &label_selector,
+                    &field_selector,
+                )
+                .await
+            }
+            Request::Patch {
+                resource,
+                namespace,
+                name,
+                patch,
+                status,
+            } => {
+                self.patch(&resource, &namespace, &name, &patch, status)
+                    .await
+            }
+            Request::Delete {
+                resource,
+                namespace,
+                name,
+                preconditions,
+                propagation_policy,
+            } => {
+                self.delete(
+                    &resource,
+                    &namespace,
+                    &name,
+                    preconditions,
+                    propagation_policy,
+                )
+                .await
             }
             Request::MemberStatus => Ok(self.member_status()),
             Request::ClusterStatus => self.cluster_status().await,
@@ -400,14 +619,21 @@ impl Master {
 }
 
 pub(crate) fn resource_info(resource: &str) -> Result<&'static resources::ResourceInfo, ApiError> {
-    resources::lookup(resource).ok_or_else(|| ApiError::not_found(format!("the server doesn't have a resource type \"{resource}\"")))
+    resources::lookup(resource).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "the server doesn't have a resource type \"{resource}\""
+        ))
+    })
 }
 
 fn random_suffix() -> String {
     // Kubernetes' alphabet for generated names: no vowels, no confusable characters.
     const ALPHA: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let u = uuid::Uuid::new_v4();
-    u.as_bytes()[..5].iter().map(|b| ALPHA[*b as usize % ALPHA.len()] as char).collect()
+    u.as_bytes()[..5]
+        .iter()
+        .map(|b| ALPHA[*b as usize % ALPHA.len()] as char)
+        .collect()
 }
 
 /// On becoming leader: make sure the bootstrap namespaces exist. (The controller
@@ -419,7 +645,8 @@ pub async fn leader_duties(master: std::sync::Arc<Master>) {
         let is_leader = metrics.borrow().current_leader == Some(master.cfg.id);
         if is_leader && !was_leader {
             for ns in orc_api::BOOTSTRAP_NAMESPACES {
-                let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+                let obj =
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
                 match master.create(obj, None).await {
                     Ok(_) => tracing::info!("created namespace {ns}"),
                     Err(e) if e.reason == Reason::AlreadyExists => {}

@@ -27,11 +27,17 @@ pub enum MasterError {
     #[error("raft configuration: {0}")]
     Config(String),
     #[error("opening the store in {dir}: {source}")]
-    Store { dir: PathBuf, source: orc_raft::StoreError },
+    Store {
+        dir: PathBuf,
+        source: orc_raft::StoreError,
+    },
     #[error("starting raft: {0}")]
     Raft(String),
     #[error("serving gRPC on {addr}: {source}")]
-    Serve { addr: SocketAddr, source: tonic::transport::Error },
+    Serve {
+        addr: SocketAddr,
+        source: tonic::transport::Error,
+    },
 }
 
 /// Everything a master needs to start. Timers are settings so tests can shrink them.
@@ -58,7 +64,12 @@ pub struct MasterConfig {
 }
 
 impl MasterConfig {
-    pub fn new(id: u64, listen: SocketAddr, data_dir: PathBuf, initial_cluster: BTreeMap<u64, String>) -> Self {
+    pub fn new(
+        id: u64,
+        listen: SocketAddr,
+        data_dir: PathBuf,
+        initial_cluster: BTreeMap<u64, String>,
+    ) -> Self {
         MasterConfig {
             id,
             listen,
@@ -90,9 +101,19 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     .validate()
     .map_err(|e| MasterError::Config(e.to_string()))?;
     let dir = cfg.data_dir.join("raft");
-    std::fs::create_dir_all(&dir).map_err(|e| MasterError::Store { dir: dir.clone(), source: orc_raft::StoreError::Corrupt { what: "data dir".into(), why: e.to_string() } })?;
+    std::fs::create_dir_all(&dir).map_err(|e| MasterError::Store {
+        dir: dir.clone(),
+        source: orc_raft::StoreError::Corrupt {
+            what: "data dir".into(),
+            why: e.to_string(),
+        },
+    })?;
     let hub = Hub::new(cfg.watch_window);
-    let (log, sm): (_, StateMachine) = orc_raft::open(&dir, hub).map_err(|source| MasterError::Store { dir: dir.clone(), source })?;
+    let (log, sm): (_, StateMachine) =
+        orc_raft::open(&dir, hub).map_err(|source| MasterError::Store {
+            dir: dir.clone(),
+            source,
+        })?;
     let raft = Raft::new(cfg.id, Arc::new(raft_cfg), NetworkFactory, log, sm.clone())
         .await
         .map_err(|e| MasterError::Raft(e.to_string()))?;
@@ -102,7 +123,11 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     let server = tokio::spawn(server);
 
     if cfg.initial_cluster.contains_key(&cfg.id) && !raft.is_initialized().await.unwrap_or(true) {
-        let members: BTreeMap<u64, BasicNode> = cfg.initial_cluster.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
+        let members: BTreeMap<u64, BasicNode> = cfg
+            .initial_cluster
+            .iter()
+            .map(|(id, a)| (*id, BasicNode::new(a)))
+            .collect();
         match raft.initialize(members).await {
             Ok(()) => tracing::info!("initialized a new cluster"),
             Err(e) => tracing::info!("not initializing: {e}"),

@@ -17,11 +17,14 @@ pub struct Service {
 }
 
 fn decode<T: DeserializeOwned>(b: &Blob) -> Result<T, Status> {
-    serde_json::from_slice(&b.json).map_err(|e| Status::invalid_argument(format!("bad request body: {e}")))
+    serde_json::from_slice(&b.json)
+        .map_err(|e| Status::invalid_argument(format!("bad request body: {e}")))
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Response<Blob>, Status> {
-    serde_json::to_vec(v).map(|json| Response::new(Blob { json })).map_err(|e| Status::internal(e.to_string()))
+    serde_json::to_vec(v)
+        .map(|json| Response::new(Blob { json }))
+        .map_err(|e| Status::internal(e.to_string()))
 }
 
 type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<Blob, Status>> + Send>>;
@@ -58,7 +61,11 @@ impl Orc for Service {
         if body.len() > orc_api::MAX_REQUEST_BYTES + 4096 {
             let e = ApiError::new(
                 Reason::RequestEntityTooLarge,
-                format!("the request is {} bytes; the limit is {} bytes (3 MiB)", body.len(), orc_api::MAX_REQUEST_BYTES),
+                format!(
+                    "the request is {} bytes; the limit is {} bytes (3 MiB)",
+                    body.len(),
+                    orc_api::MAX_REQUEST_BYTES
+                ),
             );
             return encode(&Err::<(), _>(e));
         }
@@ -74,7 +81,9 @@ impl Orc for Service {
     async fn watch(&self, r: tonic::Request<Blob>) -> Result<Response<WatchStream>, Status> {
         let req: WatchRequest = decode(r.get_ref())?;
         let rx = crate::watch::start(self.master.clone(), req).await;
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 

@@ -24,7 +24,14 @@ async fn send(tx: &Tx, ev: &WatchEvent) -> bool {
 }
 
 async fn send_error(tx: &Tx, e: ApiError) {
-    let _ = send(tx, &WatchEvent { event_type: EventType::Error, object: e.to_status() }).await;
+    let _ = send(
+        tx,
+        &WatchEvent {
+            event_type: EventType::Error,
+            object: e.to_status(),
+        },
+    )
+    .await;
 }
 
 fn expired(rv: u64, floor: u64) -> ApiError {
@@ -39,7 +46,9 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, e: &StoredEvent) -> bool {
-        e.key.starts_with(&self.prefix) && self.labels.matches(&e.object) && self.fields.matches(&e.object)
+        e.key.starts_with(&self.prefix)
+            && self.labels.matches(&e.object)
+            && self.fields.matches(&e.object)
     }
 }
 
@@ -56,34 +65,70 @@ pub async fn start(master: Arc<Master>, req: WatchRequest) -> mpsc::Receiver<Res
 async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiError> {
     let info = resource_info(&req.resource)?;
     let filter = Filter {
-        prefix: ObjectKey::prefix(info.plural, req.namespace.as_deref().filter(|_| info.namespaced)),
+        prefix: ObjectKey::prefix(
+            info.plural,
+            req.namespace.as_deref().filter(|_| info.namespaced),
+        ),
         labels: LabelSelector::parse(&req.label_selector)?,
         fields: FieldSelector::parse(&req.field_selector)?,
     };
     let hub = master.sm.hub().clone();
-    let from_rv = req.resource_version.as_deref().filter(|s| !s.is_empty() && *s != "0");
+    let from_rv = req
+        .resource_version
+        .as_deref()
+        .filter(|s| !s.is_empty() && *s != "0");
     let (start, initial) = match from_rv {
         Some(rv) => {
-            let rv: u64 = rv.parse().map_err(|_| ApiError::bad_request(format!("resourceVersion \"{rv}\" is not a number")))?;
+            let rv: u64 = rv.parse().map_err(|_| {
+                ApiError::bad_request(format!("resourceVersion \"{rv}\" is not a number"))
+            })?;
             (rv, Vec::new())
         }
         None => {
             // The current state (linearizable), then everything after it.
             master.read_barrier().await?;
-            let (index, objs) = master.sm.list(&filter.prefix).map_err(|e| ApiError::internal(e.to_string()))?;
+            let (index, objs) = master
+                .sm
+                .list(&filter.prefix)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
             (index, objs)
         }
     };
-    let sub = hub.subscribe(start).ok_or_else(|| expired(start, hub.floor()))?;
+    let sub = hub
+        .subscribe(start)
+        .ok_or_else(|| expired(start, hub.floor()))?;
     for (key, object) in initial {
-        let e = StoredEvent { index: start, key, event_type: EventType::Added, object };
-        if filter.matches(&e) && !send(tx, &WatchEvent { event_type: EventType::Added, object: e.object }).await {
+        let e = StoredEvent {
+            index: start,
+            key,
+            event_type: EventType::Added,
+            object,
+        };
+        if filter.matches(&e)
+            && !send(
+                tx,
+                &WatchEvent {
+                    event_type: EventType::Added,
+                    object: e.object,
+                },
+            )
+            .await
+        {
             return Ok(());
         }
     }
     let mut sent_up_to = start;
     for e in sub.backlog {
-        if filter.matches(&e) && !send(tx, &WatchEvent { event_type: e.event_type, object: e.object }).await {
+        if filter.matches(&e)
+            && !send(
+                tx,
+                &WatchEvent {
+                    event_type: e.event_type,
+                    object: e.object,
+                },
+            )
+            .await
+        {
             return Ok(());
         }
         sent_up_to = e.index;

@@ -44,14 +44,25 @@ pub struct Client {
 }
 
 fn connect(addr: &str) -> Result<OrcClient<Channel>, String> {
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let ch = Endpoint::from_shared(uri).map_err(|e| e.to_string())?.connect_timeout(Duration::from_millis(700)).tcp_nodelay(true).connect_lazy();
-    Ok(OrcClient::new(ch).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let ch = Endpoint::from_shared(uri)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_millis(700))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(OrcClient::new(ch)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20))
 }
 
 /// Connection failures mean "try another master"; anything else is an answer.
 fn is_unreachable(s: &tonic::Status) -> bool {
-    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) && !s.message().contains("h2 protocol error")
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+        && !s.message().contains("h2 protocol error")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +84,11 @@ impl std::fmt::Display for ApplyOutcome {
 
 impl Client {
     pub fn new(servers: Vec<String>) -> Self {
-        Client { servers, current: AtomicUsize::new(0), timeout: Duration::from_secs(30) }
+        Client {
+            servers,
+            current: AtomicUsize::new(0),
+            timeout: Duration::from_secs(30),
+        }
     }
 
     pub fn servers(&self) -> &[String] {
@@ -82,7 +97,10 @@ impl Client {
 
     /// One request, answered by the first reachable master.
     pub async fn call(&self, req: &Request) -> Result<Value, ClientError> {
-        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol { server: String::new(), why: e.to_string() })?;
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol {
+            server: String::new(),
+            why: e.to_string(),
+        })?;
         let n = self.servers.len();
         let first = self.current.load(Ordering::Relaxed);
         let mut last = String::from("no servers configured");
@@ -101,21 +119,37 @@ impl Client {
             match c.call(r).await {
                 Ok(resp) => {
                     self.current.store(idx, Ordering::Relaxed);
-                    let res: Result<Value, ApiError> = serde_json::from_slice(&resp.into_inner().json)
-                        .map_err(|e| ClientError::Protocol { server: server.clone(), why: e.to_string() })?;
+                    let res: Result<Value, ApiError> =
+                        serde_json::from_slice(&resp.into_inner().json).map_err(|e| {
+                            ClientError::Protocol {
+                                server: server.clone(),
+                                why: e.to_string(),
+                            }
+                        })?;
                     return res.map_err(ClientError::Api);
                 }
                 Err(s) if is_unreachable(&s) => last = format!("{server}: {}", s.message()),
-                Err(s) => return Err(ClientError::Protocol { server: server.clone(), why: s.message().to_string() }),
+                Err(s) => {
+                    return Err(ClientError::Protocol {
+                        server: server.clone(),
+                        why: s.message().to_string(),
+                    })
+                }
             }
         }
-        Err(ClientError::Unreachable { servers: self.servers.join(","), last })
+        Err(ClientError::Unreachable {
+            servers: self.servers.join(","),
+            last,
+        })
     }
 
     /// Watch events. When the serving master goes away the watch moves to the next
     /// master, resuming from the last resourceVersion received, so nothing is
     /// missed or repeated. An `ERROR` event (Expired) ends the stream.
-    pub async fn watch(&self, req: WatchRequest) -> mpsc::Receiver<Result<WatchEvent, ClientError>> {
+    pub async fn watch(
+        &self,
+        req: WatchRequest,
+    ) -> mpsc::Receiver<Result<WatchEvent, ClientError>> {
         let (tx, rx) = mpsc::channel(1024);
         let servers = self.servers.clone();
         let first = self.current.load(Ordering::Relaxed);
@@ -157,19 +191,35 @@ impl Client {
                     let ev: WatchEvent = match serde_json::from_slice(&blob.json) {
                         Ok(e) => e,
                         Err(e) => {
-                            let _ = tx.send(Err(ClientError::Protocol { server: server.clone(), why: e.to_string() })).await;
+                            let _ = tx
+                                .send(Err(ClientError::Protocol {
+                                    server: server.clone(),
+                                    why: e.to_string(),
+                                }))
+                                .await;
                             return;
                         }
                     };
                     if ev.event_type == EventType::Error {
                         let e: ApiError = ApiError::new(
-                            if ev.object["reason"] == "Expired" { Reason::Expired } else { Reason::InternalError },
-                            ev.object["message"].as_str().unwrap_or("watch error").to_string(),
+                            if ev.object["reason"] == "Expired" {
+                                Reason::Expired
+                            } else {
+                                Reason::InternalError
+                            },
+                            ev.object["message"]
+                                .as_str()
+                                .unwrap_or("watch error")
+                                .to_string(),
                         );
                         let _ = tx.send(Err(ClientError::Api(e))).await;
                         return;
                     }
-                    if let Some(rv) = ev.object.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+                    if let Some(rv) = ev
+                        .object
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                    {
                         req.resource_version = Some(rv.to_string());
                     }
                     if tx.send(Ok(ev)).await.is_err() {
@@ -181,50 +231,97 @@ impl Client {
                 failures += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let _ = tx.send(Err(ClientError::Unreachable { servers: servers.join(","), last: last_err })).await;
+            let _ = tx
+                .send(Err(ClientError::Unreachable {
+                    servers: servers.join(","),
+                    last: last_err,
+                }))
+                .await;
         });
         rx
     }
 
     /// kubectl-style apply: create the object, or patch it from the configuration
     /// applied last time (fields removed from the manifest are removed).
-    pub async fn apply(&self, obj: &Value, namespace: Option<&str>) -> Result<(Value, ApplyOutcome), ClientError> {
+    pub async fn apply(
+        &self,
+        obj: &Value,
+        namespace: Option<&str>,
+    ) -> Result<(Value, ApplyOutcome), ClientError> {
         let info = orc_api::validate::resource_of(obj)?;
-        let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+        let name = obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if name.is_empty() {
-            return Err(ApiError::invalid(format!("{}: metadata.name: Required value (apply needs a name)", info.kind)).into());
+            return Err(ApiError::invalid(format!(
+                "{}: metadata.name: Required value (apply needs a name)",
+                info.kind
+            ))
+            .into());
         }
         let ns = if info.namespaced {
-            obj.pointer("/metadata/namespace").and_then(Value::as_str).or(namespace).unwrap_or("default").to_string()
+            obj.pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .or(namespace)
+                .unwrap_or("default")
+                .to_string()
         } else {
             String::new()
         };
         let mut desired = obj.clone();
-        if let Some(a) = desired.pointer_mut("/metadata/annotations").and_then(Value::as_object_mut) {
+        if let Some(a) = desired
+            .pointer_mut("/metadata/annotations")
+            .and_then(Value::as_object_mut)
+        {
             a.remove(LAST_APPLIED);
         }
         let last_applied = serde_json::to_string(&desired).unwrap_or_default();
-        let meta = desired["metadata"].as_object_mut().expect("metadata checked above");
+        let meta = desired["metadata"]
+            .as_object_mut()
+            .expect("metadata checked above");
         let ann = meta.entry("annotations").or_insert_with(|| json!({}));
         ann[LAST_APPLIED] = json!(last_applied);
-        let get = Request::Get { resource: info.plural.into(), namespace: ns.clone(), name: name.into() };
+        let get = Request::Get {
+            resource: info.plural.into(),
+            namespace: ns.clone(),
+            name: name.into(),
+        };
         match self.call(&get).await {
             Err(ClientError::Api(e)) if e.reason == Reason::NotFound => {
-                let created = self.call(&Request::Create { object: desired, namespace: Some(ns).filter(|s| !s.is_empty()) }).await?;
+                let created = self
+                    .call(&Request::Create {
+                        object: desired,
+                        namespace: Some(ns).filter(|s| !s.is_empty()),
+                    })
+                    .await?;
                 Ok((created, ApplyOutcome::Created))
             }
             Err(e) => Err(e),
             Ok(current) => {
                 let previous: Value = current
-                    .pointer(&format!("/metadata/annotations/{}", LAST_APPLIED.replace('/', "~1")))
+                    .pointer(&format!(
+                        "/metadata/annotations/{}",
+                        LAST_APPLIED.replace('/', "~1")
+                    ))
                     .and_then(Value::as_str)
                     .and_then(|s| serde_json::from_str(s).ok())
                     .unwrap_or(json!({}));
                 let patch = orc_api::manifest::apply_patch(&previous, &desired);
-                let req = Request::Patch { resource: info.plural.into(), namespace: ns, name: name.into(), patch, status: false };
+                let req = Request::Patch {
+                    resource: info.plural.into(),
+                    namespace: ns,
+                    name: name.into(),
+                    patch,
+                    status: false,
+                };
                 let updated = self.call(&req).await?;
                 let rv = |o: &Value| o.pointer("/metadata/resourceVersion").cloned();
-                let outcome = if rv(&updated) == rv(&current) { ApplyOutcome::Unchanged } else { ApplyOutcome::Configured };
+                let outcome = if rv(&updated) == rv(&current) {
+                    ApplyOutcome::Unchanged
+                } else {
+                    ApplyOutcome::Configured
+                };
                 Ok((updated, outcome))
             }
         }

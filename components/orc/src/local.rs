@@ -33,7 +33,9 @@ pub struct DownArgs {
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 pub fn config_path() -> PathBuf {
@@ -46,7 +48,9 @@ fn default_dir() -> PathBuf {
 
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
 }
 
 fn read_pid(p: &Path) -> Option<u32> {
@@ -91,8 +95,14 @@ pub async fn up(a: UpArgs) -> Result<i32> {
     let dir = a.dir.unwrap_or_else(default_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let exe = std::env::current_exe().context("locating the orc binary")?;
-    let addrs: Vec<String> = (1..=3).map(|i| format!("127.0.0.1:{}", a.port + i)).collect();
-    let initial: Vec<String> = addrs.iter().enumerate().map(|(i, ad)| format!("{}={ad}", i + 1)).collect();
+    let addrs: Vec<String> = (1..=3)
+        .map(|i| format!("127.0.0.1:{}", a.port + i))
+        .collect();
+    let initial: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, ad)| format!("{}={ad}", i + 1))
+        .collect();
     for (i, addr) in addrs.iter().enumerate() {
         let id = i + 1;
         let pidfile = dir.join(format!("master-{id}.pid"));
@@ -102,7 +112,15 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         }
         let log = std::fs::File::create(dir.join(format!("master-{id}.log")))?;
         let child = Command::new(&exe)
-            .args(["master", "--id", &id.to_string(), "--listen", addr, "--initial-cluster", &initial.join(",")])
+            .args([
+                "master",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                addr,
+                "--initial-cluster",
+                &initial.join(","),
+            ])
             .arg("--data-dir")
             .arg(dir.join(format!("master-{id}")))
             .stdin(Stdio::null())
@@ -112,19 +130,33 @@ pub async fn up(a: UpArgs) -> Result<i32> {
             .spawn()
             .context("starting a master")?;
         std::fs::write(&pidfile, child.id().to_string())?;
-        println!("master {id} started on {addr} (pid {}, log {})", child.id(), dir.join(format!("master-{id}.log")).display());
+        println!(
+            "master {id} started on {addr} (pid {}, log {})",
+            child.id(),
+            dir.join(format!("master-{id}.log")).display()
+        );
     }
     let cfg = config_path();
     std::fs::create_dir_all(cfg.parent().expect("config has a parent"))?;
-    std::fs::write(&cfg, serde_json::to_string_pretty(&json!({"servers": addrs}))?)?;
+    std::fs::write(
+        &cfg,
+        serde_json::to_string_pretty(&json!({"servers": addrs}))?,
+    )?;
     let client = Client::new(addrs.clone());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(st) = client.call(&Request::ClusterStatus).await {
-            let all = st["members"].as_array().map(|m| m.len() == 3 && m.iter().all(|x| x["reachable"] == true)).unwrap_or(false);
+            let all = st["members"]
+                .as_array()
+                .map(|m| m.len() == 3 && m.iter().all(|x| x["reachable"] == true))
+                .unwrap_or(false);
             if !st["leader"].is_null() && all {
                 // The bootstrap namespaces are created by the new leader.
-                let ns = Request::Get { resource: "namespaces".into(), namespace: String::new(), name: "default".into() };
+                let ns = Request::Get {
+                    resource: "namespaces".into(),
+                    namespace: String::new(),
+                    name: "default".into(),
+                };
                 if client.call(&ns).await.is_ok() {
                     println!("cluster healthy: leader is master {}", st["leader"]);
                     break;
@@ -132,7 +164,10 @@ pub async fn up(a: UpArgs) -> Result<i32> {
             }
         }
         if Instant::now() > deadline {
-            bail!("the cluster did not become healthy within 60 s; see the logs in {}", dir.display());
+            bail!(
+                "the cluster did not become healthy within 60 s; see the logs in {}",
+                dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -140,7 +175,10 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         for o in orc_api::manifest::parse(DEMO).map_err(anyhow::Error::msg)? {
             let (obj, outcome) = client.apply(&o, None).await?;
             let kind = obj["kind"].as_str().unwrap_or("").to_ascii_lowercase();
-            println!("demo: {kind}/{} {outcome}", obj["metadata"]["name"].as_str().unwrap_or(""));
+            println!(
+                "demo: {kind}/{} {outcome}",
+                obj["metadata"]["name"].as_str().unwrap_or("")
+            );
         }
     }
     println!(
@@ -156,7 +194,9 @@ pub fn down(a: DownArgs) -> Result<i32> {
     let mut stopped = 0;
     for id in 1..=3 {
         let pidfile = dir.join(format!("master-{id}.pid"));
-        let Some(pid) = read_pid(&pidfile) else { continue };
+        let Some(pid) = read_pid(&pidfile) else {
+            continue;
+        };
         if pid_alive(pid) {
             let _ = Command::new("kill").arg(pid.to_string()).status();
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -175,7 +215,13 @@ pub fn down(a: DownArgs) -> Result<i32> {
         println!("no local masters were running");
     }
     if a.purge {
-        std::fs::remove_dir_all(&dir).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
+        std::fs::remove_dir_all(&dir).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
         println!("removed {}", dir.display());
     }
     Ok(0)

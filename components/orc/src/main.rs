@@ -17,7 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "orc", version, about = "orc: a Kubernetes-model container orchestrator")]
+#[command(
+    name = "orc",
+    version,
+    about = "orc: a Kubernetes-model container orchestrator"
+)]
 struct Cli {
     /// Masters to talk to (HOST:PORT, comma-separated); else $ORC_SERVER, else ~/.orc/config.
     #[arg(long, global = true, env = "ORC_SERVER")]
@@ -191,8 +195,12 @@ enum SnapshotCmd {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ORC_LOG").unwrap_or_else(|_| "warn,orc=info,orc_apiserver=info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ORC_LOG")
+        .unwrap_or_else(|_| "warn,orc=info,orc_apiserver=info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(code) => std::process::exit(code),
@@ -206,8 +214,12 @@ fn main() {
 fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>> {
     let mut m = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part.split_once('=').with_context(|| format!("--initial-cluster: \"{part}\" is not ID=HOST:PORT"))?;
-        let id: u64 = id.parse().with_context(|| format!("--initial-cluster: \"{id}\" is not a numeric id"))?;
+        let (id, addr) = part
+            .split_once('=')
+            .with_context(|| format!("--initial-cluster: \"{part}\" is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .parse()
+            .with_context(|| format!("--initial-cluster: \"{id}\" is not a numeric id"))?;
         if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
             bail!("--initial-cluster: \"{addr}\" is not HOST:PORT");
         }
@@ -221,13 +233,29 @@ fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>> {
 
 fn servers(cli_server: Option<&str>) -> Result<Vec<String>> {
     if let Some(s) = cli_server {
-        return Ok(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect());
+        return Ok(s
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect());
     }
     let path = local::config_path();
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("no master given: use --server, ORC_SERVER, or run `orc up` (which writes {})", path.display()))?;
-    let cfg: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-    let list: Vec<String> = cfg["servers"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no master given: use --server, ORC_SERVER, or run `orc up` (which writes {})",
+            path.display()
+        )
+    })?;
+    let cfg: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let list: Vec<String> = cfg["servers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
     if list.is_empty() {
         bail!("{} lists no servers", path.display());
     }
@@ -249,7 +277,10 @@ fn read_manifests(files: &[String]) -> Result<Vec<Value>> {
         if p.is_dir() {
             for e in std::fs::read_dir(p).with_context(|| format!("reading {f}"))? {
                 let path = e?.path();
-                if matches!(path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml" | "json")) {
+                if matches!(
+                    path.extension().and_then(|x| x.to_str()),
+                    Some("yaml" | "yml" | "json")
+                ) {
                     paths.push(path);
                 }
             }
@@ -258,17 +289,31 @@ fn read_manifests(files: &[String]) -> Result<Vec<Value>> {
             paths.push(p.to_path_buf());
         }
         for path in paths {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            out.extend(orc_api::manifest::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            out.extend(
+                orc_api::manifest::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            );
         }
     }
     Ok(out)
 }
 
 fn kind_name(obj: &Value) -> String {
-    let kind = obj["kind"].as_str().unwrap_or("object").to_ascii_lowercase();
-    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
-    let group = obj["apiVersion"].as_str().and_then(|a| a.split_once('/')).map(|(g, _)| format!(".{g}")).unwrap_or_default();
+    let kind = obj["kind"]
+        .as_str()
+        .unwrap_or("object")
+        .to_ascii_lowercase();
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let group = obj["apiVersion"]
+        .as_str()
+        .and_then(|a| a.split_once('/'))
+        .map(|(g, _)| format!(".{g}"))
+        .unwrap_or_default();
     format!("{kind}{group}/{name}")
 }
 
@@ -280,7 +325,12 @@ async fn run(cli: Cli) -> Result<i32> {
     let ns = cli.namespace.clone();
     match cli.cmd {
         Cmd::Master(a) => {
-            let mut cfg = orc_apiserver::MasterConfig::new(a.id, a.listen, a.data_dir, parse_initial_cluster(&a.initial_cluster)?);
+            let mut cfg = orc_apiserver::MasterConfig::new(
+                a.id,
+                a.listen,
+                a.data_dir,
+                parse_initial_cluster(&a.initial_cluster)?,
+            );
             if let Some(adv) = a.advertise {
                 cfg.advertise = adv;
             }
@@ -299,7 +349,9 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Up(a) => local::up(a).await,
         Cmd::Down(a) => local::down(a),
-        Cmd::Debug { cmd: DebugCmd::CheckStore { data_dir } } => check_store(&data_dir),
+        Cmd::Debug {
+            cmd: DebugCmd::CheckStore { data_dir },
+        } => check_store(&data_dir),
         other => {
             let client = Client::new(servers(cli.server.as_deref())?);
             client_cmd(&client, ns.as_deref(), other).await
@@ -342,7 +394,13 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
         Cmd::Create(f) => {
             let mut code = 0;
             for o in read_manifests(&f.files)? {
-                match client.call(&Request::Create { object: o, namespace: ns.map(String::from) }).await {
+                match client
+                    .call(&Request::Create {
+                        object: o,
+                        namespace: ns.map(String::from),
+                    })
+                    .await
+                {
                     Ok(obj) => println!("{} created", kind_name(&obj)),
                     Err(e) => {
                         report(&e);
@@ -355,7 +413,14 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
         Cmd::Replace(f) => {
             let mut code = 0;
             for o in read_manifests(&f.files)? {
-                match client.call(&Request::Update { object: o, namespace: ns.map(String::from), status: false }).await {
+                match client
+                    .call(&Request::Update {
+                        object: o,
+                        namespace: ns.map(String::from),
+                        status: false,
+                    })
+                    .await
+                {
                     Ok(obj) => println!("{} replaced", kind_name(&obj)),
                     Err(e) => {
                         report(&e);
@@ -368,7 +433,11 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
         Cmd::Get(g) => get(client, ns, g).await,
         Cmd::Describe { resource, name } => {
             let info = resource_arg(&resource)?;
-            let req = Request::Get { resource: info.plural.into(), namespace: ns.unwrap_or("default").into(), name };
+            let req = Request::Get {
+                resource: info.plural.into(),
+                namespace: ns.unwrap_or("default").into(),
+                name,
+            };
             match client.call(&req).await {
                 Ok(obj) => {
                     print!("{}", output::describe(&obj));
@@ -384,13 +453,28 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
             let mut targets = Vec::new();
             if !d.files.is_empty() {
                 for o in read_manifests(&d.files)? {
-                    let info = orc_api::validate::resource_of(&o).map_err(|e| anyhow::anyhow!(e.message))?;
-                    let name = o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
-                    let ons = o.pointer("/metadata/namespace").and_then(Value::as_str).map(String::from);
-                    targets.push((info, ons.or(ns.map(String::from)).unwrap_or("default".into()), name));
+                    let info = orc_api::validate::resource_of(&o)
+                        .map_err(|e| anyhow::anyhow!(e.message))?;
+                    let name = o
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    let ons = o
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        .map(String::from);
+                    targets.push((
+                        info,
+                        ons.or(ns.map(String::from)).unwrap_or("default".into()),
+                        name,
+                    ));
                 }
             } else {
-                let r = d.resource.as_deref().context("delete needs TYPE NAME... or -f FILE")?;
+                let r = d
+                    .resource
+                    .as_deref()
+                    .context("delete needs TYPE NAME... or -f FILE")?;
                 let info = resource_arg(r)?;
                 if d.names.is_empty() {
                     bail!("delete {r}: give at least one name");
@@ -410,7 +494,8 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
                 };
                 match client.call(&req).await {
                     Ok(_) => println!("{}/{} deleted", info.singular, name),
-                    Err(ClientError::Api(e)) if e.reason == orc_api::Reason::NotFound && d.ignore_not_found => {}
+                    Err(ClientError::Api(e))
+                        if e.reason == orc_api::Reason::NotFound && d.ignore_not_found => {}
                     Err(e) => {
                         report(&e);
                         code = 1;
@@ -419,7 +504,12 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
             }
             Ok(code)
         }
-        Cmd::Patch { resource, name, patch, subresource } => {
+        Cmd::Patch {
+            resource,
+            name,
+            patch,
+            subresource,
+        } => {
             let info = resource_arg(&resource)?;
             let p: Value = serde_json::from_str(&patch).context("--patch must be a JSON object")?;
             let status = match subresource.as_deref() {
@@ -427,7 +517,13 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
                 Some("status") => true,
                 Some(o) => bail!("--subresource \"{o}\": only \"status\" exists"),
             };
-            let req = Request::Patch { resource: info.plural.into(), namespace: ns.unwrap_or("default").into(), name, patch: p, status };
+            let req = Request::Patch {
+                resource: info.plural.into(),
+                namespace: ns.unwrap_or("default").into(),
+                name,
+                patch: p,
+                status,
+            };
             match client.call(&req).await {
                 Ok(obj) => {
                     println!("{} patched", kind_name(&obj));
@@ -446,20 +542,32 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
 
 async fn get(client: &Client, ns: Option<&str>, g: GetArgs) -> Result<i32> {
     let info = resource_arg(&g.resource)?;
-    let list_ns = if g.all_namespaces || !info.namespaced { None } else { Some(ns.unwrap_or("default").to_string()) };
+    let list_ns = if g.all_namespaces || !info.namespaced {
+        None
+    } else {
+        Some(ns.unwrap_or("default").to_string())
+    };
     let fmt = output::Format::parse(g.output.as_deref())?;
     let labels = g.selector.clone().unwrap_or_default();
     let mut fields = g.field_selector.clone().unwrap_or_default();
     if let Some(name) = &g.name {
         if g.watch {
-            fields = if fields.is_empty() { format!("metadata.name={name}") } else { format!("{fields},metadata.name={name}") };
+            fields = if fields.is_empty() {
+                format!("metadata.name={name}")
+            } else {
+                format!("{fields},metadata.name={name}")
+            };
         }
     }
     let mut start_rv = g.resource_version.clone();
     if !g.watch_only && start_rv.is_none() {
         let (items, rv) = match &g.name {
             Some(name) if !g.watch => {
-                let req = Request::Get { resource: info.plural.into(), namespace: list_ns.clone().unwrap_or_default(), name: name.clone() };
+                let req = Request::Get {
+                    resource: info.plural.into(),
+                    namespace: list_ns.clone().unwrap_or_default(),
+                    name: name.clone(),
+                };
                 match client.call(&req).await {
                     Ok(o) => {
                         output::print_one(&o, info, fmt, g.all_namespaces);
@@ -472,10 +580,18 @@ async fn get(client: &Client, ns: Option<&str>, g: GetArgs) -> Result<i32> {
                 }
             }
             _ => {
-                let req = Request::List { resource: info.plural.into(), namespace: list_ns.clone(), label_selector: labels.clone(), field_selector: fields.clone() };
+                let req = Request::List {
+                    resource: info.plural.into(),
+                    namespace: list_ns.clone(),
+                    label_selector: labels.clone(),
+                    field_selector: fields.clone(),
+                };
                 match client.call(&req).await {
                     Ok(list) => {
-                        let rv = list.pointer("/metadata/resourceVersion").and_then(Value::as_str).map(String::from);
+                        let rv = list
+                            .pointer("/metadata/resourceVersion")
+                            .and_then(Value::as_str)
+                            .map(String::from);
                         (list, rv)
                     }
                     Err(e) => {
@@ -510,9 +626,14 @@ async fn get(client: &Client, ns: Option<&str>, g: GetArgs) -> Result<i32> {
         match ev {
             Ok(ev) if ev.event_type == orc_api::EventType::Bookmark => {}
             Ok(ev) => {
-                let t = serde_json::to_value(ev.event_type).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                let t = serde_json::to_value(ev.event_type)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
                 match fmt {
-                    output::Format::Json => output::print_watch_json(&ev.object, &t, g.output_watch_events),
+                    output::Format::Json => {
+                        output::print_watch_json(&ev.object, &t, g.output_watch_events)
+                    }
                     _ => output::print_one(&ev.object, info, fmt, g.all_namespaces),
                 }
             }
@@ -542,11 +663,23 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<i32> {
             }
             return Ok(0);
         }
-        ClusterCmd::AddMaster { id, address } => client.call(&Request::AddMaster { id, address: address.clone() }).await.map(|_| format!("master {id} at {address} added")),
-        ClusterCmd::RemoveMaster { id } => client.call(&Request::RemoveMaster { id }).await.map(|_| format!("master {id} removed")),
-        ClusterCmd::Snapshot { cmd: SnapshotCmd::Save { file } } => match client.call(&Request::Snapshot).await {
+        ClusterCmd::AddMaster { id, address } => client
+            .call(&Request::AddMaster {
+                id,
+                address: address.clone(),
+            })
+            .await
+            .map(|_| format!("master {id} at {address} added")),
+        ClusterCmd::RemoveMaster { id } => client
+            .call(&Request::RemoveMaster { id })
+            .await
+            .map(|_| format!("master {id} removed")),
+        ClusterCmd::Snapshot {
+            cmd: SnapshotCmd::Save { file },
+        } => match client.call(&Request::Snapshot).await {
             Ok(v) => {
-                std::fs::write(&file, serde_json::to_vec(&v)?).with_context(|| format!("writing {}", file.display()))?;
+                std::fs::write(&file, serde_json::to_vec(&v)?)
+                    .with_context(|| format!("writing {}", file.display()))?;
                 Ok(format!(
                     "saved {} objects at resourceVersion {} to {}",
                     v["items"].as_array().map(Vec::len).unwrap_or(0),
@@ -556,7 +689,9 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<i32> {
             }
             Err(e) => Err(e),
         },
-        ClusterCmd::Snapshot { cmd: SnapshotCmd::Restore { file } } => return restore(client, &file).await,
+        ClusterCmd::Snapshot {
+            cmd: SnapshotCmd::Restore { file },
+        } => return restore(client, &file).await,
     };
     match res {
         Ok(msg) => {
@@ -573,9 +708,14 @@ async fn cluster(client: &Client, cmd: ClusterCmd) -> Result<i32> {
 /// Recreate a snapshot's objects: namespaces first, then everything else. Objects
 /// get new uids and resourceVersions; names, labels, specs and status are kept.
 async fn restore(client: &Client, file: &Path) -> Result<i32> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let list: Value = serde_json::from_str(&text).with_context(|| format!("{} is not a snapshot", file.display()))?;
-    let mut items: Vec<Value> = list["items"].as_array().cloned().context("snapshot has no items")?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let list: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a snapshot", file.display()))?;
+    let mut items: Vec<Value> = list["items"]
+        .as_array()
+        .cloned()
+        .context("snapshot has no items")?;
     items.sort_by_key(|o| if o["kind"] == "Namespace" { 0 } else { 1 });
     let (mut created, mut existed, mut failed) = (0, 0, 0);
     for mut o in items {
@@ -584,7 +724,13 @@ async fn restore(client: &Client, file: &Path) -> Result<i32> {
                 m.remove(f);
             }
         }
-        match client.call(&Request::Create { object: o.clone(), namespace: None }).await {
+        match client
+            .call(&Request::Create {
+                object: o.clone(),
+                namespace: None,
+            })
+            .await
+        {
             Ok(_) => created += 1,
             Err(ClientError::Api(e)) if e.reason == orc_api::Reason::AlreadyExists => existed += 1,
             Err(e) => {
@@ -600,7 +746,8 @@ async fn restore(client: &Client, file: &Path) -> Result<i32> {
 
 fn check_store(data_dir: &Path) -> Result<i32> {
     use std::hash::{Hash, Hasher};
-    let (_, sm) = orc_raft::open(&data_dir.join("raft"), orc_raft::Hub::new(1)).with_context(|| format!("opening {}", data_dir.display()))?;
+    let (_, sm) = orc_raft::open(&data_dir.join("raft"), orc_raft::Hub::new(1))
+        .with_context(|| format!("opening {}", data_dir.display()))?;
     let (applied, objs) = sm.list("").context("listing objects")?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for (k, o) in &objs {

@@ -37,7 +37,9 @@ fn n(o: &Value, ptr: &str) -> i64 {
 /// Age as kubectl prints it: 5s, 3m, 2h, 4d.
 fn age(o: &Value) -> String {
     let created = s(o, "/metadata/creationTimestamp");
-    let Some(secs) = orc_api::seconds_since(created) else { return "<unknown>".into() };
+    let Some(secs) = orc_api::seconds_since(created) else {
+        return "<unknown>".into();
+    };
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -73,15 +75,44 @@ fn columns(info: &ResourceInfo, wide: bool) -> Vec<&'static str> {
 
 fn cells(info: &ResourceInfo, o: &Value, wide: bool) -> Vec<String> {
     let mut c = vec![s(o, "/metadata/name").to_string()];
-    let count = |p: &str| o.pointer(p).and_then(Value::as_object).map(|m| m.len()).unwrap_or(0).to_string();
+    let count = |p: &str| {
+        o.pointer(p)
+            .and_then(Value::as_object)
+            .map(|m| m.len())
+            .unwrap_or(0)
+            .to_string()
+    };
     c.extend(match info.kind {
         "Pod" => {
-            let statuses = o.pointer("/status/containerStatuses").and_then(Value::as_array).cloned().unwrap_or_default();
-            let total = o.pointer("/spec/containers").and_then(Value::as_array).map(Vec::len).unwrap_or(0);
+            let statuses = o
+                .pointer("/status/containerStatuses")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let total = o
+                .pointer("/spec/containers")
+                .and_then(Value::as_array)
+                .map(Vec::len)
+                .unwrap_or(0);
             let ready = statuses.iter().filter(|c| c["ready"] == true).count();
-            let restarts: i64 = statuses.iter().map(|c| c["restartCount"].as_i64().unwrap_or(0)).sum();
-            let phase = if o.pointer("/metadata/deletionTimestamp").is_some() { "Terminating" } else { s(o, "/status/phase") };
-            let mut v = vec![format!("{ready}/{total}"), if phase.is_empty() { "Pending".into() } else { phase.into() }, restarts.to_string()];
+            let restarts: i64 = statuses
+                .iter()
+                .map(|c| c["restartCount"].as_i64().unwrap_or(0))
+                .sum();
+            let phase = if o.pointer("/metadata/deletionTimestamp").is_some() {
+                "Terminating"
+            } else {
+                s(o, "/status/phase")
+            };
+            let mut v = vec![
+                format!("{ready}/{total}"),
+                if phase.is_empty() {
+                    "Pending".into()
+                } else {
+                    phase.into()
+                },
+                restarts.to_string(),
+            ];
             if wide {
                 v.push(s(o, "/status/podIP").to_string());
                 v.push(s(o, "/spec/nodeName").to_string());
@@ -89,24 +120,49 @@ fn cells(info: &ResourceInfo, o: &Value, wide: bool) -> Vec<String> {
             v
         }
         "Deployment" => vec![
-            format!("{}/{}", n(o, "/status/readyReplicas"), n(o, "/spec/replicas")),
+            format!(
+                "{}/{}",
+                n(o, "/status/readyReplicas"),
+                n(o, "/spec/replicas")
+            ),
             n(o, "/status/updatedReplicas").to_string(),
             n(o, "/status/availableReplicas").to_string(),
         ],
         "ReplicaSet" | "ReplicationController" => {
-            vec![n(o, "/spec/replicas").to_string(), n(o, "/status/replicas").to_string(), n(o, "/status/readyReplicas").to_string()]
+            vec![
+                n(o, "/spec/replicas").to_string(),
+                n(o, "/status/replicas").to_string(),
+                n(o, "/status/readyReplicas").to_string(),
+            ]
         }
-        "StatefulSet" => vec![format!("{}/{}", n(o, "/status/readyReplicas"), n(o, "/spec/replicas"))],
+        "StatefulSet" => vec![format!(
+            "{}/{}",
+            n(o, "/status/readyReplicas"),
+            n(o, "/spec/replicas")
+        )],
         "DaemonSet" => vec![
             n(o, "/status/desiredNumberScheduled").to_string(),
             n(o, "/status/currentNumberScheduled").to_string(),
             n(o, "/status/numberReady").to_string(),
         ],
-        "Job" => vec![format!("{}/{}", n(o, "/status/succeeded"), o.pointer("/spec/completions").and_then(Value::as_i64).unwrap_or(1))],
+        "Job" => vec![format!(
+            "{}/{}",
+            n(o, "/status/succeeded"),
+            o.pointer("/spec/completions")
+                .and_then(Value::as_i64)
+                .unwrap_or(1)
+        )],
         "CronJob" => vec![
             s(o, "/spec/schedule").to_string(),
-            o.pointer("/spec/suspend").and_then(Value::as_bool).unwrap_or(false).to_string(),
-            o.pointer("/status/active").and_then(Value::as_array).map(Vec::len).unwrap_or(0).to_string(),
+            o.pointer("/spec/suspend")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+                .to_string(),
+            o.pointer("/status/active")
+                .and_then(Value::as_array)
+                .map(Vec::len)
+                .unwrap_or(0)
+                .to_string(),
         ],
         "Service" => {
             let ports: Vec<String> = o
@@ -129,28 +185,87 @@ fn cells(info: &ResourceInfo, o: &Value, wide: bool) -> Vec<String> {
                 .flatten()
                 .filter_map(|i| i["ip"].as_str().or(i["hostname"].as_str()))
                 .collect();
-            let ty = if s(o, "/spec/type").is_empty() { "ClusterIP" } else { s(o, "/spec/type") };
-            let cip = if s(o, "/spec/clusterIP").is_empty() { "<none>" } else { s(o, "/spec/clusterIP") };
-            let ext = if ext.is_empty() { s(o, "/spec/externalName").to_string() } else { ext.join(",") };
-            vec![ty.into(), cip.into(), if ext.is_empty() { "<none>".into() } else { ext }, if ports.is_empty() { "<none>".into() } else { ports.join(",") }]
+            let ty = if s(o, "/spec/type").is_empty() {
+                "ClusterIP"
+            } else {
+                s(o, "/spec/type")
+            };
+            let cip = if s(o, "/spec/clusterIP").is_empty() {
+                "<none>"
+            } else {
+                s(o, "/spec/clusterIP")
+            };
+            let ext = if ext.is_empty() {
+                s(o, "/spec/externalName").to_string()
+            } else {
+                ext.join(",")
+            };
+            vec![
+                ty.into(),
+                cip.into(),
+                if ext.is_empty() { "<none>".into() } else { ext },
+                if ports.is_empty() {
+                    "<none>".into()
+                } else {
+                    ports.join(",")
+                },
+            ]
         }
-        "ConfigMap" => vec![(o.pointer("/data").and_then(Value::as_object).map(|m| m.len()).unwrap_or(0)
-            + o.pointer("/binaryData").and_then(Value::as_object).map(|m| m.len()).unwrap_or(0))
+        "ConfigMap" => vec![(o
+            .pointer("/data")
+            .and_then(Value::as_object)
+            .map(|m| m.len())
+            .unwrap_or(0)
+            + o.pointer("/binaryData")
+                .and_then(Value::as_object)
+                .map(|m| m.len())
+                .unwrap_or(0))
         .to_string()],
-        "Secret" => vec![if s(o, "/type").is_empty() { "Opaque".into() } else { s(o, "/type").into() }, count("/data")],
-        "Namespace" => vec![if s(o, "/status/phase").is_empty() { "Active".into() } else { s(o, "/status/phase").into() }],
+        "Secret" => vec![
+            if s(o, "/type").is_empty() {
+                "Opaque".into()
+            } else {
+                s(o, "/type").into()
+            },
+            count("/data"),
+        ],
+        "Namespace" => vec![if s(o, "/status/phase").is_empty() {
+            "Active".into()
+        } else {
+            s(o, "/status/phase").into()
+        }],
         "Node" => {
             let ready = o
                 .pointer("/status/conditions")
                 .and_then(Value::as_array)
                 .and_then(|a| a.iter().find(|c| c["type"] == "Ready"))
-                .map(|c| if c["status"] == "True" { "Ready" } else { "NotReady" })
+                .map(|c| {
+                    if c["status"] == "True" {
+                        "Ready"
+                    } else {
+                        "NotReady"
+                    }
+                })
                 .unwrap_or("Unknown");
-            vec![ready.into(), "<none>".into(), s(o, "/status/nodeInfo/kubeletVersion").into()]
+            vec![
+                ready.into(),
+                "<none>".into(),
+                s(o, "/status/nodeInfo/kubeletVersion").into(),
+            ]
         }
-        "PersistentVolume" => vec![s(o, "/spec/capacity/storage").into(), s(o, "/status/phase").into()],
-        "PersistentVolumeClaim" => vec![s(o, "/status/phase").into(), s(o, "/spec/volumeName").into()],
-        "Event" => vec![s(o, "/type").into(), s(o, "/reason").into(), s(o, "/message").into()],
+        "PersistentVolume" => vec![
+            s(o, "/spec/capacity/storage").into(),
+            s(o, "/status/phase").into(),
+        ],
+        "PersistentVolumeClaim" => vec![
+            s(o, "/status/phase").into(),
+            s(o, "/spec/volumeName").into(),
+        ],
+        "Event" => vec![
+            s(o, "/type").into(),
+            s(o, "/reason").into(),
+            s(o, "/message").into(),
+        ],
         _ => vec![],
     });
     c.push(age(o));
@@ -178,7 +293,11 @@ fn table(info: &ResourceInfo, items: &[Value], wide: bool, all_ns: bool) -> Tabl
 }
 
 fn name_of(info: &ResourceInfo, o: &Value) -> String {
-    let group = info.api_version.split_once('/').map(|(g, _)| format!(".{g}")).unwrap_or_default();
+    let group = info
+        .api_version
+        .split_once('/')
+        .map(|(g, _)| format!(".{g}"))
+        .unwrap_or_default();
     format!("{}{group}/{}", info.singular, s(o, "/metadata/name"))
 }
 
@@ -196,7 +315,10 @@ pub fn print_list(list: &Value, info: &ResourceInfo, fmt: Format, all_ns: bool) 
             if items.is_empty() {
                 eprintln!("No resources found.");
             } else {
-                println!("{}", table(info, &items, fmt == Format::Wide, all_ns).trim_fmt());
+                println!(
+                    "{}",
+                    table(info, &items, fmt == Format::Wide, all_ns).trim_fmt()
+                );
             }
         }
     }
@@ -207,33 +329,57 @@ pub fn print_one(o: &Value, info: &ResourceInfo, fmt: Format, all_ns: bool) {
         Format::Json => println!("{}", serde_json::to_string_pretty(o).unwrap_or_default()),
         Format::Yaml => print!("---\n{}", yaml(o)),
         Format::Name => println!("{}", name_of(info, o)),
-        Format::Table | Format::Wide => println!("{}", table(info, std::slice::from_ref(o), fmt == Format::Wide, all_ns).trim_fmt()),
+        Format::Table | Format::Wide => println!(
+            "{}",
+            table(info, std::slice::from_ref(o), fmt == Format::Wide, all_ns).trim_fmt()
+        ),
     }
 }
 
 /// One JSON document per line: the object, or with `events` the whole event.
 pub fn print_watch_json(o: &Value, event_type: &str, events: bool) {
-    let doc = if events { serde_json::json!({"type": event_type, "object": o}) } else { o.clone() };
+    let doc = if events {
+        serde_json::json!({"type": event_type, "object": o})
+    } else {
+        o.clone()
+    };
     println!("{}", serde_json::to_string(&doc).unwrap_or_default());
 }
 
 pub fn describe(o: &Value) -> String {
     let mut out = String::new();
-    let line = |out: &mut String, k: &str, v: &str| out.push_str(&format!("{:<20}{}\n", format!("{k}:"), v));
+    let line = |out: &mut String, k: &str, v: &str| {
+        out.push_str(&format!("{:<20}{}\n", format!("{k}:"), v))
+    };
     line(&mut out, "Name", s(o, "/metadata/name"));
     if !s(o, "/metadata/namespace").is_empty() {
         line(&mut out, "Namespace", s(o, "/metadata/namespace"));
     }
-    line(&mut out, "Kind", &format!("{} ({})", s(o, "/kind"), s(o, "/apiVersion")));
-    for (title, ptr) in [("Labels", "/metadata/labels"), ("Annotations", "/metadata/annotations")] {
+    line(
+        &mut out,
+        "Kind",
+        &format!("{} ({})", s(o, "/kind"), s(o, "/apiVersion")),
+    );
+    for (title, ptr) in [
+        ("Labels", "/metadata/labels"),
+        ("Annotations", "/metadata/annotations"),
+    ] {
         let m = o.pointer(ptr).and_then(Value::as_object);
         match m {
             Some(m) if !m.is_empty() => {
                 let mut first = true;
                 for (k, v) in m {
                     let val = v.as_str().unwrap_or("");
-                    let val = if val.len() > 80 { format!("{}...", &val[..77]) } else { val.to_string() };
-                    line(&mut out, if first { title } else { "" }, &format!("{k}={val}"));
+                    let val = if val.len() > 80 {
+                        format!("{}...", &val[..77])
+                    } else {
+                        val.to_string()
+                    };
+                    line(
+                        &mut out,
+                        if first { title } else { "" },
+                        &format!("{k}={val}"),
+                    );
                     first = false;
                 }
             }
@@ -241,9 +387,20 @@ pub fn describe(o: &Value) -> String {
         }
     }
     line(&mut out, "UID", s(o, "/metadata/uid"));
-    line(&mut out, "ResourceVersion", s(o, "/metadata/resourceVersion"));
-    line(&mut out, "Created", &format!("{} ({} ago)", s(o, "/metadata/creationTimestamp"), age(o)));
-    if let Some(d) = o.pointer("/metadata/deletionTimestamp").and_then(Value::as_str) {
+    line(
+        &mut out,
+        "ResourceVersion",
+        s(o, "/metadata/resourceVersion"),
+    );
+    line(
+        &mut out,
+        "Created",
+        &format!("{} ({} ago)", s(o, "/metadata/creationTimestamp"), age(o)),
+    );
+    if let Some(d) = o
+        .pointer("/metadata/deletionTimestamp")
+        .and_then(Value::as_str)
+    {
         line(&mut out, "Deleting since", d);
     }
     for part in ["spec", "data", "status"] {
