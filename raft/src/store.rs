@@ -279,7 +279,11 @@ pub struct StateMachine {
 }
 
 /// Applied log id, membership and encoded objects, read from one RocksDB snapshot.
-type SnapshotContents = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>, Vec<u8>);
+type SnapshotContents = (
+    Option<LogId<NodeId>>,
+    StoredMembership<NodeId, BasicNode>,
+    Vec<u8>,
+);
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {

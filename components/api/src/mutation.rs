@@ -319,9 +319,11 @@ pub fn apply(
                 Some("Foreground") => Some("foregroundDeletion"),
                 Some("Orphan") => Some("orphan"),
                 Some("Background") | None => None,
-                Some(other) => return Err(ApiError::bad_request(format!(
+                Some(other) => {
+                    return Err(ApiError::bad_request(format!(
                     "propagationPolicy \"{other}\" is not one of Foreground, Background, Orphan"
-                ))),
+                )))
+                }
             };
             if meta_field(&current, "deletionTimestamp").is_some() {
                 return Ok(Change::Unchanged { object: current });
