@@ -449,8 +449,10 @@ impl Master {
                     None if voter => "follower".into(),
                     None => "learner".into(),
                 };
+                let field = |f: &str| st.as_ref().map(|s| s[f].clone()).unwrap_or(Value::Null);
                 json!({"id": id, "address": addr, "role": role, "reachable": st.is_some(),
-                       "applied_index": st.as_ref().map(|s| s["applied_index"].clone()).unwrap_or(Value::Null)})
+                       "applied_index": field("applied_index"), "snapshot_index": field("snapshot_index"),
+                       "purged_index": field("purged_index")})
             }
         });
         let members: Vec<Value> = futures::future::join_all(asks).await;

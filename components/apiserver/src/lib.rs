@@ -76,9 +76,13 @@ impl MasterConfig {
             advertise: listen.to_string(),
             data_dir,
             initial_cluster,
-            heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(500),
-            election_max: Duration::from_millis(1000),
+            // openraft 0.9 starts an election `election_max + rand(min..max)` after the
+            // last heartbeat (plus `2 * election_max` on a master with a shorter log),
+            // so these (openraft's own defaults) give a new leader 0.45-0.6 s after a leader
+            // dies, at most 1.2 s.
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(150),
+            election_max: Duration::from_millis(300),
             snapshot_every: 10_000,
             keep_logs: 1_000,
             write_timeout: Duration::from_secs(5),
