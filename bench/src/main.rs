@@ -1,1 +1,261 @@
-fn main() {}
+//! orc's benchmark harness. `writes`: write throughput and latency of a 3-master
+//! orc cluster against a 3-member etcd cluster started side by side on this
+//! machine, same value size, same concurrency, one run. Both fsync every write.
+//!
+//! Every process it starts is killed when it ends (also on error).
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use orc_api::request::Request;
+use orc_client::Client;
+use serde_json::json;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "orc benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// ConfigMap writes to 3 orc masters vs key writes to 3 etcd members.
+    Writes {
+        /// Concurrent clients, comma-separated.
+        #[arg(long, default_value = "1,64,256")]
+        clients: String,
+        /// Seconds of load per system and concurrency.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Bytes in each written value.
+        #[arg(long, default_value_t = 256)]
+        value_bytes: usize,
+        /// The orc binary (default: next to this one).
+        #[arg(long)]
+        orc_bin: Option<PathBuf>,
+        /// The etcd binary.
+        #[arg(long, default_value = "/usr/bin/etcd")]
+        etcd_bin: PathBuf,
+        /// Only orc (no etcd comparison).
+        #[arg(long)]
+        skip_etcd: bool,
+        /// Extra flags for every `orc master` (repeatable), e.g. --orc-arg=--heartbeat-ms=100.
+        #[arg(long = "orc-arg", allow_hyphen_values = true)]
+        orc_args: Vec<String>,
+        /// Keep the data dirs and logs (printed at the end).
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Child processes killed on drop.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
+    Ok(std::fs::File::create(dir.join(name))?)
+}
+
+async fn start_orc(bin: &Path, extra: &[String], dir: &Path, procs: &mut Procs) -> Result<Vec<String>> {
+    let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let initial: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
+    for (i, a) in addrs.iter().enumerate() {
+        let log = log_file(dir, &format!("orc-{}.log", i + 1))?;
+        let child = Command::new(bin)
+            .args(["master", "--id", &(i + 1).to_string(), "--listen", a, "--initial-cluster", &initial.join(",")])
+            .arg("--data-dir")
+            .arg(dir.join(format!("orc-{}", i + 1)))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        procs.0.push(child);
+    }
+    let c = Client::new(addrs.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = c.call(&Request::Get { resource: "namespaces".into(), namespace: String::new(), name: "default".into() }).await.is_ok();
+        if ok {
+            return Ok(addrs);
+        }
+        if Instant::now() > deadline {
+            bail!("orc did not become ready; logs in {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn start_etcd(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<String>> {
+    let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let initial: Vec<String> = peer.iter().enumerate().map(|(i, p)| format!("e{}=http://127.0.0.1:{p}", i + 1)).collect();
+    for i in 0..3 {
+        let log = log_file(dir, &format!("etcd-{}.log", i + 1))?;
+        let child = Command::new(bin)
+            .args(["--name", &format!("e{}", i + 1)])
+            .arg("--data-dir")
+            .arg(dir.join(format!("etcd-{}", i + 1)))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", client[i])])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", client[i])])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", peer[i])])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", peer[i])])
+            .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new", "--initial-cluster-token", "orc-bench"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} (apt install etcd-server)", bin.display()))?;
+        procs.0.push(child);
+    }
+    let eps: Vec<String> = client.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = etcd_client::Client::connect(&eps, None).await {
+            if c.put("/bench/ready", "1", None).await.is_ok() {
+                return Ok(eps);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("etcd did not become ready; logs in {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct Stats {
+    writes: usize,
+    errors: usize,
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut lat: Vec<Duration>, errors: usize, elapsed: Duration) -> Stats {
+    lat.sort();
+    let pick = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default();
+    Stats { writes: lat.len(), errors, per_sec: lat.len() as f64 / elapsed.as_secs_f64(), p50: pick(0.5), p99: pick(0.99) }
+}
+
+/// `clients` tasks writing for `secs`; `write(task, seq)` performs one write.
+async fn load<F, Fut>(clients: usize, secs: u64, write: F) -> Stats
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let write = Arc::new(write);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for t in 0..clients {
+        let write = write.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors, mut seq) = (Vec::new(), 0, 0);
+            while Instant::now() < end {
+                seq += 1;
+                let t0 = Instant::now();
+                if write(t, seq).await {
+                    lat.push(t0.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.expect("load task");
+        all.extend(l);
+        errors += e;
+    }
+    stats(all, errors, start.elapsed())
+}
+
+async fn orc_load(addrs: &[String], clients: usize, secs: u64, value: Arc<String>, round: usize) -> Stats {
+    // One connection per master; client task i starts at master i % 3.
+    let conns: Vec<Arc<Client>> =
+        (0..addrs.len()).map(|i| Arc::new(Client::new(addrs[i..].iter().chain(&addrs[..i]).cloned().collect()))).collect();
+    load(clients, secs, move |t, seq| {
+        let c = conns[t % conns.len()].clone();
+        let obj = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("b{round}-{t}-{seq}"), "namespace": "default"}, "data": {"v": value.as_str()}});
+        async move { c.call(&Request::Create { object: obj, namespace: None }).await.is_ok() }
+    })
+    .await
+}
+
+async fn etcd_load(eps: &[String], clients: usize, secs: u64, value: Arc<String>, round: usize) -> Result<Stats> {
+    let mut conns = Vec::new();
+    for e in eps {
+        conns.push(etcd_client::Client::connect([e.as_str()], None).await?.kv_client());
+    }
+    Ok(load(clients, secs, move |t, seq| {
+        let mut c = conns[t % conns.len()].clone();
+        let key = format!("/registry/configmaps/default/b{round}-{t}-{seq}");
+        let value = value.clone();
+        async move { c.put(key, value.as_bytes(), None).await.is_ok() }
+    })
+    .await)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let Cmd::Writes { clients, seconds, value_bytes, orc_bin, etcd_bin, skip_etcd, orc_args, keep } = Cli::parse().cmd;
+    let levels: Vec<usize> = clients.split(',').map(|s| s.trim().parse().context("--clients: numbers")).collect::<Result<_>>()?;
+    let orc_bin = match orc_bin {
+        Some(p) => p,
+        None => std::env::current_exe()?.parent().context("bin dir")?.join("orc"),
+    };
+    let dir = tempfile::Builder::new().prefix("orc-bench-").tempdir()?;
+    let mut procs = Procs(Vec::new());
+    let orc = start_orc(&orc_bin, &orc_args, dir.path(), &mut procs).await?;
+    let etcd = if skip_etcd { None } else { Some(start_etcd(&etcd_bin, dir.path(), &mut procs).await?) };
+    let value = Arc::new("x".repeat(value_bytes));
+    println!("writes of {value_bytes}-byte values, {seconds} s per run, 3 members each on 127.0.0.1, fsync on; orc: {}", orc_bin.display());
+    println!();
+    println!("| clients | orc writes/s | orc p50 ms | orc p99 ms | etcd writes/s | etcd p50 ms | etcd p99 ms | orc/etcd throughput |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (round, &n) in levels.iter().enumerate() {
+        let o = orc_load(&orc, n, seconds, value.clone(), round).await;
+        let e = match &etcd {
+            Some(eps) => Some(etcd_load(eps, n, seconds, value.clone(), round).await?),
+            None => None,
+        };
+        let (ew, ep50, ep99, ratio) = match &e {
+            Some(e) => (format!("{:.0}", e.per_sec), ms(e.p50), ms(e.p99), format!("{:.2}x", o.per_sec / e.per_sec)),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        println!("| {n} | {:.0} | {} | {} | {ew} | {ep50} | {ep99} | {ratio} |", o.per_sec, ms(o.p50), ms(o.p99));
+        let errors = o.errors + e.as_ref().map(|e| e.errors).unwrap_or(0);
+        if errors > 0 {
+            eprintln!("  ({n} clients: {} orc errors, {} etcd errors; {} + {} writes)", o.errors, e.as_ref().map(|e| e.errors).unwrap_or(0), o.writes, e.as_ref().map(|e| e.writes).unwrap_or(0));
+        }
+    }
+    drop(procs);
+    if keep {
+        println!("data and logs kept in {}", dir.keep().display());
+    }
+    Ok(())
+}

@@ -5,7 +5,10 @@
 //! - `sm`: the state machine's applied log id and membership.
 //! - `objects`: the API objects, `resource/namespace/name` -> JSON.
 //!
-//! Log appends and votes are fsynced before they are acknowledged. State-machine
+//! Log appends and votes are fsynced before they are acknowledged. Appends use
+//! group commit: `append` writes the batch and hands openraft's callback to the
+//! syncer thread, which fsyncs the write-ahead log once for every append queued
+//! meanwhile and only then acknowledges them, so concurrent writes share fsyncs. State-machine
 //! writes are not: they share the write-ahead log with the synced log writes, and
 //! each apply batch (objects + applied index) is one atomic RocksDB batch, so after a
 //! crash the state machine is consistent at some index and Raft re-applies the rest.
@@ -23,7 +26,7 @@ use orc_api::mutation::{self, Change};
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -82,7 +85,8 @@ pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), Store
         why: e.to_string(),
     })?;
     sm.hub.reset(applied.map(|l| l.index).unwrap_or(0));
-    Ok((LogStore { db }, sm))
+    let syncer = start_syncer(db.clone());
+    Ok((LogStore { db, syncer }, sm))
 }
 
 fn get_json<T: DeserializeOwned>(
@@ -127,6 +131,28 @@ fn put_json<T: Serialize>(
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    syncer: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Group commit: wait for appends, fsync the WAL once for all of them, acknowledge.
+/// The thread ends when every `LogStore` clone (every sender) is gone.
+fn start_syncer(db: Arc<DB>) -> std::sync::mpsc::Sender<LogFlushed<TypeConfig>> {
+    let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
+    std::thread::Builder::new()
+        .name("orc-log-sync".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter());
+                // Everything in `batch` was written before this call: one sync covers it.
+                let res = db.flush_wal(true).map_err(|e| e.to_string());
+                for cb in batch {
+                    cb.log_io_completed(res.clone().map_err(std::io::Error::other));
+                }
+            }
+        })
+        .expect("spawn log sync thread");
+    tx
 }
 
 impl LogStore {
@@ -223,24 +249,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let h = self.db.cf_handle(CF_LOGS).expect("cf");
         let mut batch = WriteBatch::default();
         for ent in entries {
-            let b = serde_json::to_vec(&ent)
-                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            let b = serde_json::to_vec(&ent).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
             batch.put_cf(h, idx_key(ent.log_id.index), b);
         }
-        let res = self
-            .db
-            .write_opt(batch, &sync_opts())
-            .map_err(std::io::Error::other);
-        let failed = res.as_ref().err().map(|e| e.to_string());
-        callback.log_io_completed(res);
-        match failed {
-            None => Ok(()),
-            Some(e) => Err(io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Write,
-                std::io::Error::other(e),
-            )),
-        }
+        self.db.write(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        // Acknowledged by the syncer once the WAL is fsynced.
+        self.syncer.send(callback).map_err(|e| {
+            io_err(ErrorSubject::Logs, ErrorVerb::Write, std::io::Error::other(format!("log sync thread gone: {e}")))
+        })
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
@@ -285,10 +301,28 @@ type SnapshotContents = (
     Vec<u8>,
 );
 
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, BasicNode>,
-    data: Vec<u8>,
+/// Keep the current snapshot: its meta as JSON and its data as raw bytes, in one
+/// synced batch.
+fn save_snapshot(db: &DB, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> SResult<()> {
+    let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+    let h = db.cf_handle(CF_META).expect("cf");
+    let m = serde_json::to_vec(meta).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+    let mut batch = WriteBatch::default();
+    batch.put_cf(h, "snapshot_meta", m);
+    batch.put_cf(h, "snapshot_data", data);
+    db.write_opt(batch, &sync_opts()).map_err(|e| io_err(subject, ErrorVerb::Write, e))
+}
+
+fn load_snapshot(db: &DB) -> SResult<Option<Snapshot<TypeConfig>>> {
+    let meta: Option<SnapshotMeta<NodeId, BasicNode>> =
+        get_json(db, CF_META, "snapshot_meta", ErrorSubject::Snapshot(None))?;
+    let Some(meta) = meta else { return Ok(None) };
+    let h = db.cf_handle(CF_META).expect("cf");
+    let data = db
+        .get_cf(h, "snapshot_data")
+        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
+        .unwrap_or_default();
+    Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
 }
 
 /// Snapshot data: a sequence of (u32 key length, key, u32 value length, value).
@@ -491,21 +525,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             last_membership: membership,
             snapshot_id,
         };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        put_json(
-            &self.db,
-            CF_META,
-            "snapshot",
-            &stored,
-            ErrorSubject::Snapshot(Some(meta.signature())),
-            true,
-        )?;
+        save_snapshot(&self.db, &meta, &data)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            snapshot: Box::new(Cursor::new(data)),
         })
     }
 }
@@ -645,23 +668,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        put_json(&self.db, CF_META, "snapshot", &stored, subject, true)?;
+        save_snapshot(&self.db, meta, &data)?;
         self.hub
             .reset(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        let stored: Option<StoredSnapshot> =
-            get_json(&self.db, CF_META, "snapshot", ErrorSubject::Snapshot(None))?;
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        load_snapshot(&self.db)
     }
 }
 

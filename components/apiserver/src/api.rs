@@ -17,6 +17,8 @@ pub struct Master {
     pub cfg: MasterConfig,
     pub raft: Raft,
     pub sm: StateMachine,
+    /// One HTTP/2 channel per peer address, reused by every forwarded request.
+    peers: std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
 }
 
 type Forward = ForwardToLeader<NodeId, BasicNode>;
@@ -30,7 +32,7 @@ fn unavailable_no_quorum(cfg: &MasterConfig) -> ApiError {
 
 impl Master {
     pub fn new(cfg: MasterConfig, raft: Raft, sm: StateMachine) -> Self {
-        Master { cfg, raft, sm }
+        Master { cfg, raft, sm, peers: Default::default() }
     }
 
     fn leader_addr(&self, f: &Forward) -> Option<String> {
@@ -49,8 +51,18 @@ impl Master {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, tonic::Status> {
-        let ch = orc_raft::network::channel(addr, Duration::from_millis(300))
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let ch = {
+            let mut peers = self.peers.lock().expect("peers lock");
+            match peers.get(addr) {
+                Some(ch) => ch.clone(),
+                None => {
+                    let ch = orc_raft::network::channel(addr, Duration::from_millis(300))
+                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                    peers.insert(addr.to_string(), ch.clone());
+                    ch
+                }
+            }
+        };
         let mut c = orc_raft::network::client(ch);
         let mut req = tonic::Request::new(Blob { json: body });
         req.set_timeout(timeout);

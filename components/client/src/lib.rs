@@ -39,6 +39,8 @@ impl ClientError {
 
 pub struct Client {
     servers: Vec<String>,
+    /// One lazily connected channel per server, shared by every call.
+    channels: Vec<Result<OrcClient<Channel>, String>>,
     current: AtomicUsize,
     timeout: Duration,
 }
@@ -84,8 +86,10 @@ impl std::fmt::Display for ApplyOutcome {
 
 impl Client {
     pub fn new(servers: Vec<String>) -> Self {
+        let channels = servers.iter().map(|s| connect(s)).collect();
         Client {
             servers,
+            channels,
             current: AtomicUsize::new(0),
             timeout: Duration::from_secs(30),
         }
@@ -107,8 +111,8 @@ impl Client {
         for i in 0..n {
             let idx = (first + i) % n;
             let server = &self.servers[idx];
-            let mut c = match connect(server) {
-                Ok(c) => c,
+            let mut c = match &self.channels[idx] {
+                Ok(c) => c.clone(),
                 Err(e) => {
                     last = format!("{server}: {e}");
                     continue;
