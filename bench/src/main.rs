@@ -53,7 +53,11 @@ enum Cmd {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Child processes killed on drop.
@@ -72,13 +76,32 @@ fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
     Ok(std::fs::File::create(dir.join(name))?)
 }
 
-async fn start_orc(bin: &Path, extra: &[String], dir: &Path, procs: &mut Procs) -> Result<Vec<String>> {
-    let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let initial: Vec<String> = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
+async fn start_orc(
+    bin: &Path,
+    extra: &[String],
+    dir: &Path,
+    procs: &mut Procs,
+) -> Result<Vec<String>> {
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let initial: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
     for (i, a) in addrs.iter().enumerate() {
         let log = log_file(dir, &format!("orc-{}.log", i + 1))?;
         let child = Command::new(bin)
-            .args(["master", "--id", &(i + 1).to_string(), "--listen", a, "--initial-cluster", &initial.join(",")])
+            .args([
+                "master",
+                "--id",
+                &(i + 1).to_string(),
+                "--listen",
+                a,
+                "--initial-cluster",
+                &initial.join(","),
+            ])
             .arg("--data-dir")
             .arg(dir.join(format!("orc-{}", i + 1)))
             .args(extra)
@@ -92,7 +115,14 @@ async fn start_orc(bin: &Path, extra: &[String], dir: &Path, procs: &mut Procs) 
     let c = Client::new(addrs.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ok = c.call(&Request::Get { resource: "namespaces".into(), namespace: String::new(), name: "default".into() }).await.is_ok();
+        let ok = c
+            .call(&Request::Get {
+                resource: "namespaces".into(),
+                namespace: String::new(),
+                name: "default".into(),
+            })
+            .await
+            .is_ok();
         if ok {
             return Ok(addrs);
         }
@@ -106,18 +136,41 @@ async fn start_orc(bin: &Path, extra: &[String], dir: &Path, procs: &mut Procs) 
 async fn start_etcd(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<String>> {
     let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let initial: Vec<String> = peer.iter().enumerate().map(|(i, p)| format!("e{}=http://127.0.0.1:{p}", i + 1)).collect();
+    let initial: Vec<String> = peer
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("e{}=http://127.0.0.1:{p}", i + 1))
+        .collect();
     for i in 0..3 {
         let log = log_file(dir, &format!("etcd-{}.log", i + 1))?;
         let child = Command::new(bin)
             .args(["--name", &format!("e{}", i + 1)])
             .arg("--data-dir")
             .arg(dir.join(format!("etcd-{}", i + 1)))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", client[i])])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", client[i])])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", peer[i])])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", peer[i])])
-            .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new", "--initial-cluster-token", "orc-bench"])
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{}", client[i]),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{}", client[i]),
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", peer[i]),
+            ])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{}", peer[i]),
+            ])
+            .args([
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "orc-bench",
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -125,7 +178,10 @@ async fn start_etcd(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<Str
             .with_context(|| format!("starting {} (apt install etcd-server)", bin.display()))?;
         procs.0.push(child);
     }
-    let eps: Vec<String> = client.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let eps: Vec<String> = client
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(mut c) = etcd_client::Client::connect(&eps, None).await {
@@ -150,8 +206,18 @@ struct Stats {
 
 fn stats(mut lat: Vec<Duration>, errors: usize, elapsed: Duration) -> Stats {
     lat.sort();
-    let pick = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default();
-    Stats { writes: lat.len(), errors, per_sec: lat.len() as f64 / elapsed.as_secs_f64(), p50: pick(0.5), p99: pick(0.99) }
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Stats {
+        writes: lat.len(),
+        errors,
+        per_sec: lat.len() as f64 / elapsed.as_secs_f64(),
+        p50: pick(0.5),
+        p99: pick(0.99),
+    }
 }
 
 /// `clients` tasks writing for `secs`; `write(task, seq)` performs one write.
@@ -189,10 +255,21 @@ where
     stats(all, errors, start.elapsed())
 }
 
-async fn orc_load(addrs: &[String], clients: usize, secs: u64, value: Arc<String>, round: usize) -> Stats {
+async fn orc_load(
+    addrs: &[String],
+    clients: usize,
+    secs: u64,
+    value: Arc<String>,
+    round: usize,
+) -> Stats {
     // One connection per master; client task i starts at master i % 3.
-    let conns: Vec<Arc<Client>> =
-        (0..addrs.len()).map(|i| Arc::new(Client::new(addrs[i..].iter().chain(&addrs[..i]).cloned().collect()))).collect();
+    let conns: Vec<Arc<Client>> = (0..addrs.len())
+        .map(|i| {
+            Arc::new(Client::new(
+                addrs[i..].iter().chain(&addrs[..i]).cloned().collect(),
+            ))
+        })
+        .collect();
     load(clients, secs, move |t, seq| {
         let c = conns[t % conns.len()].clone();
         let obj = json!({"apiVersion": "v1", "kind": "ConfigMap",
@@ -202,10 +279,20 @@ async fn orc_load(addrs: &[String], clients: usize, secs: u64, value: Arc<String
     .await
 }
 
-async fn etcd_load(eps: &[String], clients: usize, secs: u64, value: Arc<String>, round: usize) -> Result<Stats> {
+async fn etcd_load(
+    eps: &[String],
+    clients: usize,
+    secs: u64,
+    value: Arc<String>,
+    round: usize,
+) -> Result<Stats> {
     let mut conns = Vec::new();
     for e in eps {
-        conns.push(etcd_client::Client::connect([e.as_str()], None).await?.kv_client());
+        conns.push(
+            etcd_client::Client::connect([e.as_str()], None)
+                .await?
+                .kv_client(),
+        );
     }
     Ok(load(clients, secs, move |t, seq| {
         let mut c = conns[t % conns.len()].clone();
@@ -222,16 +309,35 @@ fn ms(d: Duration) -> String {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let Cmd::Writes { clients, seconds, value_bytes, orc_bin, etcd_bin, skip_etcd, orc_args, keep } = Cli::parse().cmd;
-    let levels: Vec<usize> = clients.split(',').map(|s| s.trim().parse().context("--clients: numbers")).collect::<Result<_>>()?;
+    let Cmd::Writes {
+        clients,
+        seconds,
+        value_bytes,
+        orc_bin,
+        etcd_bin,
+        skip_etcd,
+        orc_args,
+        keep,
+    } = Cli::parse().cmd;
+    let levels: Vec<usize> = clients
+        .split(',')
+        .map(|s| s.trim().parse().context("--clients: numbers"))
+        .collect::<Result<_>>()?;
     let orc_bin = match orc_bin {
         Some(p) => p,
-        None => std::env::current_exe()?.parent().context("bin dir")?.join("orc"),
+        None => std::env::current_exe()?
+            .parent()
+            .context("bin dir")?
+            .join("orc"),
     };
     let dir = tempfile::Builder::new().prefix("orc-bench-").tempdir()?;
     let mut procs = Procs(Vec::new());
     let orc = start_orc(&orc_bin, &orc_args, dir.path(), &mut procs).await?;
-    let etcd = if skip_etcd { None } else { Some(start_etcd(&etcd_bin, dir.path(), &mut procs).await?) };
+    let etcd = if skip_etcd {
+        None
+    } else {
+        Some(start_etcd(&etcd_bin, dir.path(), &mut procs).await?)
+    };
     let value = Arc::new("x".repeat(value_bytes));
     println!("writes of {value_bytes}-byte values, {seconds} s per run, 3 members each on 127.0.0.1, fsync on; orc: {}", orc_bin.display());
     println!();
@@ -244,13 +350,29 @@ async fn main() -> Result<()> {
             None => None,
         };
         let (ew, ep50, ep99, ratio) = match &e {
-            Some(e) => (format!("{:.0}", e.per_sec), ms(e.p50), ms(e.p99), format!("{:.2}x", o.per_sec / e.per_sec)),
+            Some(e) => (
+                format!("{:.0}", e.per_sec),
+                ms(e.p50),
+                ms(e.p99),
+                format!("{:.2}x", o.per_sec / e.per_sec),
+            ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
-        println!("| {n} | {:.0} | {} | {} | {ew} | {ep50} | {ep99} | {ratio} |", o.per_sec, ms(o.p50), ms(o.p99));
+        println!(
+            "| {n} | {:.0} | {} | {} | {ew} | {ep50} | {ep99} | {ratio} |",
+            o.per_sec,
+            ms(o.p50),
+            ms(o.p99)
+        );
         let errors = o.errors + e.as_ref().map(|e| e.errors).unwrap_or(0);
         if errors > 0 {
-            eprintln!("  ({n} clients: {} orc errors, {} etcd errors; {} + {} writes)", o.errors, e.as_ref().map(|e| e.errors).unwrap_or(0), o.writes, e.as_ref().map(|e| e.writes).unwrap_or(0));
+            eprintln!(
+                "  ({n} clients: {} orc errors, {} etcd errors; {} + {} writes)",
+                o.errors,
+                e.as_ref().map(|e| e.errors).unwrap_or(0),
+                o.writes,
+                e.as_ref().map(|e| e.writes).unwrap_or(0)
+            );
         }
     }
     drop(procs);

@@ -512,26 +512,53 @@ fn snapshot_save_and_restore_into_a_new_cluster() {
     let file = c.dir.path().join("app.yaml");
     std::fs::write(&file, MANIFEST).unwrap();
     assert!(c.orc(&s, &["apply", "-f", file.to_str().unwrap()]).ok());
-    let backup = c.dir.path().join("backup.json");
-    let o = c.orc(&s, &["cluster", "snapshot", "save", backup.to_str().unwrap()]);
+    // Outside the cluster's directory, which goes with the cluster.
+    let keep = tempfile::tempdir().unwrap();
+    let backup = keep.path().join("backup.json");
+    let o = c.orc(
+        &s,
+        &["cluster", "snapshot", "save", backup.to_str().unwrap()],
+    );
     assert!(o.ok(), "{}", o.stderr);
     assert!(o.stdout.contains("saved"), "{}", o.stdout);
-    let original = c.orc(&s, &["get", "deploy", "web", "-n", "shop", "-o", "json"]).json();
+    let original = c
+        .orc(&s, &["get", "deploy", "web", "-n", "shop", "-o", "json"])
+        .json();
     drop(c);
 
     let fresh = Cluster::start(3, &[]);
     let s2 = fresh.servers();
     assert!(!fresh.orc(&s2, &["get", "ns", "shop"]).ok());
-    let r = fresh.orc(&s2, &["cluster", "snapshot", "restore", backup.to_str().unwrap()]);
+    let r = fresh.orc(
+        &s2,
+        &["cluster", "snapshot", "restore", backup.to_str().unwrap()],
+    );
     assert!(r.ok(), "{} {}", r.stdout, r.stderr);
-    let restored = fresh.orc(&s2, &["get", "deploy", "web", "-n", "shop", "-o", "json"]).json();
+    let restored = fresh
+        .orc(&s2, &["get", "deploy", "web", "-n", "shop", "-o", "json"])
+        .json();
     assert_eq!(restored["spec"], original["spec"]);
-    assert_eq!(restored["metadata"]["labels"], original["metadata"]["labels"]);
-    assert_eq!(restored["metadata"]["annotations"], original["metadata"]["annotations"]);
-    let cm = fresh.orc(&s2, &["get", "cm", "settings", "-n", "shop", "-o", "json"]).json();
+    assert_eq!(
+        restored["metadata"]["labels"],
+        original["metadata"]["labels"]
+    );
+    assert_eq!(
+        restored["metadata"]["annotations"],
+        original["metadata"]["annotations"]
+    );
+    let cm = fresh
+        .orc(&s2, &["get", "cm", "settings", "-n", "shop", "-o", "json"])
+        .json();
     assert_eq!(cm["data"]["color"], "blue");
     // Restoring again changes nothing and says so.
-    let again = fresh.orc(&s2, &["cluster", "snapshot", "restore", backup.to_str().unwrap()]);
+    let again = fresh.orc(
+        &s2,
+        &["cluster", "snapshot", "restore", backup.to_str().unwrap()],
+    );
     assert!(again.ok(), "{}", again.stderr);
-    assert!(again.stdout.contains("restored 0 objects"), "{}", again.stdout);
+    assert!(
+        again.stdout.contains("restored 0 objects"),
+        "{}",
+        again.stdout
+    );
 }

@@ -86,10 +86,14 @@ fn h_random_kills_under_load_lose_nothing() {
         acked.len()
     );
 
-    let applied: u64 = list["metadata"]["resourceVersion"]
-        .as_str()
+    let st = c.status(leader).expect("status");
+    let applied = st["members"]
+        .as_array()
         .unwrap()
-        .parse()
+        .iter()
+        .find(|m| m["id"] == leader)
+        .unwrap()["applied_index"]
+        .as_u64()
         .unwrap();
     c.wait_applied(applied, Duration::from_secs(30));
     for id in 1..=3 {

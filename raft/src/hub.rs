@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
-    /// The log index that produced it (= the object's resourceVersion).
+    /// The store revision that produced it (= the object's resourceVersion).
     pub index: u64,
     /// `resource/namespace/name`.
     pub key: String,

@@ -18,8 +18,9 @@ use orc_api::{ApiError, Change, Command};
 use std::io::Cursor;
 
 pub type NodeId = u64;
-/// What applying one command produced.
-pub type Response = Result<Change, ApiError>;
+/// What applying one log entry produced: one result per command it carried (a
+/// batch carries several; blank and membership entries none).
+pub type Response = Vec<Result<Change, ApiError>>;
 
 openraft::declare_raft_types!(
     /// orc's Raft types: log entries carry `orc_api::Command`.

@@ -80,12 +80,13 @@ pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), Store
         db: db.clone(),
         hub,
     };
-    let applied = sm.read_applied().map_err(|e| StoreError::Corrupt {
+    // Fail early on a corrupt applied record.
+    sm.read_applied().map_err(|e| StoreError::Corrupt {
         what: "applied".into(),
         why: e.to_string(),
     })?;
-    sm.hub.reset(applied.map(|l| l.index).unwrap_or(0));
-    let syncer = start_syncer(db.clone());
+    sm.hub.reset(sm.revision());
+    let syncer = start_syncer(&db);
     Ok((LogStore { db, syncer }, sm))
 }
 
@@ -136,7 +137,10 @@ pub struct LogStore {
 
 /// Group commit: wait for appends, fsync the WAL once for all of them, acknowledge.
 /// The thread ends when every `LogStore` clone (every sender) is gone.
-fn start_syncer(db: Arc<DB>) -> std::sync::mpsc::Sender<LogFlushed<TypeConfig>> {
+/// It holds the DB weakly: the DB is closed by whoever drops the store, never by
+/// this thread (RocksDB must not be closing while the process tears down).
+fn start_syncer(db: &Arc<DB>) -> std::sync::mpsc::Sender<LogFlushed<TypeConfig>> {
+    let db = Arc::downgrade(db);
     let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
     std::thread::Builder::new()
         .name("orc-log-sync".into())
@@ -145,7 +149,10 @@ fn start_syncer(db: Arc<DB>) -> std::sync::mpsc::Sender<LogFlushed<TypeConfig>> 
                 let mut batch = vec![first];
                 batch.extend(rx.try_iter());
                 // Everything in `batch` was written before this call: one sync covers it.
-                let res = db.flush_wal(true).map_err(|e| e.to_string());
+                let res = match db.upgrade() {
+                    Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+                    None => Err("the store is closed".to_string()),
+                };
                 for cb in batch {
                     cb.log_io_completed(res.clone().map_err(std::io::Error::other));
                 }
@@ -249,13 +256,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let h = self.db.cf_handle(CF_LOGS).expect("cf");
         let mut batch = WriteBatch::default();
         for ent in entries {
-            let b = serde_json::to_vec(&ent).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            let b = serde_json::to_vec(&ent)
+                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
             batch.put_cf(h, idx_key(ent.log_id.index), b);
         }
-        self.db.write(batch).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        self.db
+            .write(batch)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         // Acknowledged by the syncer once the WAL is fsynced.
         self.syncer.send(callback).map_err(|e| {
-            io_err(ErrorSubject::Logs, ErrorVerb::Write, std::io::Error::other(format!("log sync thread gone: {e}")))
+            io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                std::io::Error::other(format!("log sync thread gone: {e}")),
+            )
         })
     }
 
@@ -301,6 +315,22 @@ type SnapshotContents = (
     Vec<u8>,
 );
 
+const REVISION_KEY: &[u8] = b"\0revision";
+
+/// The store revision, from the DB or from one of its snapshots.
+fn read_revision(db: &DB, snap: Option<&rocksdb::Snapshot<'_>>) -> u64 {
+    let h = db.cf_handle(CF_SM).expect("cf");
+    let v = match snap {
+        Some(s) => s.get_cf(h, "revision"),
+        None => db.get_cf(h, "revision"),
+    };
+    v.ok()
+        .flatten()
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
 /// Keep the current snapshot: its meta as JSON and its data as raw bytes, in one
 /// synced batch.
 fn save_snapshot(db: &DB, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> SResult<()> {
@@ -310,7 +340,8 @@ fn save_snapshot(db: &DB, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -
     let mut batch = WriteBatch::default();
     batch.put_cf(h, "snapshot_meta", m);
     batch.put_cf(h, "snapshot_data", data);
-    db.write_opt(batch, &sync_opts()).map_err(|e| io_err(subject, ErrorVerb::Write, e))
+    db.write_opt(batch, &sync_opts())
+        .map_err(|e| io_err(subject, ErrorVerb::Write, e))
 }
 
 fn load_snapshot(db: &DB) -> SResult<Option<Snapshot<TypeConfig>>> {
@@ -322,7 +353,10 @@ fn load_snapshot(db: &DB) -> SResult<Option<Snapshot<TypeConfig>>> {
         .get_cf(h, "snapshot_data")
         .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
         .unwrap_or_default();
-    Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    Ok(Some(Snapshot {
+        meta,
+        snapshot: Box::new(Cursor::new(data)),
+    }))
 }
 
 /// Snapshot data: a sequence of (u32 key length, key, u32 value length, value).
@@ -378,6 +412,13 @@ impl StateMachine {
         .flatten())
     }
 
+    /// The store revision: one more for every command applied. It is what
+    /// `metadata.resourceVersion` holds (like etcd's revision; a log entry may carry
+    /// a batch of commands, so the log index alone does not name one write).
+    pub fn revision(&self) -> u64 {
+        read_revision(&self.db, None)
+    }
+
     /// The index this master has applied up to.
     pub fn applied_index(&self) -> u64 {
         self.read_applied()
@@ -401,17 +442,10 @@ impl StateMachine {
         }
     }
 
-    /// Every object under `prefix`, and the applied index they are consistent with.
+    /// Every object under `prefix`, and the store revision they are consistent with.
     pub fn list(&self, prefix: &str) -> Result<(u64, Vec<(String, Value)>), StoreError> {
         let snap = self.db.snapshot();
-        let applied: Option<LogId<NodeId>> =
-            match snap.get_cf(self.db.cf_handle(CF_SM).expect("cf"), "applied")? {
-                None => None,
-                Some(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
-                    what: "applied".into(),
-                    why: e.to_string(),
-                })?,
-            };
+        let revision = read_revision(&self.db, Some(&snap));
         let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
         let mut out = Vec::new();
         for item in snap.iterator_cf(h, IteratorMode::From(prefix.as_bytes(), Direction::Forward)) {
@@ -426,11 +460,11 @@ impl StateMachine {
             })?;
             out.push((key, obj));
         }
-        Ok((applied.map(|l| l.index).unwrap_or(0), out))
+        Ok((revision, out))
     }
 
     /// Check the store's invariants: every object parses, sits at the key its
-    /// metadata names, and carries a resourceVersion no later than the applied index.
+    /// metadata names, and carries a resourceVersion no later than the store revision.
     pub fn check_consistency(&self) -> Result<usize, String> {
         let (applied, objs) = self.list("").map_err(|e| e.to_string())?;
         for (k, o) in &objs {
@@ -453,7 +487,7 @@ impl StateMachine {
                 .ok_or(format!("{k}: no resourceVersion"))?;
             if rv > applied {
                 return Err(format!(
-                    "{k}: resourceVersion {rv} beyond applied index {applied}"
+                    "{k}: resourceVersion {rv} beyond the store revision {applied}"
                 ));
             }
         }
@@ -480,6 +514,8 @@ impl StateMachine {
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
         let mut data = Vec::new();
+        let revision = read_revision(&self.db, Some(&snap));
+        encode_pair(&mut data, REVISION_KEY, &revision.to_be_bytes());
         let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
         for item in snap.iterator_cf(h, IteratorMode::Start) {
             let (k, v) =
@@ -489,10 +525,16 @@ impl StateMachine {
         Ok((applied, membership, data))
     }
 
-    /// A consistent copy of every object: (applied index, encoded pairs).
+    /// A consistent copy of every object: (store revision, encoded pairs).
     pub fn export(&self) -> Result<(u64, Vec<u8>), String> {
-        let (applied, _, data) = self.snapshot_bytes().map_err(|e| e.to_string())?;
-        Ok((applied.map(|l| l.index).unwrap_or(0), data))
+        let (_, _, data) = self.snapshot_bytes().map_err(|e| e.to_string())?;
+        let revision = decode_pairs(&data)?
+            .first()
+            .filter(|(k, _)| *k == REVISION_KEY)
+            .and_then(|(_, v)| (*v).try_into().ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        Ok((revision, data))
     }
 }
 
@@ -500,6 +542,7 @@ impl StateMachine {
 pub fn decode_export(data: &[u8]) -> Result<Vec<(String, Value)>, String> {
     decode_pairs(data)?
         .into_iter()
+        .filter(|(k, _)| *k != REVISION_KEY)
         .map(|(k, v)| {
             Ok((
                 String::from_utf8_lossy(k).into_owned(),
@@ -558,63 +601,63 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut replies = Vec::new();
         let mut events = Vec::new();
         let mut last = None;
+        let mut revision = read_revision(&self.db, None);
         for ent in entries {
             last = Some(ent.log_id);
-            let index = ent.log_id.index;
             match ent.payload {
-                EntryPayload::Blank => replies.push(Ok(Change::Unchanged {
-                    object: Value::Null,
-                })),
+                EntryPayload::Blank => replies.push(Vec::new()),
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(ent.log_id), m);
                     let b = serde_json::to_vec(&stored)
                         .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
                     batch.put_cf(sm, "membership", b);
-                    replies.push(Ok(Change::Unchanged {
-                        object: Value::Null,
-                    }));
+                    replies.push(Vec::new());
                 }
                 EntryPayload::Normal(cmd) => {
-                    let db = &self.db;
-                    let get = |k: &str| -> Option<Value> {
-                        if let Some(v) = overlay.get(k) {
-                            return v.clone();
-                        }
-                        db.get_cf(objects, k)
-                            .ok()
-                            .flatten()
-                            .and_then(|b| serde_json::from_slice(&b).ok())
-                    };
-                    let res = mutation::apply(&cmd, index, &get);
-                    if let Ok(ch) = &res {
-                        match ch {
-                            Change::Put { key, object, event } => {
-                                let b = serde_json::to_vec(object).map_err(|e| {
-                                    io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
-                                })?;
-                                batch.put_cf(objects, key, b);
-                                overlay.insert(key.clone(), Some(object.clone()));
-                                events.push(StoredEvent {
-                                    index,
-                                    key: key.clone(),
-                                    event_type: *event,
-                                    object: object.clone(),
-                                });
+                    let mut results = Vec::new();
+                    for cmd in cmd.into_commands() {
+                        revision += 1;
+                        let db = &self.db;
+                        let get = |k: &str| -> Option<Value> {
+                            if let Some(v) = overlay.get(k) {
+                                return v.clone();
                             }
-                            Change::Remove { key, object } => {
-                                batch.delete_cf(objects, key);
-                                overlay.insert(key.clone(), None);
-                                events.push(StoredEvent {
-                                    index,
-                                    key: key.clone(),
-                                    event_type: orc_api::EventType::Deleted,
-                                    object: object.clone(),
-                                });
-                            }
-                            Change::Unchanged { .. } => {}
+                            db.get_cf(objects, k)
+                                .ok()
+                                .flatten()
+                                .and_then(|b| serde_json::from_slice(&b).ok())
+                        };
+                        let res = mutation::apply(&cmd, revision, &get);
+                        if let Ok(ch) = &res {
+                            let (key, event_type, object) = match ch {
+                                Change::Put { key, object, event } => {
+                                    let b = serde_json::to_vec(object).map_err(|e| {
+                                        io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+                                    })?;
+                                    batch.put_cf(objects, key, b);
+                                    overlay.insert(key.clone(), Some(object.clone()));
+                                    (key, *event, object)
+                                }
+                                Change::Remove { key, object } => {
+                                    batch.delete_cf(objects, key);
+                                    overlay.insert(key.clone(), None);
+                                    (key, orc_api::EventType::Deleted, object)
+                                }
+                                Change::Unchanged { .. } => {
+                                    results.push(res);
+                                    continue;
+                                }
+                            };
+                            events.push(StoredEvent {
+                                index: revision,
+                                key: key.clone(),
+                                event_type,
+                                object: object.clone(),
+                            });
                         }
+                        results.push(res);
                     }
-                    replies.push(res);
+                    replies.push(results);
                 }
             }
         }
@@ -622,10 +665,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let b = serde_json::to_vec(&Some(l))
                 .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
             batch.put_cf(sm, "applied", b);
+            batch.put_cf(sm, "revision", revision.to_be_bytes());
             self.db
                 .write(batch)
                 .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-            self.hub.publish(events, l.index);
+            self.hub.publish(events, revision);
         }
         Ok(replies)
     }
@@ -656,9 +700,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let (k, _) = item.map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
             batch.delete_cf(objects, k);
         }
+        let mut revision = 0;
         for (k, v) in &pairs {
-            batch.put_cf(objects, k, v);
+            if *k == REVISION_KEY {
+                revision = (*v).try_into().map(u64::from_be_bytes).unwrap_or(0);
+            } else {
+                batch.put_cf(objects, k, v);
+            }
         }
+        batch.put_cf(sm, "revision", revision.to_be_bytes());
         let ser = |v: &dyn erased::Ser| {
             v.to_vec()
                 .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))
@@ -669,8 +719,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .write_opt(batch, &sync_opts())
             .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
         save_snapshot(&self.db, meta, &data)?;
-        self.hub
-            .reset(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        self.hub.reset(revision);
         Ok(())
     }
 
@@ -710,6 +759,82 @@ mod tests {
     #[test]
     fn openraft_suite() -> Result<(), StorageError<NodeId>> {
         Suite::test_all(Builder)
+    }
+
+    fn entry(index: u64, cmd: orc_api::Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    fn create(resource: &str, ns: &str, name: &str) -> orc_api::Command {
+        let kind = if resource == "namespaces" {
+            "Namespace"
+        } else {
+            "ConfigMap"
+        };
+        orc_api::Command::Create {
+            key: orc_api::ObjectKey::new(resource, ns, name),
+            object: serde_json::json!({"apiVersion": "v1", "kind": kind, "metadata": {"name": name, "namespace": ns}}),
+        }
+    }
+
+    /// A batch entry applies its commands in order, each with its own revision and
+    /// event; a snapshot carries objects and revision to another store.
+    #[tokio::test]
+    async fn batches_get_one_revision_per_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut sm) = open(dir.path(), Hub::new(100)).unwrap();
+        let mut live = sm.hub().subscribe(0).unwrap();
+        let batch = orc_api::Command::Batch(vec![
+            create("namespaces", "", "a"),
+            create("configmaps", "a", "x"),
+            create("configmaps", "a", "x"),
+            create("configmaps", "a", "y"),
+        ]);
+        let replies = sm
+            .apply([entry(1, create("namespaces", "", "b")), entry(2, batch)])
+            .await
+            .unwrap();
+        assert_eq!(replies.len(), 2);
+        assert_eq!(replies[1].len(), 4);
+        assert!(replies[1][2]
+            .as_ref()
+            .is_err_and(|e| e.reason == orc_api::Reason::AlreadyExists));
+        assert_eq!(
+            replies[1][3].as_ref().unwrap().object()["metadata"]["resourceVersion"],
+            "5"
+        );
+        assert_eq!(sm.revision(), 5);
+        let (rev, objs) = sm.list("configmaps/a/").unwrap();
+        assert_eq!((rev, objs.len()), (5, 2));
+        match live.rx.try_recv().unwrap() {
+            crate::hub::HubMessage::Events(evs) => {
+                assert_eq!(
+                    evs.iter().map(|e| e.index).collect::<Vec<_>>(),
+                    vec![1, 2, 3, 5]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        sm.check_consistency().unwrap();
+
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        let (_, mut other) = open(dir2.path(), Hub::new(100)).unwrap();
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(other.revision(), 5);
+        assert_eq!(other.list("").unwrap().1, sm.list("").unwrap().1);
+        assert_eq!(other.hub().floor(), 5);
     }
 
     #[test]

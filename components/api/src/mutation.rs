@@ -68,6 +68,9 @@ pub enum Command {
     },
     /// Nothing: a no-op entry, used to prove leadership and to test the log.
     Noop,
+    /// Several commands in one log entry (concurrent writes share one fsync and
+    /// one replication round). Each is applied in order with its own revision.
+    Batch(Vec<Command>),
 }
 
 impl Command {
@@ -76,7 +79,15 @@ impl Command {
             Command::Create { key, .. }
             | Command::Update { key, .. }
             | Command::Delete { key, .. } => Some(key),
-            Command::Noop => None,
+            Command::Noop | Command::Batch(_) => None,
+        }
+    }
+
+    /// The commands to apply, in order (a batch is opened, others stand alone).
+    pub fn into_commands(self) -> Vec<Command> {
+        match self {
+            Command::Batch(cmds) => cmds,
+            other => vec![other],
         }
     }
 }
@@ -147,14 +158,18 @@ fn describe(key: &ObjectKey) -> String {
     format!("{} \"{}\"", key.resource, key.name)
 }
 
-/// Apply `cmd` at log index `index` to a store read through `get`.
+/// Apply `cmd` as store revision `revision` to a store read through `get`.
+/// (A batch is opened with `Command::into_commands` first.)
 pub fn apply(
     cmd: &Command,
-    index: u64,
+    revision: u64,
     get: &dyn Fn(&str) -> Option<Value>,
 ) -> Result<Change, ApiError> {
-    let rv = Value::String(index.to_string());
+    let rv = Value::String(revision.to_string());
     match cmd {
+        Command::Batch(_) => Err(ApiError::internal(
+            "a batch must be opened before it is applied",
+        )),
         Command::Noop => Ok(Change::Unchanged {
             object: Value::Null,
         }),

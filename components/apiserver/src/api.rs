@@ -11,17 +11,113 @@ use orc_proto::Blob;
 use orc_raft::{NodeId, Raft, StateMachine};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub struct Master {
     pub cfg: MasterConfig,
     pub raft: Raft,
     pub sm: StateMachine,
+    /// Writes waiting to be proposed (see `spawn_proposer`).
+    proposer: mpsc::UnboundedSender<Pending>,
     /// One HTTP/2 channel per peer address, reused by every forwarded request.
     peers: std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
 }
 
 type Forward = ForwardToLeader<NodeId, BasicNode>;
+
+/// Why a submitted command was not committed here.
+enum Submit {
+    NotLeader(Forward),
+    Api(ApiError),
+}
+
+type Pending = (Command, oneshot::Sender<Result<Change, Submit>>);
+
+/// Commands proposed together in one log entry, at most.
+const MAX_BATCH: usize = 512;
+/// Serialized bytes proposed together in one log entry, at most (a larger single
+/// command still goes alone).
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Log entries proposed and not yet committed, at most. While they are in flight
+/// new writes queue up and go together in the next entry: openraft 0.9 flushes the
+/// leader's log one entry at a time, so this is what lets concurrent writes share
+/// an fsync and a replication round.
+const MAX_IN_FLIGHT: usize = 2;
+
+fn command_bytes(cmd: &Command) -> usize {
+    serde_json::to_vec(cmd).map(|v| v.len()).unwrap_or(0)
+}
+
+/// The proposer: takes every write this master commits and proposes them in
+/// batches, then hands each caller its own result.
+fn spawn_proposer(
+    raft: Raft,
+    write_timeout: Duration,
+    no_quorum: ApiError,
+) -> mpsc::UnboundedSender<Pending> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Pending>();
+    tokio::spawn(async move {
+        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        loop {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(first) = rx.recv().await else { return };
+            let mut size = command_bytes(&first.0);
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        size += command_bytes(&p.0);
+                        batch.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let raft = raft.clone();
+            let no_quorum = no_quorum.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let (cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+                let n = cmds.len();
+                let cmd = if n == 1 {
+                    cmds.into_iter().next().expect("one command")
+                } else {
+                    Command::Batch(cmds)
+                };
+                let all = |e: &dyn Fn() -> Submit| (0..n).map(|_| Err(e())).collect::<Vec<_>>();
+                let results: Vec<Result<Change, Submit>> =
+                    match tokio::time::timeout(write_timeout, raft.client_write(cmd)).await {
+                        Err(_) => all(&|| Submit::Api(no_quorum.clone())),
+                        Ok(Ok(resp)) if resp.data.len() == n => resp
+                            .data
+                            .into_iter()
+                            .map(|r| r.map_err(Submit::Api))
+                            .collect(),
+                        Ok(Ok(resp)) => all(&|| {
+                            Submit::Api(ApiError::internal(format!(
+                                "{} results for {n} commands",
+                                resp.data.len()
+                            )))
+                        }),
+                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                            all(&|| Submit::NotLeader(f.clone()))
+                        }
+                        Ok(Err(e)) => {
+                            let msg = format!("raft: {e}");
+                            all(&|| Submit::Api(ApiError::unavailable(msg.clone())))
+                        }
+                    };
+                for (tx, r) in txs.into_iter().zip(results) {
+                    let _ = tx.send(r);
+                }
+            });
+        }
+    });
+    tx
+}
 
 fn unavailable_no_quorum(cfg: &MasterConfig) -> ApiError {
     ApiError::unavailable(format!(
@@ -32,7 +128,14 @@ fn unavailable_no_quorum(cfg: &MasterConfig) -> ApiError {
 
 impl Master {
     pub fn new(cfg: MasterConfig, raft: Raft, sm: StateMachine) -> Self {
-        Master { cfg, raft, sm, peers: Default::default() }
+        let proposer = spawn_proposer(raft.clone(), cfg.write_timeout, unavailable_no_quorum(&cfg));
+        Master {
+            cfg,
+            raft,
+            sm,
+            proposer,
+            peers: Default::default(),
+        }
     }
 
     fn leader_addr(&self, f: &Forward) -> Option<String> {
@@ -75,25 +178,43 @@ impl Master {
     }
 
     /// Commit `cmd` through Raft: locally if leader, else through the leader.
+    /// Hand `cmd` to the batching proposer of this master's Raft node.
+    async fn submit(&self, cmd: Command) -> Result<Change, Submit> {
+        let (tx, rx) = oneshot::channel();
+        self.proposer
+            .send((cmd, tx))
+            .map_err(|_| Submit::Api(ApiError::unavailable("this master is shutting down")))?;
+        rx.await.unwrap_or_else(|_| {
+            Err(Submit::Api(ApiError::unavailable(
+                "this master is shutting down",
+            )))
+        })
+    }
+
+    /// Commit `cmd` through Raft: locally if leader, else through the leader.
     pub async fn propose(&self, cmd: Command) -> Result<Change, ApiError> {
         let deadline = Instant::now() + self.cfg.write_timeout;
-        let body = serde_json::to_vec(&cmd).map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut body = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(unavailable_no_quorum(&self.cfg));
             }
-            let res = tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await;
-            let forward = match res {
-                Err(_) => return Err(unavailable_no_quorum(&self.cfg)),
-                Ok(Ok(resp)) => return resp.data,
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f,
-                Ok(Err(e)) => return Err(ApiError::unavailable(format!("raft: {e}"))),
+            let forward = match self.submit(cmd.clone()).await {
+                Ok(change) => return Ok(change),
+                Err(Submit::Api(e)) => return Err(e),
+                Err(Submit::NotLeader(f)) => f,
             };
             if let Some(addr) = self
                 .leader_addr(&forward)
                 .filter(|_| forward.leader_id != Some(self.cfg.id))
             {
+                let body = match &body {
+                    Some(b) => b,
+                    None => body.insert(
+                        serde_json::to_vec(&cmd).map_err(|e| ApiError::internal(e.to_string()))?,
+                    ),
+                };
                 match self.rpc(&addr, "propose", body.clone(), left).await {
                     Ok(bytes) => {
                         let r: Result<Change, ApiError> = serde_json::from_slice(&bytes)
@@ -124,13 +245,10 @@ impl Master {
 
     /// The leader side of a forwarded write: commit here or say we are not the leader.
     pub async fn propose_local(&self, cmd: Command) -> Result<Change, ApiError> {
-        match tokio::time::timeout(self.cfg.write_timeout, self.raft.client_write(cmd)).await {
-            Err(_) => Err(unavailable_no_quorum(&self.cfg)),
-            Ok(Ok(resp)) => resp.data,
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(ApiError::unavailable("not the leader"))
-            }
-            Ok(Err(e)) => Err(ApiError::unavailable(format!("raft: {e}"))),
+        match self.submit(cmd).await {
+            Ok(c) => Ok(c),
+            Err(Submit::Api(e)) => Err(e),
+            Err(Submit::NotLeader(_)) => Err(ApiError::unavailable("not the leader")),
         }
     }
 
