@@ -274,7 +274,18 @@ async fn orc_load(
         let c = conns[t % conns.len()].clone();
         let obj = json!({"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": format!("b{round}-{t}-{seq}"), "namespace": "default"}, "data": {"v": value.as_str()}});
-        async move { c.call(&Request::Create { object: obj, namespace: None }).await.is_ok() }
+        async move {
+            match c.call(&Request::Create { object: obj, namespace: None }).await {
+                Ok(_) => true,
+                Err(e) => {
+                    static SHOWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                    if SHOWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 3 {
+                        eprintln!("  orc write failed: {e}");
+                    }
+                    false
+                }
+            }
+        }
     })
     .await
 }

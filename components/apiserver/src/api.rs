@@ -21,6 +21,9 @@ pub struct Master {
     pub sm: StateMachine,
     /// Writes waiting to be proposed (see `spawn_proposer`).
     proposer: mpsc::UnboundedSender<Pending>,
+    /// Per leader address: writes waiting to be forwarded (see `spawn_forwarder`).
+    forwarders:
+        std::sync::Mutex<std::collections::HashMap<String, mpsc::UnboundedSender<Forwarded>>>,
     /// One HTTP/2 channel per peer address, reused by every forwarded request.
     peers: std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
 }
@@ -48,6 +51,73 @@ const MAX_IN_FLIGHT: usize = 2;
 
 fn command_bytes(cmd: &Command) -> usize {
     serde_json::to_vec(cmd).map(|v| v.len()).unwrap_or(0)
+}
+
+type Forwarded = (
+    Command,
+    oneshot::Sender<Result<Result<Change, ApiError>, tonic::Status>>,
+);
+
+/// The forwarder to one leader: writes that reach this follower go to the leader in
+/// batches, one `Propose` RPC (a JSON list of commands) per batch.
+fn spawn_forwarder(
+    ch: tonic::transport::Channel,
+    timeout: Duration,
+) -> mpsc::UnboundedSender<Forwarded> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Forwarded>();
+    tokio::spawn(async move {
+        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        loop {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(first) = rx.recv().await else { return };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let mut client = orc_raft::network::client(ch.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let (cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+                let n = cmds.len();
+                let reply = match serde_json::to_vec(&cmds) {
+                    Ok(json) => {
+                        let mut req = tonic::Request::new(Blob { json });
+                        req.set_timeout(timeout);
+                        client.propose(req).await
+                    }
+                    Err(e) => Err(tonic::Status::internal(e.to_string())),
+                };
+                let results: Vec<Result<Result<Change, ApiError>, tonic::Status>> = match reply {
+                    Ok(r) => match serde_json::from_slice::<Vec<Result<Change, ApiError>>>(
+                        &r.into_inner().json,
+                    ) {
+                        Ok(v) if v.len() == n => v.into_iter().map(Ok).collect(),
+                        Ok(v) => (0..n)
+                            .map(|_| {
+                                Err(tonic::Status::internal(format!(
+                                    "{} results for {n} commands",
+                                    v.len()
+                                )))
+                            })
+                            .collect(),
+                        Err(e) => (0..n)
+                            .map(|_| Err(tonic::Status::internal(e.to_string())))
+                            .collect(),
+                    },
+                    Err(s) => (0..n).map(|_| Err(s.clone())).collect(),
+                };
+                for (tx, r) in txs.into_iter().zip(results) {
+                    let _ = tx.send(r);
+                }
+            });
+        }
+    });
+    tx
 }
 
 /// The proposer: takes every write this master commits and proposes them in
@@ -134,6 +204,7 @@ impl Master {
             raft,
             sm,
             proposer,
+            forwarders: Default::default(),
             peers: Default::default(),
         }
     }
@@ -147,6 +218,18 @@ impl Master {
         m.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
+    /// The shared channel to a peer master.
+    fn peer_channel(&self, addr: &str) -> Result<tonic::transport::Channel, tonic::Status> {
+        let mut peers = self.peers.lock().expect("peers lock");
+        if let Some(ch) = peers.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = orc_raft::network::channel(addr, Duration::from_millis(300))
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        peers.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
     async fn rpc(
         &self,
         addr: &str,
@@ -154,18 +237,7 @@ impl Master {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, tonic::Status> {
-        let ch = {
-            let mut peers = self.peers.lock().expect("peers lock");
-            match peers.get(addr) {
-                Some(ch) => ch.clone(),
-                None => {
-                    let ch = orc_raft::network::channel(addr, Duration::from_millis(300))
-                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                    peers.insert(addr.to_string(), ch.clone());
-                    ch
-                }
-            }
-        };
+        let ch = self.peer_channel(addr)?;
         let mut c = orc_raft::network::client(ch);
         let mut req = tonic::Request::new(Blob { json: body });
         req.set_timeout(timeout);
@@ -178,6 +250,37 @@ impl Master {
     }
 
     /// Commit `cmd` through Raft: locally if leader, else through the leader.
+    /// Send `cmd` to the leader at `addr`, batched with the other writes this master
+    /// forwards there meanwhile (one `Propose` RPC per batch).
+    async fn forward(
+        &self,
+        addr: &str,
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<Result<Change, ApiError>, tonic::Status> {
+        let queue = {
+            let mut f = self.forwarders.lock().expect("forwarders lock");
+            match f.get(addr) {
+                Some(q) if !q.is_closed() => q.clone(),
+                _ => {
+                    let q = spawn_forwarder(self.peer_channel(addr)?, self.cfg.write_timeout);
+                    f.insert(addr.to_string(), q.clone());
+                    q
+                }
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        queue
+            .send((cmd, tx))
+            .map_err(|_| tonic::Status::unavailable("forwarder stopped"))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(tonic::Status::deadline_exceeded(
+                "forwarded write timed out",
+            )),
+            Ok(r) => r.unwrap_or_else(|_| Err(tonic::Status::unavailable("forwarder stopped"))),
+        }
+    }
+
     /// Hand `cmd` to the batching proposer of this master's Raft node.
     async fn submit(&self, cmd: Command) -> Result<Change, Submit> {
         let (tx, rx) = oneshot::channel();
@@ -194,7 +297,6 @@ impl Master {
     /// Commit `cmd` through Raft: locally if leader, else through the leader.
     pub async fn propose(&self, cmd: Command) -> Result<Change, ApiError> {
         let deadline = Instant::now() + self.cfg.write_timeout;
-        let mut body = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -209,24 +311,14 @@ impl Master {
                 .leader_addr(&forward)
                 .filter(|_| forward.leader_id != Some(self.cfg.id))
             {
-                let body = match &body {
-                    Some(b) => b,
-                    None => body.insert(
-                        serde_json::to_vec(&cmd).map_err(|e| ApiError::internal(e.to_string()))?,
-                    ),
-                };
-                match self.rpc(&addr, "propose", body.clone(), left).await {
-                    Ok(bytes) => {
-                        let r: Result<Change, ApiError> = serde_json::from_slice(&bytes)
-                            .map_err(|e| ApiError::internal(e.to_string()))?;
-                        match r {
-                            // The leader changed under us: find the new one.
-                            Err(e)
-                                if e.reason == Reason::Unavailable
-                                    && e.message.starts_with("not the leader") => {}
-                            other => return other,
-                        }
-                    }
+                match self.forward(&addr, cmd.clone(), left).await {
+                    Ok(r) => match r {
+                        // The leader changed under us: find the new one.
+                        Err(e)
+                            if e.reason == Reason::Unavailable
+                                && e.message.starts_with("not the leader") => {}
+                        other => return other,
+                    },
                     Err(s) if s.code() == tonic::Code::Unavailable => {}
                     Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
                         return Err(unavailable_no_quorum(&self.cfg))

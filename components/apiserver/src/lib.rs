@@ -78,9 +78,10 @@ impl MasterConfig {
             initial_cluster,
             // openraft 0.9 starts an election `election_max + rand(min..max)` after the
             // last heartbeat (plus `2 * election_max` on a master with a shorter log),
-            // so these (openraft's own defaults) give a new leader 0.45-0.6 s after a leader
-            // dies, at most 1.2 s.
-            heartbeat: Duration::from_millis(50),
+            // so these give a new leader 0.45-0.6 s after a leader dies, at most 1.2 s.
+            // openraft also cancels an AppendEntries after one heartbeat interval, so
+            // the interval must cover a loaded follower's append + fsync: 100 ms.
+            heartbeat: Duration::from_millis(100),
             election_min: Duration::from_millis(150),
             election_max: Duration::from_millis(300),
             snapshot_every: 10_000,
@@ -100,6 +101,8 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
         election_timeout_max: cfg.election_max.as_millis() as u64,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
         max_in_snapshot_log_to_keep: cfg.keep_logs,
+        // Entries are batches of up to 512 writes: keep each AppendEntries modest.
+        max_payload_entries: 64,
         ..Default::default()
     }
     .validate()

@@ -46,9 +46,13 @@ impl Orc for Service {
         encode(&self.master.raft.install_snapshot(req).await)
     }
 
+    /// Writes forwarded by a follower, as a batch: each is proposed here, and the
+    /// answer lists each one's result in order.
     async fn propose(&self, r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {
-        let cmd = decode(r.get_ref())?;
-        encode(&self.master.propose_local(cmd).await)
+        let cmds: Vec<orc_api::Command> = decode(r.get_ref())?;
+        let results =
+            futures::future::join_all(cmds.into_iter().map(|c| self.master.propose_local(c))).await;
+        encode(&results)
     }
 
     async fn read_index(&self, _r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {

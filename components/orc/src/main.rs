@@ -98,7 +98,7 @@ struct MasterArgs {
     /// The address others reach this master at (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
     #[arg(long, default_value_t = 150)]
     election_timeout_min_ms: u64,
