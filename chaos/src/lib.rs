@@ -63,6 +63,31 @@ impl From<Output> for CliOutput {
     }
 }
 
+/// Run the CLI with `HOME` set to `home` (so no user config is read), `args`, and
+/// `stdin` piped in if given.
+pub fn run_orc(home: &Path, args: &[&str], stdin: Option<&str>) -> CliOutput {
+    use std::io::Write;
+    let mut cmd = Command::new(orc_bin());
+    cmd.args(args).env("HOME", home).env_remove("ORC_SERVER");
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn orc");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("orc output").into()
+}
+
 pub struct Master {
     pub id: u64,
     pub addr: String,
@@ -235,30 +260,9 @@ impl Cluster {
     }
 
     pub fn orc_stdin(&self, server: &str, args: &[&str], stdin: Option<&str>) -> CliOutput {
-        use std::io::Write;
-        let mut cmd = Command::new(orc_bin());
-        cmd.arg("--server")
-            .arg(server)
-            .args(args)
-            .env("HOME", self.dir.path())
-            .env_remove("ORC_SERVER");
-        cmd.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn orc");
-        if let Some(input) = stdin {
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(input.as_bytes())
-                .expect("write stdin");
-        }
-        child.wait_with_output().expect("orc output").into()
+        let mut all = vec!["--server", server];
+        all.extend_from_slice(args);
+        run_orc(self.dir.path(), &all, stdin)
     }
 
     /// `cluster status -o json` through one master.

@@ -1,5 +1,5 @@
 //! Acceptance a, b, c, e, f, g of the control plane, against real master processes.
-use orc_chaos::{CliOutput, Cluster};
+use orc_chaos::Cluster;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -328,7 +328,6 @@ fn f_replace_a_dead_master_without_stopping_writes() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let bin = orc_chaos::orc_bin();
     let home = c.dir.path().to_path_buf();
     let writer = {
         let (stop, ok, failed, servers) =
@@ -339,17 +338,11 @@ fn f_replace_a_dead_master_without_stopping_writes() {
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let doc = format!("{{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{{\"name\":\"f-{i}\"}}}}");
-                let mut child = Command::new(&bin)
-                    .args(["--server", &servers, "create", "-f", "-"])
-                    .env("HOME", &home)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                std::io::Write::write_all(&mut child.stdin.take().unwrap(), doc.as_bytes())
-                    .unwrap();
-                let out: CliOutput = child.wait_with_output().unwrap().into();
+                let out = orc_chaos::run_orc(
+                    &home,
+                    &["--server", &servers, "create", "-f", "-"],
+                    Some(&doc),
+                );
                 if out.ok() {
                     ok.fetch_add(1, Ordering::Relaxed);
                 } else {

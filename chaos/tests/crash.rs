@@ -1,9 +1,9 @@
 //! Acceptance h: kill -9 of masters at random moments under a write load, 50
 //! rounds. Afterwards every acknowledged write is present, and every master's store
 //! passes its consistency check and holds the same objects.
-use orc_chaos::{CliOutput, Cluster};
+use orc_chaos::Cluster;
 use rand::Rng;
-use std::process::{Command, Stdio};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +18,6 @@ fn h_random_kills_under_load_lose_nothing() {
     let mut writers = Vec::new();
     for w in 0..3 {
         let (stop, acked, servers) = (stop.clone(), acked.clone(), servers.clone());
-        let bin = orc_chaos::orc_bin();
         let home = c.dir.path().to_path_buf();
         writers.push(std::thread::spawn(move || {
             let mut i = 0;
@@ -26,16 +25,7 @@ fn h_random_kills_under_load_lose_nothing() {
                 i += 1;
                 let name = format!("w{w}-{i}");
                 let doc = format!(r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"{name}"}},"data":{{"v":"{}"}}}}"#, "x".repeat(256));
-                let mut child = Command::new(&bin)
-                    .args(["--server", &servers, "create", "-f", "-"])
-                    .env("HOME", &home)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                std::io::Write::write_all(&mut child.stdin.take().unwrap(), doc.as_bytes()).unwrap();
-                let out: CliOutput = child.wait_with_output().unwrap().into();
+                let out = orc_chaos::run_orc(&home, &["--server", &servers, "create", "-f", "-"], Some(&doc));
                 if out.ok() {
                     acked.lock().unwrap().push(name);
                 }

@@ -42,6 +42,16 @@ impl ObjectKey {
     }
 }
 
+/// Metadata the system owns: decided by the accepting master on create, kept from
+/// the stored object on update, whatever a request says.
+pub const SYSTEM_METADATA: &[&str] = &[
+    "uid",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "generation",
+];
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Preconditions {
     pub uid: Option<String>,
@@ -254,15 +264,7 @@ pub fn apply(
                 n
             };
             // Fields the system owns are kept from the stored object.
-            for f in [
-                "uid",
-                "creationTimestamp",
-                "deletionTimestamp",
-                "deletionGracePeriodSeconds",
-                "generation",
-                "name",
-                "namespace",
-            ] {
+            for &f in SYSTEM_METADATA.iter().chain(&["name", "namespace"]) {
                 match meta_field(&current, f).cloned() {
                     Some(v) => set_meta(&mut new, f, v),
                     None => {

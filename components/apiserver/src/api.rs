@@ -58,76 +58,18 @@ type Forwarded = (
     oneshot::Sender<Result<Result<Change, ApiError>, tonic::Status>>,
 );
 
-/// The forwarder to one leader: writes that reach this follower go to the leader in
-/// batches, one `Propose` RPC (a JSON list of commands) per batch.
-fn spawn_forwarder(
-    ch: tonic::transport::Channel,
-    timeout: Duration,
-) -> mpsc::UnboundedSender<Forwarded> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Forwarded>();
-    tokio::spawn(async move {
-        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        loop {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                return;
-            };
-            let Some(first) = rx.recv().await else { return };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(p) => batch.push(p),
-                    Err(_) => break,
-                }
-            }
-            let mut client = orc_raft::network::client(ch.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                let (cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
-                let n = cmds.len();
-                let reply = match serde_json::to_vec(&cmds) {
-                    Ok(json) => {
-                        let mut req = tonic::Request::new(Blob { json });
-                        req.set_timeout(timeout);
-                        client.propose(req).await
-                    }
-                    Err(e) => Err(tonic::Status::internal(e.to_string())),
-                };
-                let results: Vec<Result<Result<Change, ApiError>, tonic::Status>> = match reply {
-                    Ok(r) => match serde_json::from_slice::<Vec<Result<Change, ApiError>>>(
-                        &r.into_inner().json,
-                    ) {
-                        Ok(v) if v.len() == n => v.into_iter().map(Ok).collect(),
-                        Ok(v) => (0..n)
-                            .map(|_| {
-                                Err(tonic::Status::internal(format!(
-                                    "{} results for {n} commands",
-                                    v.len()
-                                )))
-                            })
-                            .collect(),
-                        Err(e) => (0..n)
-                            .map(|_| Err(tonic::Status::internal(e.to_string())))
-                            .collect(),
-                    },
-                    Err(s) => (0..n).map(|_| Err(s.clone())).collect(),
-                };
-                for (tx, r) in txs.into_iter().zip(results) {
-                    let _ = tx.send(r);
-                }
-            });
-        }
-    });
-    tx
-}
-
-/// The proposer: takes every write this master commits and proposes them in
-/// batches, then hands each caller its own result.
-fn spawn_proposer(
-    raft: Raft,
-    write_timeout: Duration,
-    no_quorum: ApiError,
-) -> mpsc::UnboundedSender<Pending> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Pending>();
+/// Run `send` on batches of queued commands. At most `MAX_IN_FLIGHT` batches are in
+/// flight; meanwhile new commands queue up and go together in the next batch
+/// (at most `MAX_BATCH` commands and `MAX_BATCH_BYTES` serialized; a larger single
+/// command goes alone).
+fn spawn_batcher<R, F, Fut>(send: F) -> mpsc::UnboundedSender<(Command, oneshot::Sender<R>)>
+where
+    R: Send + 'static,
+    F: Fn(Vec<Command>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Vec<R>> + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Command, oneshot::Sender<R>)>();
+    let send = Arc::new(send);
     tokio::spawn(async move {
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         loop {
@@ -146,47 +88,97 @@ fn spawn_proposer(
                     Err(_) => break,
                 }
             }
-            let raft = raft.clone();
-            let no_quorum = no_quorum.clone();
+            let send = send.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let (cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
-                let n = cmds.len();
-                let cmd = if n == 1 {
-                    cmds.into_iter().next().expect("one command")
-                } else {
-                    Command::Batch(cmds)
-                };
-                let all = |e: &dyn Fn() -> Submit| (0..n).map(|_| Err(e())).collect::<Vec<_>>();
-                let results: Vec<Result<Change, Submit>> =
-                    match tokio::time::timeout(write_timeout, raft.client_write(cmd)).await {
-                        Err(_) => all(&|| Submit::Api(no_quorum.clone())),
-                        Ok(Ok(resp)) if resp.data.len() == n => resp
-                            .data
-                            .into_iter()
-                            .map(|r| r.map_err(Submit::Api))
-                            .collect(),
-                        Ok(Ok(resp)) => all(&|| {
-                            Submit::Api(ApiError::internal(format!(
-                                "{} results for {n} commands",
-                                resp.data.len()
-                            )))
-                        }),
-                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                            all(&|| Submit::NotLeader(f.clone()))
-                        }
-                        Ok(Err(e)) => {
-                            let msg = format!("raft: {e}");
-                            all(&|| Submit::Api(ApiError::unavailable(msg.clone())))
-                        }
-                    };
-                for (tx, r) in txs.into_iter().zip(results) {
+                for (tx, r) in txs.into_iter().zip(send(cmds).await) {
                     let _ = tx.send(r);
                 }
             });
         }
     });
     tx
+}
+
+/// `n` copies of one failure.
+fn all_failed<T, E>(n: usize, e: impl Fn() -> E) -> Vec<Result<T, E>> {
+    (0..n).map(|_| Err(e())).collect()
+}
+
+/// The forwarder to one leader: writes that reach this follower go to the leader in
+/// batches, one `Propose` RPC (a JSON list of commands) per batch.
+fn spawn_forwarder(
+    ch: tonic::transport::Channel,
+    timeout: Duration,
+) -> mpsc::UnboundedSender<Forwarded> {
+    spawn_batcher(move |cmds: Vec<Command>| {
+        let mut client = orc_raft::network::client(ch.clone());
+        async move {
+            let n = cmds.len();
+            let reply = match serde_json::to_vec(&cmds) {
+                Ok(json) => {
+                    let mut req = tonic::Request::new(Blob { json });
+                    req.set_timeout(timeout);
+                    client.propose(req).await
+                }
+                Err(e) => Err(tonic::Status::internal(e.to_string())),
+            };
+            match reply {
+                Ok(r) => match serde_json::from_slice::<Vec<Result<Change, ApiError>>>(
+                    &r.into_inner().json,
+                ) {
+                    Ok(v) if v.len() == n => v.into_iter().map(Ok).collect(),
+                    Ok(v) => all_failed(n, || {
+                        tonic::Status::internal(format!("{} results for {n} commands", v.len()))
+                    }),
+                    Err(e) => all_failed(n, || tonic::Status::internal(e.to_string())),
+                },
+                Err(s) => all_failed(n, || s.clone()),
+            }
+        }
+    })
+}
+
+/// The proposer: every write this master commits goes through it, in batches of
+/// one log entry each; each caller gets its own result.
+fn spawn_proposer(
+    raft: Raft,
+    write_timeout: Duration,
+    no_quorum: ApiError,
+) -> mpsc::UnboundedSender<Pending> {
+    spawn_batcher(move |cmds: Vec<Command>| {
+        let (raft, no_quorum) = (raft.clone(), no_quorum.clone());
+        async move {
+            let n = cmds.len();
+            let cmd = if n == 1 {
+                cmds.into_iter().next().expect("one command")
+            } else {
+                Command::Batch(cmds)
+            };
+            match tokio::time::timeout(write_timeout, raft.client_write(cmd)).await {
+                Err(_) => all_failed(n, || Submit::Api(no_quorum.clone())),
+                Ok(Ok(resp)) if resp.data.len() == n => resp
+                    .data
+                    .into_iter()
+                    .map(|r| r.map_err(Submit::Api))
+                    .collect(),
+                Ok(Ok(resp)) => all_failed(n, || {
+                    Submit::Api(ApiError::internal(format!(
+                        "{} results for {n} commands",
+                        resp.data.len()
+                    )))
+                }),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    all_failed(n, || Submit::NotLeader(f.clone()))
+                }
+                Ok(Err(e)) => {
+                    let msg = format!("raft: {e}");
+                    all_failed(n, || Submit::Api(ApiError::unavailable(msg.clone())))
+                }
+            }
+        }
+    })
 }
 
 fn unavailable_no_quorum(cfg: &MasterConfig) -> ApiError {
@@ -466,14 +458,8 @@ impl Master {
         } else {
             meta.remove("namespace");
         }
-        for f in [
-            "uid",
-            "creationTimestamp",
-            "deletionTimestamp",
-            "deletionGracePeriodSeconds",
-            "generation",
-        ] {
-            meta.remove(f);
+        for f in orc_api::mutation::SYSTEM_METADATA {
+            meta.remove(*f);
         }
         meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
         meta.insert("creationTimestamp".into(), json!(orc_api::now_rfc3339()));
