@@ -555,3 +555,86 @@ fn snapshot_save_and_restore_into_a_new_cluster() {
         again.stdout
     );
 }
+
+/// A watch with a label selector sees an object leave the selection as DELETED
+/// and come back as ADDED; changes outside the selection are not sent.
+#[test]
+fn label_selector_watch_sees_objects_enter_and_leave() {
+    let c = Cluster::start(3, &[]);
+    let s = c.servers();
+    assert!(c
+        .orc_stdin(&s, &["create", "-f", "-"], Some(r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x","labels":{"app":"a"}}}"#))
+        .ok());
+    let mut child = Command::new(orc_chaos::orc_bin())
+        .args([
+            "--server",
+            &s,
+            "get",
+            "cm",
+            "-l",
+            "app=a",
+            "-w",
+            "-o",
+            "json",
+            "--output-watch-events",
+        ])
+        .env("HOME", c.dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    // Killed when the test ends, passed or failed.
+    let _watch = KillOnDrop(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let next = || -> (String, String) {
+        let l = rx
+            .recv_timeout(Duration::from_secs(15))
+            .expect("a watch event");
+        let v: Value = serde_json::from_str(&l).unwrap();
+        (
+            v["type"].as_str().unwrap().to_string(),
+            v["object"]["metadata"]["labels"]["app"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    assert_eq!(next(), ("ADDED".into(), "a".into()));
+    for (label, expect) in [
+        ("b", Some(("DELETED", "b"))),
+        ("c", None),
+        ("a", Some(("ADDED", "a"))),
+    ] {
+        let patch = format!(r#"{{"metadata":{{"labels":{{"app":"{label}"}}}}}}"#);
+        assert!(c.orc(&s, &["patch", "cm", "x", "-p", &patch]).ok());
+        if let Some((t, l)) = expect {
+            assert_eq!(
+                next(),
+                (t.to_string(), l.to_string()),
+                "after relabelling to {label}"
+            );
+        }
+    }
+    assert!(c.orc(&s, &["delete", "cm", "x"]).ok());
+    assert_eq!(next(), ("DELETED".into(), "a".into()));
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "no other events"
+    );
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

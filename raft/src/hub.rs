@@ -19,6 +19,8 @@ pub struct StoredEvent {
     pub key: String,
     pub event_type: EventType,
     pub object: Value,
+    /// For MODIFIED: what selectors read of the object before the change.
+    pub previous: Option<Value>,
 }
 
 /// What a live watcher receives.
@@ -131,6 +133,7 @@ mod tests {
             key: format!("configmaps/d/c{i}"),
             event_type: EventType::Added,
             object: Value::Null,
+            previous: None,
         }
     }
 

@@ -629,19 +629,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         };
                         let res = mutation::apply(&cmd, revision, &get);
                         if let Ok(ch) = &res {
-                            let (key, event_type, object) = match ch {
-                                Change::Put { key, object, event } => {
+                            let (key, event_type, object, previous) = match ch {
+                                Change::Put {
+                                    key,
+                                    object,
+                                    event,
+                                    previous,
+                                } => {
                                     let b = serde_json::to_vec(object).map_err(|e| {
                                         io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
                                     })?;
                                     batch.put_cf(objects, key, b);
                                     overlay.insert(key.clone(), Some(object.clone()));
-                                    (key, *event, object)
+                                    (key, *event, object, previous.clone())
                                 }
                                 Change::Remove { key, object } => {
                                     batch.delete_cf(objects, key);
                                     overlay.insert(key.clone(), None);
-                                    (key, orc_api::EventType::Deleted, object)
+                                    (key, orc_api::EventType::Deleted, object, None)
                                 }
                                 Change::Unchanged { .. } => {
                                     results.push(res);
@@ -653,6 +658,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 key: key.clone(),
                                 event_type,
                                 object: object.clone(),
+                                previous,
                             });
                         }
                         results.push(res);

@@ -120,6 +120,11 @@ pub enum Change {
         key: String,
         object: Value,
         event: EventType,
+        /// For MODIFIED: the selector view of the object before (see
+        /// `selector::selector_view`), so watches can tell an object entering or
+        /// leaving their selector. Not sent anywhere.
+        #[serde(skip)]
+        previous: Option<Value>,
     },
     /// Remove `key`; `object` is its last state, with the deletion's resourceVersion.
     Remove { key: String, object: Value },
@@ -217,6 +222,7 @@ pub fn apply(
                 key: k,
                 object: obj,
                 event: EventType::Added,
+                previous: None,
             })
         }
         Command::Update {
@@ -302,6 +308,7 @@ pub fn apply(
                 key: k,
                 object: new,
                 event: EventType::Modified,
+                previous: Some(crate::selector::selector_view(&current)),
             })
         }
         Command::Delete {
@@ -365,6 +372,7 @@ pub fn apply(
                 key: k,
                 object: obj,
                 event: EventType::Modified,
+                previous: Some(crate::selector::selector_view(&current)),
             })
         }
     }

@@ -210,6 +210,36 @@ impl FieldSelector {
     }
 }
 
+/// The parts of an object that label and field selectors read: enough to judge
+/// whether an earlier version of an object matched a selector.
+pub fn selector_view(obj: &Value) -> Value {
+    let mut view = serde_json::json!({});
+    for (_, ptr) in FIELDS {
+        if let Some(v) = obj.pointer(ptr) {
+            set_pointer(&mut view, ptr, v.clone());
+        }
+    }
+    if let Some(l) = obj.pointer("/metadata/labels") {
+        set_pointer(&mut view, "/metadata/labels", l.clone());
+    }
+    view
+}
+
+fn set_pointer(root: &mut Value, ptr: &str, v: Value) {
+    let mut cur = root;
+    let parts: Vec<&str> = ptr.trim_start_matches('/').split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let map = cur.as_object_mut().expect("objects along the path");
+        if i == parts.len() - 1 {
+            map.insert(part.to_string(), v);
+            return;
+        }
+        cur = map
+            .entry(part.to_string())
+            .or_insert_with(|| serde_json::json!({}));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +281,27 @@ mod tests {
         let s = LabelSelector::from_object(&json!({"matchLabels": {"app": "web"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["front"]}]})).unwrap();
         assert!(s.matches(&obj(json!({"app": "web", "tier": "front"}))));
         assert!(!s.matches(&obj(json!({"app": "web"}))));
+    }
+
+    #[test]
+    fn selector_view_keeps_what_selectors_read() {
+        let mut o = obj(json!({"app": "web"}));
+        o["spec"]["containers"] = json!([{"name": "c"}]);
+        let v = selector_view(&o);
+        assert!(v.pointer("/spec/containers").is_none());
+        for sel in ["app=web", "app!=web", "!app"] {
+            let ls = LabelSelector::parse(sel).unwrap();
+            assert_eq!(ls.matches(&v), ls.matches(&o), "{sel}");
+        }
+        for sel in [
+            "metadata.name=a",
+            "spec.nodeName=n1",
+            "status.phase!=Running",
+            "metadata.namespace=ns",
+        ] {
+            let fs = FieldSelector::parse(sel).unwrap();
+            assert_eq!(fs.matches(&v), fs.matches(&o), "{sel}");
+        }
     }
 
     #[test]

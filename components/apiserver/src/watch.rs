@@ -45,10 +45,30 @@ struct Filter {
 }
 
 impl Filter {
-    fn matches(&self, e: &StoredEvent) -> bool {
-        e.key.starts_with(&self.prefix)
-            && self.labels.matches(&e.object)
-            && self.fields.matches(&e.object)
+    fn selected(&self, obj: &Value) -> bool {
+        self.labels.matches(obj) && self.fields.matches(obj)
+    }
+
+    /// The event a watcher with this filter sees for `e`, if any. As in
+    /// Kubernetes' watch cache, a change that brings an object into the selection
+    /// is ADDED and one that takes it out is DELETED.
+    fn classify(&self, e: &StoredEvent) -> Option<EventType> {
+        if !e.key.starts_with(&self.prefix) {
+            return None;
+        }
+        let now = self.selected(&e.object);
+        match e.event_type {
+            EventType::Modified => {
+                let before = e.previous.as_ref().map(|p| self.selected(p)).unwrap_or(now);
+                match (before, now) {
+                    (true, true) => Some(EventType::Modified),
+                    (false, true) => Some(EventType::Added),
+                    (true, false) => Some(EventType::Deleted),
+                    (false, false) => None,
+                }
+            }
+            other => now.then_some(other),
+        }
     }
 }
 
@@ -98,18 +118,13 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
         .subscribe(start)
         .ok_or_else(|| expired(start, hub.floor()))?;
     for (key, object) in initial {
-        let e = StoredEvent {
-            index: start,
-            key,
-            event_type: EventType::Added,
-            object,
-        };
-        if filter.matches(&e)
+        if key.starts_with(&filter.prefix)
+            && filter.selected(&object)
             && !send(
                 tx,
                 &WatchEvent {
                     event_type: EventType::Added,
-                    object: e.object,
+                    object,
                 },
             )
             .await
@@ -119,19 +134,20 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
     }
     let mut sent_up_to = start;
     for e in sub.backlog {
-        if filter.matches(&e)
-            && !send(
+        sent_up_to = e.index;
+        if let Some(event_type) = filter.classify(&e) {
+            if !send(
                 tx,
                 &WatchEvent {
-                    event_type: e.event_type,
+                    event_type,
                     object: e.object,
                 },
             )
             .await
-        {
-            return Ok(());
+            {
+                return Ok(());
+            }
         }
-        sent_up_to = e.index;
     }
     let mut rx = sub.rx;
     let mut latest = sub.last.max(sent_up_to);
@@ -147,8 +163,10 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
                         }
                         sent_up_to = e.index;
                         latest = latest.max(e.index);
-                        if filter.matches(e) && !send(tx, &WatchEvent { event_type: e.event_type, object: e.object.clone() }).await {
-                            return Ok(());
+                        if let Some(event_type) = filter.classify(e) {
+                            if !send(tx, &WatchEvent { event_type, object: e.object.clone() }).await {
+                                return Ok(());
+                            }
                         }
                     }
                 }
@@ -173,5 +191,59 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(labels: &str) -> Filter {
+        Filter {
+            prefix: "pods/ns/".into(),
+            labels: LabelSelector::parse(labels).unwrap(),
+            fields: FieldSelector::parse("").unwrap(),
+        }
+    }
+
+    fn ev(t: EventType, now: &str, before: Option<&str>) -> StoredEvent {
+        let obj = |app: &str| json!({"metadata": {"name": "p", "namespace": "ns", "labels": {"app": app}}});
+        StoredEvent {
+            index: 1,
+            key: "pods/ns/p".into(),
+            event_type: t,
+            object: obj(now),
+            previous: before.map(obj),
+        }
+    }
+
+    #[test]
+    fn objects_entering_and_leaving_a_selection() {
+        let f = filter("app=web");
+        assert_eq!(
+            f.classify(&ev(EventType::Added, "web", None)),
+            Some(EventType::Added)
+        );
+        assert_eq!(f.classify(&ev(EventType::Added, "db", None)), None);
+        assert_eq!(
+            f.classify(&ev(EventType::Modified, "web", Some("web"))),
+            Some(EventType::Modified)
+        );
+        assert_eq!(
+            f.classify(&ev(EventType::Modified, "web", Some("db"))),
+            Some(EventType::Added)
+        );
+        assert_eq!(
+            f.classify(&ev(EventType::Modified, "db", Some("web"))),
+            Some(EventType::Deleted)
+        );
+        assert_eq!(f.classify(&ev(EventType::Modified, "db", Some("db"))), None);
+        assert_eq!(
+            f.classify(&ev(EventType::Deleted, "web", None)),
+            Some(EventType::Deleted)
+        );
+        let mut other_ns = ev(EventType::Added, "web", None);
+        other_ns.key = "pods/other/p".into();
+        assert_eq!(f.classify(&other_ns), None);
     }
 }
