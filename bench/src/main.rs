@@ -314,6 +314,29 @@ async fn etcd_load(
     .await)
 }
 
+/// CPU time (user + system, clock ticks) the processes have used so far.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .map(|stat| {
+            // Fields after the command name (which is in parentheses): utime is the
+            // 12th and stime the 13th of them.
+            let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Microseconds of CPU per write, from clock ticks (100 per second on Linux).
+fn cpu_per_write(ticks: u64, writes: usize) -> String {
+    if writes == 0 {
+        return "-".into();
+    }
+    format!("{:.0}", ticks as f64 * 10_000.0 / writes as f64)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
@@ -352,14 +375,24 @@ async fn main() -> Result<()> {
     let value = Arc::new("x".repeat(value_bytes));
     println!("writes of {value_bytes}-byte values, {seconds} s per run, 3 members each on 127.0.0.1, fsync on; orc: {}", orc_bin.display());
     println!();
-    println!("| clients | orc writes/s | orc p50 ms | orc p99 ms | etcd writes/s | etcd p50 ms | etcd p99 ms | orc/etcd throughput |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| clients | orc writes/s | orc p50 ms | orc p99 ms | orc CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | orc/etcd throughput |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // The first three processes are orc's masters, the rest etcd's members.
+    let orc_pids: Vec<u32> = procs.0.iter().take(3).map(Child::id).collect();
+    let etcd_pids: Vec<u32> = procs.0.iter().skip(3).map(Child::id).collect();
     for (round, &n) in levels.iter().enumerate() {
+        let t0 = cpu_ticks(&orc_pids);
         let o = orc_load(&orc, n, seconds, value.clone(), round).await;
+        let orc_cpu = cpu_per_write(cpu_ticks(&orc_pids) - t0, o.writes);
+        let t0 = cpu_ticks(&etcd_pids);
         let e = match &etcd {
             Some(eps) => Some(etcd_load(eps, n, seconds, value.clone(), round).await?),
             None => None,
         };
+        let etcd_cpu = e
+            .as_ref()
+            .map(|e| cpu_per_write(cpu_ticks(&etcd_pids) - t0, e.writes))
+            .unwrap_or_else(|| "-".into());
         let (ew, ep50, ep99, ratio) = match &e {
             Some(e) => (
                 format!("{:.0}", e.per_sec),
@@ -370,7 +403,7 @@ async fn main() -> Result<()> {
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         println!(
-            "| {n} | {:.0} | {} | {} | {ew} | {ep50} | {ep99} | {ratio} |",
+            "| {n} | {:.0} | {} | {} | {orc_cpu} | {ew} | {ep50} | {ep99} | {etcd_cpu} | {ratio} |",
             o.per_sec,
             ms(o.p50),
             ms(o.p99)
