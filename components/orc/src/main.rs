@@ -547,6 +547,9 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
 
 async fn get(client: &Client, ns: Option<&str>, g: GetArgs) -> Result<i32> {
     let info = resource_arg(&g.resource)?;
+    if g.name.is_some() && g.all_namespaces && info.namespaced && !g.watch {
+        bail!("a resource cannot be retrieved by name across all namespaces");
+    }
     let list_ns = if g.all_namespaces || !info.namespaced {
         None
     } else {
