@@ -126,12 +126,19 @@ struct Watcher {
 }
 
 impl Watcher {
+    /// `get cm -n w -w -o json` plus `extra`, against `server`.
     fn start(c: &Cluster, server: &str, extra: &[&str]) -> Watcher {
+        let mut args = vec![
+            "--server", server, "get", "cm", "-n", "w", "-w", "-o", "json",
+        ];
+        args.extend_from_slice(extra);
+        Watcher::spawn(c, &args)
+    }
+
+    /// The CLI with `args`, its output lines arriving on `lines`.
+    fn spawn(c: &Cluster, args: &[&str]) -> Watcher {
         let mut child = Command::new(orc_chaos::orc_bin())
-            .args([
-                "--server", server, "get", "cm", "-n", "w", "-w", "-o", "json",
-            ])
-            .args(extra)
+            .args(args)
             .env("HOME", c.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -565,8 +572,9 @@ fn label_selector_watch_sees_objects_enter_and_leave() {
     assert!(c
         .orc_stdin(&s, &["create", "-f", "-"], Some(r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x","labels":{"app":"a"}}}"#))
         .ok());
-    let mut child = Command::new(orc_chaos::orc_bin())
-        .args([
+    let w = Watcher::spawn(
+        &c,
+        &[
             "--server",
             &s,
             "get",
@@ -577,22 +585,9 @@ fn label_selector_watch_sees_objects_enter_and_leave() {
             "-o",
             "json",
             "--output-watch-events",
-        ])
-        .env("HOME", c.dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    // Killed when the test ends, passed or failed.
-    let _watch = KillOnDrop(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+        ],
+    );
+    let rx = &w.lines;
     let next = || -> (String, String) {
         let l = rx
             .recv_timeout(Duration::from_secs(15))
@@ -628,13 +623,4 @@ fn label_selector_watch_sees_objects_enter_and_leave() {
         rx.recv_timeout(Duration::from_millis(500)).is_err(),
         "no other events"
     );
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -693,15 +693,19 @@ impl Master {
             .map(Some)
     }
 
-    async fn add_master(&self, id: u64, address: &str) -> Result<Value, ApiError> {
-        let voters: BTreeSet<u64> = self
-            .raft
+    /// The voting members, as this master knows them.
+    fn voters(&self) -> BTreeSet<u64> {
+        self.raft
             .metrics()
             .borrow()
             .membership_config
             .membership()
             .voter_ids()
-            .collect();
+            .collect()
+    }
+
+    async fn add_master(&self, id: u64, address: &str) -> Result<Value, ApiError> {
+        let voters = self.voters();
         if voters.contains(&id) {
             return Err(ApiError::new(
                 Reason::AlreadyExists,
@@ -725,14 +729,7 @@ impl Master {
     }
 
     async fn remove_master(&self, id: u64) -> Result<Value, ApiError> {
-        let voters: BTreeSet<u64> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters = self.voters();
         if !voters.contains(&id) {
             return Err(ApiError::not_found(format!("master {id} is not a member")));
         }
