@@ -2,9 +2,10 @@
 //! watch can resume from a resourceVersion, and broadcast to live watchers.
 //!
 //! Window contract: a watch may resume from any resourceVersion `>= floor()`; older
-//! ones are answered Expired and the client relists. The window holds the last
-//! `capacity` changes applied on this master since it started (default 100,000), and
-//! is reset when a snapshot is installed.
+//! ones are answered Expired and the client relists. The window holds the changes
+//! applied on this master since it started, at most `capacity` of them (default
+//! 100,000) and at most `max_bytes` of serialized objects (default 256 MiB), and is
+//! reset when a snapshot is installed.
 use orc_api::EventType;
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -21,6 +22,8 @@ pub struct StoredEvent {
     pub object: Value,
     /// For MODIFIED: what selectors read of the object before the change.
     pub previous: Option<Value>,
+    /// Serialized size of `object`, for the window's byte bound.
+    pub size: usize,
 }
 
 /// What a live watcher receives.
@@ -35,6 +38,8 @@ pub enum HubMessage {
 
 struct Inner {
     window: VecDeque<StoredEvent>,
+    /// Sum of `size` over the window.
+    bytes: usize,
     floor: u64,
     last: u64,
 }
@@ -42,6 +47,7 @@ struct Inner {
 pub struct Hub {
     inner: Mutex<Inner>,
     capacity: usize,
+    max_bytes: usize,
     tx: broadcast::Sender<HubMessage>,
 }
 
@@ -53,15 +59,17 @@ pub struct Subscription {
 }
 
 impl Hub {
-    pub fn new(capacity: usize) -> Arc<Self> {
+    pub fn new(capacity: usize, max_bytes: usize) -> Arc<Self> {
         let (tx, _) = broadcast::channel(4096);
         Arc::new(Hub {
             inner: Mutex::new(Inner {
                 window: VecDeque::new(),
+                bytes: 0,
                 floor: 0,
                 last: 0,
             }),
             capacity,
+            max_bytes,
             tx,
         })
     }
@@ -70,6 +78,7 @@ impl Hub {
     pub fn reset(&self, index: u64) {
         let mut g = self.inner.lock().unwrap();
         g.window.clear();
+        g.bytes = 0;
         g.floor = index;
         g.last = index;
         let _ = self.tx.send(HubMessage::Reset);
@@ -88,12 +97,13 @@ impl Hub {
         let mut g = self.inner.lock().unwrap();
         g.last = g.last.max(last);
         for e in &events {
+            g.bytes += e.size;
             g.window.push_back(e.clone());
         }
-        while g.window.len() > self.capacity {
-            if let Some(e) = g.window.pop_front() {
-                g.floor = e.index;
-            }
+        while g.window.len() > self.capacity || g.bytes > self.max_bytes {
+            let Some(e) = g.window.pop_front() else { break };
+            g.bytes -= e.size;
+            g.floor = e.index;
         }
         let msg = if events.is_empty() {
             HubMessage::Progress(last)
@@ -134,12 +144,13 @@ mod tests {
             event_type: EventType::Added,
             object: Value::Null,
             previous: None,
+            size: 100,
         }
     }
 
     #[test]
     fn resume_inside_window_and_expire_outside() {
-        let hub = Hub::new(3);
+        let hub = Hub::new(3, usize::MAX);
         hub.reset(10);
         hub.publish(vec![ev(11), ev(12)], 12);
         let s = hub.subscribe(11).unwrap();
@@ -157,8 +168,23 @@ mod tests {
     }
 
     #[test]
+    fn the_window_is_bounded_by_bytes_too() {
+        let hub = Hub::new(1000, 250);
+        hub.reset(0);
+        hub.publish(vec![ev(1), ev(2)], 2);
+        assert!(hub.subscribe(0).is_some());
+        hub.publish(vec![ev(3)], 3);
+        assert!(
+            hub.subscribe(0).is_none(),
+            "300 bytes > 250: the oldest change left"
+        );
+        assert_eq!(hub.floor(), 1);
+        assert_eq!(hub.subscribe(1).unwrap().backlog.len(), 2);
+    }
+
+    #[test]
     fn live_messages_follow_backlog() {
-        let hub = Hub::new(10);
+        let hub = Hub::new(10, usize::MAX);
         hub.reset(0);
         let mut s = hub.subscribe(0).unwrap();
         hub.publish(vec![ev(1)], 1);

@@ -629,7 +629,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         };
                         let res = mutation::apply(&cmd, revision, &get);
                         if let Ok(ch) = &res {
-                            let (key, event_type, object, previous) = match ch {
+                            let (key, event_type, object, previous, size) = match ch {
                                 Change::Put {
                                     key,
                                     object,
@@ -639,14 +639,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     let b = serde_json::to_vec(object).map_err(|e| {
                                         io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
                                     })?;
+                                    let size = b.len();
                                     batch.put_cf(objects, key, b);
                                     overlay.insert(key.clone(), Some(object.clone()));
-                                    (key, *event, object, previous.clone())
+                                    (key, *event, object, previous.clone(), size)
                                 }
                                 Change::Remove { key, object } => {
                                     batch.delete_cf(objects, key);
                                     overlay.insert(key.clone(), None);
-                                    (key, orc_api::EventType::Deleted, object, None)
+                                    let size = object.to_string().len();
+                                    (key, orc_api::EventType::Deleted, object, None, size)
                                 }
                                 Change::Unchanged { .. } => {
                                     results.push(res);
@@ -659,6 +661,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 event_type,
                                 object: object.clone(),
                                 previous,
+                                size,
                             });
                         }
                         results.push(res);
@@ -756,7 +759,7 @@ mod tests {
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
         async fn build(&self) -> SResult<(tempfile::TempDir, LogStore, StateMachine)> {
             let dir = tempfile::tempdir().expect("tempdir");
-            let (log, sm) = open(dir.path(), Hub::new(1000)).expect("open store");
+            let (log, sm) = open(dir.path(), Hub::new(1000, usize::MAX)).expect("open store");
             Ok((dir, log, sm))
         }
     }
@@ -791,7 +794,7 @@ mod tests {
     #[tokio::test]
     async fn batches_get_one_revision_per_command() {
         let dir = tempfile::tempdir().unwrap();
-        let (_, mut sm) = open(dir.path(), Hub::new(100)).unwrap();
+        let (_, mut sm) = open(dir.path(), Hub::new(100, usize::MAX)).unwrap();
         let mut live = sm.hub().subscribe(0).unwrap();
         let batch = orc_api::Command::Batch(vec![
             create("namespaces", "", "a"),
@@ -833,7 +836,7 @@ mod tests {
             .await
             .unwrap();
         let dir2 = tempfile::tempdir().unwrap();
-        let (_, mut other) = open(dir2.path(), Hub::new(100)).unwrap();
+        let (_, mut other) = open(dir2.path(), Hub::new(100, usize::MAX)).unwrap();
         other
             .install_snapshot(&snap.meta, snap.snapshot)
             .await

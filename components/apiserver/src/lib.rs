@@ -59,8 +59,10 @@ pub struct MasterConfig {
     pub keep_logs: u64,
     /// A write that is not committed by then fails with Unavailable.
     pub write_timeout: Duration,
-    /// Watch history kept in memory (events), see `orc_raft::hub`.
+    /// Watch history kept in memory: at most this many changes ...
     pub watch_window: usize,
+    /// ... and at most this many bytes of objects (see `orc_raft::hub`).
+    pub watch_window_bytes: usize,
 }
 
 impl MasterConfig {
@@ -88,6 +90,7 @@ impl MasterConfig {
             keep_logs: 1_000,
             write_timeout: Duration::from_secs(5),
             watch_window: 100_000,
+            watch_window_bytes: 256 << 20,
         }
     }
 }
@@ -115,7 +118,7 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
             why: e.to_string(),
         },
     })?;
-    let hub = Hub::new(cfg.watch_window);
+    let hub = Hub::new(cfg.watch_window, cfg.watch_window_bytes);
     let (log, sm): (_, StateMachine) =
         orc_raft::open(&dir, hub).map_err(|source| MasterError::Store {
             dir: dir.clone(),

@@ -214,6 +214,7 @@ mod tests {
             event_type: t,
             object: obj(now),
             previous: before.map(obj),
+            size: 0,
         }
     }
 

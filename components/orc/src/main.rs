@@ -754,7 +754,7 @@ async fn restore(client: &Client, file: &Path) -> Result<i32> {
 
 fn check_store(data_dir: &Path) -> Result<i32> {
     use std::hash::{Hash, Hasher};
-    let (_, sm) = orc_raft::open(&data_dir.join("raft"), orc_raft::Hub::new(1))
+    let (_, sm) = orc_raft::open(&data_dir.join("raft"), orc_raft::Hub::new(1, 0))
         .with_context(|| format!("opening {}", data_dir.display()))?;
     let (applied, objs) = sm.list("").context("listing objects")?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
