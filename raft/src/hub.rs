@@ -88,10 +88,6 @@ impl Hub {
         self.inner.lock().unwrap().floor
     }
 
-    pub fn last(&self) -> u64 {
-        self.inner.lock().unwrap().last
-    }
-
     /// Record changes applied up to `last` (in order).
     pub fn publish(&self, events: Vec<StoredEvent>, last: u64) {
         let mut g = self.inner.lock().unwrap();

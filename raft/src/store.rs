@@ -395,9 +395,6 @@ fn decode_pairs(mut data: &[u8]) -> Result<Pairs<'_>, String> {
 }
 
 impl StateMachine {
-    pub fn db(&self) -> &Arc<DB> {
-        &self.db
-    }
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
     }
@@ -417,15 +414,6 @@ impl StateMachine {
     /// a batch of commands, so the log index alone does not name one write).
     pub fn revision(&self) -> u64 {
         read_revision(&self.db, None)
-    }
-
-    /// The index this master has applied up to.
-    pub fn applied_index(&self) -> u64 {
-        self.read_applied()
-            .ok()
-            .flatten()
-            .map(|l| l.index)
-            .unwrap_or(0)
     }
 
     /// One object, as stored.

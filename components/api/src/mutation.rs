@@ -84,15 +84,6 @@ pub enum Command {
 }
 
 impl Command {
-    pub fn key(&self) -> Option<&ObjectKey> {
-        match self {
-            Command::Create { key, .. }
-            | Command::Update { key, .. }
-            | Command::Delete { key, .. } => Some(key),
-            Command::Noop | Command::Batch(_) => None,
-        }
-    }
-
     /// The commands to apply, in order (a batch is opened, others stand alone).
     pub fn into_commands(self) -> Vec<Command> {
         match self {

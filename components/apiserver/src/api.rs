@@ -53,9 +53,18 @@ fn command_bytes(cmd: &Command) -> usize {
     serde_json::to_vec(cmd).map(|v| v.len()).unwrap_or(0)
 }
 
+/// The leader's answer to one forwarded command (`Propose` RPC).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub enum ProposeReply {
+    /// Committed (or refused by the apply rules): the command's result.
+    Done(Result<Change, ApiError>),
+    /// That master is not the leader (any more): find the new one.
+    NotLeader,
+}
+
 type Forwarded = (
     Command,
-    oneshot::Sender<Result<Result<Change, ApiError>, tonic::Status>>,
+    oneshot::Sender<Result<ProposeReply, tonic::Status>>,
 );
 
 /// Run `send` on batches of queued commands. At most `MAX_IN_FLIGHT` batches are in
@@ -125,9 +134,7 @@ fn spawn_forwarder(
                 Err(e) => Err(tonic::Status::internal(e.to_string())),
             };
             match reply {
-                Ok(r) => match serde_json::from_slice::<Vec<Result<Change, ApiError>>>(
-                    &r.into_inner().json,
-                ) {
+                Ok(r) => match serde_json::from_slice::<Vec<ProposeReply>>(&r.into_inner().json) {
                     Ok(v) if v.len() == n => v.into_iter().map(Ok).collect(),
                     Ok(v) => all_failed(n, || {
                         tonic::Status::internal(format!("{} results for {n} commands", v.len()))
@@ -249,7 +256,7 @@ impl Master {
         addr: &str,
         cmd: Command,
         timeout: Duration,
-    ) -> Result<Result<Change, ApiError>, tonic::Status> {
+    ) -> Result<ProposeReply, tonic::Status> {
         let queue = {
             let mut f = self.forwarders.lock().expect("forwarders lock");
             match f.get(addr) {
@@ -304,13 +311,9 @@ impl Master {
                 .filter(|_| forward.leader_id != Some(self.cfg.id))
             {
                 match self.forward(&addr, cmd.clone(), left).await {
-                    Ok(r) => match r {
-                        // The leader changed under us: find the new one.
-                        Err(e)
-                            if e.reason == Reason::Unavailable
-                                && e.message.starts_with("not the leader") => {}
-                        other => return other,
-                    },
+                    Ok(ProposeReply::Done(r)) => return r,
+                    // The leader changed under us: find the new one.
+                    Ok(ProposeReply::NotLeader) => {}
                     Err(s) if s.code() == tonic::Code::Unavailable => {}
                     Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
                         return Err(unavailable_no_quorum(&self.cfg))
@@ -328,11 +331,11 @@ impl Master {
     }
 
     /// The leader side of a forwarded write: commit here or say we are not the leader.
-    pub async fn propose_local(&self, cmd: Command) -> Result<Change, ApiError> {
+    pub async fn propose_local(&self, cmd: Command) -> ProposeReply {
         match self.submit(cmd).await {
-            Ok(c) => Ok(c),
-            Err(Submit::Api(e)) => Err(e),
-            Err(Submit::NotLeader(_)) => Err(ApiError::unavailable("not the leader")),
+            Ok(c) => ProposeReply::Done(Ok(c)),
+            Err(Submit::Api(e)) => ProposeReply::Done(Err(e)),
+            Err(Submit::NotLeader(_)) => ProposeReply::NotLeader,
         }
     }
 

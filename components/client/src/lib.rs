@@ -28,14 +28,7 @@ pub enum ClientError {
     Protocol { server: String, why: String },
 }
 
-impl ClientError {
-    pub fn reason(&self) -> Option<Reason> {
-        match self {
-            ClientError::Api(e) => Some(e.reason),
-            _ => None,
-        }
-    }
-}
+impl ClientError {}
 
 pub struct Client {
     servers: Vec<String>,
@@ -93,10 +86,6 @@ impl Client {
             current: AtomicUsize::new(0),
             timeout: Duration::from_secs(30),
         }
-    }
-
-    pub fn servers(&self) -> &[String] {
-        &self.servers
     }
 
     /// One request, answered by the first reachable master.
