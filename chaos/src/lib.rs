@@ -371,3 +371,93 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct Process {
+    child: Option<Child>,
+}
+
+impl Process {
+    /// SIGKILL now.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Cluster {
+    /// Start `orc node --simulate` with `count` nodes named `prefix-i` and extra flags.
+    pub fn sim_nodes(&self, prefix: &str, count: usize, extra: &[&str]) -> Process {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("sim-{prefix}.log")))
+            .expect("log file");
+        let child = Command::new(orc_bin())
+            .args(["node", "--simulate", "--name-prefix", prefix, "--count"])
+            .arg(count.to_string())
+            .args(["--master", &self.servers()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn orc node");
+        Process { child: Some(child) }
+    }
+
+    /// `orc get RESOURCE -o json` items (any master), with extra args.
+    pub fn items(&self, args: &[&str]) -> Vec<Value> {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        let o = self.orc(&self.servers(), &all);
+        if !o.ok() {
+            return Vec::new();
+        }
+        let v = o.json();
+        match v["items"].as_array() {
+            Some(a) => a.clone(),
+            None if v.is_object() => vec![v],
+            None => Vec::new(),
+        }
+    }
+
+    /// Start a long-running CLI process (a watch) writing its stdout to a file.
+    pub fn spawn_cli(&self, args: &[&str], out: &Path) -> Process {
+        let f = std::fs::File::create(out).expect("out file");
+        let child = Command::new(orc_bin())
+            .args(["--server", &self.servers()])
+            .args(args)
+            .env("HOME", self.dir.path())
+            .env_remove("ORC_SERVER")
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn orc");
+        Process { child: Some(child) }
+    }
+}
+
+/// Poll `f` every 200 ms until it gives a value; panic with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -7,6 +7,7 @@
 //! It must not depend on tokio, the network, RocksDB or Raft: everything here is a
 //! pure function, unit-tested on plain values.
 
+pub mod defaults;
 pub mod error;
 pub mod manifest;
 pub mod mutation;
@@ -24,7 +25,7 @@ pub use resources::ResourceInfo;
 pub const MAX_REQUEST_BYTES: usize = 3 * 1024 * 1024;
 
 /// Namespaces that exist from bootstrap.
-pub const BOOTSTRAP_NAMESPACES: &[&str] = &["default", "orc-system"];
+pub const BOOTSTRAP_NAMESPACES: &[&str] = &["default", "orc-system", "kube-node-lease"];
 
 /// The current time as Kubernetes writes it (RFC 3339, seconds, UTC).
 pub fn now_rfc3339() -> String {

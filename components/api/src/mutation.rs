@@ -160,6 +160,18 @@ fn finalizers(obj: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Finalizers that hold an object's removal: `metadata.finalizers`, and for a
+/// Namespace also `spec.finalizers` (the namespace controller's `kubernetes`).
+fn all_finalizers(obj: &Value) -> Vec<String> {
+    let mut f = finalizers(obj);
+    if obj.get("kind").and_then(Value::as_str) == Some("Namespace") {
+        if let Some(a) = obj.pointer("/spec/finalizers").and_then(Value::as_array) {
+            f.extend(a.iter().filter_map(|v| v.as_str().map(String::from)));
+        }
+    }
+    f
+}
+
 fn describe(key: &ObjectKey) -> String {
     format!("{} \"{}\"", key.resource, key.name)
 }
@@ -289,7 +301,7 @@ pub fn apply(
                 set_meta(&mut new, "generation", Value::from(g + 1));
             }
             set_meta(&mut new, "resourceVersion", rv);
-            if meta_field(&new, "deletionTimestamp").is_some() && finalizers(&new).is_empty() {
+            if meta_field(&new, "deletionTimestamp").is_some() && all_finalizers(&new).is_empty() {
                 return Ok(Change::Remove {
                     key: k,
                     object: new,
@@ -350,7 +362,7 @@ pub fn apply(
             }
             let mut obj = current.clone();
             set_meta(&mut obj, "resourceVersion", rv);
-            if fins.is_empty() {
+            if fins.is_empty() && all_finalizers(&current).is_empty() {
                 return Ok(Change::Remove {
                     key: k,
                     object: obj,
@@ -358,7 +370,12 @@ pub fn apply(
             }
             set_meta(&mut obj, "deletionTimestamp", Value::String(now.clone()));
             set_meta(&mut obj, "deletionGracePeriodSeconds", Value::from(0));
-            set_meta(&mut obj, "finalizers", Value::from(fins));
+            if !fins.is_empty() {
+                set_meta(&mut obj, "finalizers", Value::from(fins));
+            }
+            if key.resource == "namespaces" {
+                obj["status"]["phase"] = Value::from("Terminating");
+            }
             Ok(Change::Put {
                 key: k,
                 object: obj,

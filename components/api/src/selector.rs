@@ -149,6 +149,15 @@ impl LabelSelector {
         Ok(LabelSelector(reqs))
     }
 
+    /// Whether a set of labels satisfies every requirement.
+    pub fn matches_labels(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.0.iter().all(|r| r.matches(labels))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn matches(&self, obj: &Value) -> bool {
         let labels: BTreeMap<String, String> = obj
             .pointer("/metadata/labels")

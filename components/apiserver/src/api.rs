@@ -466,6 +466,7 @@ impl Master {
         }
         meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
         meta.insert("creationTimestamp".into(), json!(orc_api::now_rfc3339()));
+        orc_api::defaults::apply(info.kind, &mut obj, &self.cfg.defaults);
         let obj = validate::admit(info, obj)?;
         let key = ObjectKey::new(info.plural, &ns, &name);
         Ok(self
@@ -499,6 +500,10 @@ impl Master {
                 "{}: metadata.name: Required value",
                 info.kind
             )));
+        }
+        let mut obj = obj;
+        if !status {
+            orc_api::defaults::apply(info.kind, &mut obj, &self.cfg.defaults);
         }
         let mut obj = validate::admit(info, obj)?;
         if info.namespaced {
@@ -846,14 +851,32 @@ fn random_suffix() -> String {
         .collect()
 }
 
-/// On becoming leader: make sure the bootstrap namespaces exist. (The controller
-/// supervisor will start here too.)
+/// The controllers' door into this master: requests are handled here (writes
+/// still go through Raft), watches come from this master's apply stream.
+struct InProcess(std::sync::Arc<Master>);
+
+impl orc_controllers::Api for InProcess {
+    fn call(&self, req: Request) -> orc_controllers::api::BoxFuture<Result<Value, ApiError>> {
+        let m = self.0.clone();
+        Box::pin(async move { m.handle(req).await })
+    }
+    fn watch(
+        &self,
+        req: orc_api::request::WatchRequest,
+    ) -> orc_controllers::api::BoxFuture<tokio::sync::mpsc::Receiver<orc_api::WatchEvent>> {
+        let m = self.0.clone();
+        Box::pin(async move { crate::watch::start(m, req) })
+    }
+}
+
+/// While this master leads: the bootstrap namespaces exist and the controllers
+/// run; when it stops leading they stop.
 pub async fn leader_duties(master: std::sync::Arc<Master>) {
     let mut metrics = master.raft.metrics();
-    let mut was_leader = false;
+    let mut running: Option<orc_controllers::Controllers> = None;
     loop {
         let is_leader = metrics.borrow().current_leader == Some(master.cfg.id);
-        if is_leader && !was_leader {
+        if is_leader && running.is_none() {
             for ns in orc_api::BOOTSTRAP_NAMESPACES {
                 let obj =
                     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
@@ -863,8 +886,17 @@ pub async fn leader_duties(master: std::sync::Arc<Master>) {
                     Err(e) => tracing::warn!("bootstrap namespace {ns}: {e}"),
                 }
             }
+            let api = std::sync::Arc::new(InProcess(master.clone()));
+            match orc_controllers::start(api, master.cfg.controllers.clone()).await {
+                Ok(c) => running = Some(c),
+                Err(e) => tracing::error!("starting the controllers: {e}"),
+            }
+        } else if !is_leader {
+            if let Some(c) = running.take() {
+                tracing::info!("no longer leader: stopping the controllers");
+                c.stop().await;
+            }
         }
-        was_leader = is_leader;
         if metrics.changed().await.is_err() {
             return;
         }

@@ -63,6 +63,10 @@ pub struct MasterConfig {
     pub watch_window: usize,
     /// ... and at most this many bytes of objects (see `orc_raft::hub`).
     pub watch_window_bytes: usize,
+    /// The controllers' timers and ranges (they run while this master leads).
+    pub controllers: orc_controllers::Settings,
+    /// Admission defaults.
+    pub defaults: orc_api::defaults::Defaults,
 }
 
 impl MasterConfig {
@@ -91,6 +95,8 @@ impl MasterConfig {
             write_timeout: Duration::from_secs(5),
             watch_window: 100_000,
             watch_window_bytes: 256 << 20,
+            controllers: orc_controllers::Settings::default(),
+            defaults: orc_api::defaults::Defaults::default(),
         }
     }
 }

@@ -10,6 +10,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use tokio_stream::StreamExt;
 use tonic::{Response, Status};
 
 pub struct Service {
@@ -84,10 +85,13 @@ impl Orc for Service {
 
     async fn watch(&self, r: tonic::Request<Blob>) -> Result<Response<WatchStream>, Status> {
         let req: WatchRequest = decode(r.get_ref())?;
-        let rx = crate::watch::start(self.master.clone(), req).await;
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let rx = crate::watch::start(self.master.clone(), req);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|ev| {
+            serde_json::to_vec(&ev)
+                .map(|json| Blob { json })
+                .map_err(|e| Status::internal(e.to_string()))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -5,28 +5,23 @@ use orc_api::mutation::{EventType, ObjectKey};
 use orc_api::request::{WatchEvent, WatchRequest};
 use orc_api::selector::{FieldSelector, LabelSelector};
 use orc_api::{ApiError, Reason};
-use orc_proto::Blob;
 use orc_raft::hub::HubMessage;
 use orc_raft::StoredEvent;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
-use tonic::Status;
 
-type Tx = mpsc::Sender<Result<Blob, Status>>;
+type Tx = mpsc::Sender<WatchEvent>;
 
-async fn send(tx: &Tx, ev: &WatchEvent) -> bool {
-    match serde_json::to_vec(ev) {
-        Ok(json) => tx.send(Ok(Blob { json })).await.is_ok(),
-        Err(_) => false,
-    }
+async fn send(tx: &Tx, ev: WatchEvent) -> bool {
+    tx.send(ev).await.is_ok()
 }
 
 async fn send_error(tx: &Tx, e: ApiError) {
     let _ = send(
         tx,
-        &WatchEvent {
+        WatchEvent {
             event_type: EventType::Error,
             object: e.to_status(),
         },
@@ -72,7 +67,9 @@ impl Filter {
     }
 }
 
-pub async fn start(master: Arc<Master>, req: WatchRequest) -> mpsc::Receiver<Result<Blob, Status>> {
+/// Start a watch; its events (ending with an ERROR event if it fails) arrive on
+/// the receiver. Dropping the receiver ends it.
+pub fn start(master: Arc<Master>, req: WatchRequest) -> mpsc::Receiver<WatchEvent> {
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
         if let Err(e) = run(master, req, &tx).await {
@@ -83,12 +80,18 @@ pub async fn start(master: Arc<Master>, req: WatchRequest) -> mpsc::Receiver<Res
 }
 
 async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiError> {
-    let info = resource_info(&req.resource)?;
+    // "*" watches every resource (the controllers' informer).
+    let all = req.resource == "*";
+    let info = resource_info(if all { "namespaces" } else { &req.resource })?;
     let filter = Filter {
-        prefix: ObjectKey::prefix(
-            info.plural,
-            req.namespace.as_deref().filter(|_| info.namespaced),
-        ),
+        prefix: if all {
+            String::new()
+        } else {
+            ObjectKey::prefix(
+                info.plural,
+                req.namespace.as_deref().filter(|_| info.namespaced),
+            )
+        },
         labels: LabelSelector::parse(&req.label_selector)?,
         fields: FieldSelector::parse(&req.field_selector)?,
     };
@@ -122,7 +125,7 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
             && filter.selected(&object)
             && !send(
                 tx,
-                &WatchEvent {
+                WatchEvent {
                     event_type: EventType::Added,
                     object,
                 },
@@ -138,7 +141,7 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
         if let Some(event_type) = filter.classify(&e) {
             if !send(
                 tx,
-                &WatchEvent {
+                WatchEvent {
                     event_type,
                     object: e.object,
                 },
@@ -164,7 +167,7 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
                         sent_up_to = e.index;
                         latest = latest.max(e.index);
                         if let Some(event_type) = filter.classify(e) {
-                            if !send(tx, &WatchEvent { event_type, object: e.object.clone() }).await {
+                            if !send(tx, WatchEvent { event_type, object: e.object.clone() }).await {
                                 return Ok(());
                             }
                         }
@@ -185,7 +188,7 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
                     bookmarked = latest;
                     let obj: Value = json!({"apiVersion": info.api_version, "kind": info.kind,
                         "metadata": {"resourceVersion": latest.to_string()}});
-                    if !send(tx, &WatchEvent { event_type: EventType::Bookmark, object: obj }).await {
+                    if !send(tx, WatchEvent { event_type: EventType::Bookmark, object: obj }).await {
                         return Ok(());
                     }
                 }

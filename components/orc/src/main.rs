@@ -3,6 +3,8 @@
 //! the library crates.
 mod local;
 mod output;
+mod rollout;
+mod sim;
 
 // The master allocates and frees many small JSON values per write; mimalloc is
 // markedly cheaper than glibc's malloc for that (see bench/README.md).
@@ -74,6 +76,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DebugCmd,
     },
+    /// Run a node (today: simulated nodes with --simulate).
+    Node(sim::SimArgs),
+    /// Manage the rollout of a Deployment.
+    Rollout {
+        #[command(subcommand)]
+        cmd: rollout::RolloutCmd,
+    },
+    /// Set the replicas of a Deployment, ReplicaSet, ReplicationController or StatefulSet.
+    Scale {
+        /// TYPE/NAME or TYPE
+        target: String,
+        name: Option<String>,
+        #[arg(long)]
+        replicas: i64,
+    },
     /// Inspect and change the set of masters.
     Cluster {
         #[command(subcommand)]
@@ -113,6 +130,23 @@ struct MasterArgs {
     /// A write not committed by then fails with Unavailable (no quorum).
     #[arg(long, default_value_t = 5_000)]
     write_timeout_ms: u64,
+    /// Pod network range; each node gets a --node-cidr-mask-size subnet of it.
+    #[arg(long, default_value = "198.18.0.0/16")]
+    cluster_cidr: String,
+    #[arg(long, default_value_t = 24)]
+    node_cidr_mask_size: u8,
+    /// A node without a Lease renewal for this long turns Unknown (seconds).
+    #[arg(long, default_value_t = 40.0)]
+    node_monitor_grace_period: f64,
+    /// Pods tolerate not-ready/unreachable nodes this long by default (seconds).
+    #[arg(long, default_value_t = 300)]
+    default_toleration_seconds: i64,
+    /// First retry delay of a failed Job's pod (seconds; doubles up to 6 minutes).
+    #[arg(long, default_value_t = 10.0)]
+    job_backoff_seconds: f64,
+    /// Controllers look at every object again this often (seconds).
+    #[arg(long, default_value_t = 60.0)]
+    controller_resync: f64,
 }
 
 #[derive(Args)]
@@ -345,6 +379,19 @@ async fn run(cli: Cli) -> Result<i32> {
             cfg.snapshot_every = a.snapshot_every;
             cfg.keep_logs = a.keep_logs;
             cfg.write_timeout = Duration::from_millis(a.write_timeout_ms);
+            if orc_controllers::nodes::parse_cidr(&a.cluster_cidr).is_none() {
+                bail!(
+                    "--cluster-cidr \"{}\": not an IPv4 CIDR (a.b.c.d/n)",
+                    a.cluster_cidr
+                );
+            }
+            cfg.controllers.cluster_cidr = a.cluster_cidr;
+            cfg.controllers.node_cidr_mask = a.node_cidr_mask_size;
+            cfg.controllers.node_grace =
+                Duration::from_secs_f64(a.node_monitor_grace_period.max(0.1));
+            cfg.controllers.resync = Duration::from_secs_f64(a.controller_resync.max(1.0));
+            cfg.defaults.toleration_seconds = a.default_toleration_seconds;
+            cfg.controllers.job_backoff = Duration::from_secs_f64(a.job_backoff_seconds.max(0.0));
             tokio::select! {
                 r = orc_apiserver::run(cfg) => r?,
                 _ = tokio::signal::ctrl_c() => {}
@@ -354,6 +401,7 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Up(a) => local::up(a).await,
         Cmd::Down(a) => local::down(a),
+        Cmd::Node(a) => sim::run(a).await,
         Cmd::Debug {
             cmd: DebugCmd::CheckStore { data_dir },
         } => check_store(&data_dir),
@@ -446,6 +494,29 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
             match client.call(&req).await {
                 Ok(obj) => {
                     print!("{}", output::describe(&obj));
+                    // Events about it, as kubectl describe shows them.
+                    let evs = client
+                        .call(&Request::List {
+                            resource: "events".into(),
+                            namespace: Some(
+                                match obj["metadata"]["namespace"].as_str() {
+                                    Some(n) if !n.is_empty() => n,
+                                    _ => "default",
+                                }
+                                .into(),
+                            ),
+                            label_selector: String::new(),
+                            field_selector: String::new(),
+                        })
+                        .await
+                        .map(|l| l["items"].as_array().cloned().unwrap_or_default())
+                        .unwrap_or_default();
+                    let uid = &obj["metadata"]["uid"];
+                    let mine: Vec<Value> = evs
+                        .into_iter()
+                        .filter(|e| &e["involvedObject"]["uid"] == uid)
+                        .collect();
+                    print!("{}", output::describe_events(&mine));
                     Ok(0)
                 }
                 Err(e) => {
@@ -541,7 +612,24 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
             }
         }
         Cmd::Cluster { cmd } => cluster(client, cmd).await,
-        Cmd::Master(_) | Cmd::Up(_) | Cmd::Down(_) | Cmd::Debug { .. } => unreachable!(),
+        Cmd::Rollout { cmd } => rollout::rollout(client, ns.unwrap_or("default"), cmd).await,
+        Cmd::Scale {
+            target,
+            name,
+            replicas,
+        } => {
+            rollout::scale(
+                client,
+                ns.unwrap_or("default"),
+                &target,
+                name.as_deref(),
+                replicas,
+            )
+            .await
+        }
+        Cmd::Master(_) | Cmd::Up(_) | Cmd::Down(_) | Cmd::Node(_) | Cmd::Debug { .. } => {
+            unreachable!()
+        }
     }
 }
 
@@ -725,8 +813,18 @@ async fn restore(client: &Client, file: &Path) -> Result<i32> {
         .cloned()
         .context("snapshot has no items")?;
     items.sort_by_key(|o| if o["kind"] == "Namespace" { 0 } else { 1 });
-    let (mut created, mut existed, mut failed) = (0, 0, 0);
+    let (mut created, mut existed, mut failed, mut skipped) = (0, 0, 0, 0);
     for mut o in items {
+        // Objects a controller owns come back from their owners (with new uids),
+        // and events are history: restoring them would only make orphans.
+        let owned = o
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty());
+        if owned || o["kind"] == "Event" {
+            skipped += 1;
+            continue;
+        }
         if let Some(m) = o["metadata"].as_object_mut() {
             for f in ["resourceVersion", "uid", "creationTimestamp", "generation"] {
                 m.remove(f);
@@ -748,7 +846,7 @@ async fn restore(client: &Client, file: &Path) -> Result<i32> {
             }
         }
     }
-    println!("restored {created} objects ({existed} already existed, {failed} failed)");
+    println!("restored {created} objects ({existed} already existed, {failed} failed, {skipped} skipped: events and objects their controllers recreate)");
     Ok(if failed > 0 { 1 } else { 0 })
 }
 

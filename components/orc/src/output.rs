@@ -430,3 +430,31 @@ pub fn print_cluster_status(st: &Value) {
     }
     println!("{}", t.trim_fmt());
 }
+
+/// The "Events:" section of describe.
+pub fn describe_events(evs: &[Value]) -> String {
+    if evs.is_empty() {
+        return "Events:             <none>\n".into();
+    }
+    let mut evs: Vec<&Value> = evs.iter().collect();
+    evs.sort_by_key(|e| e["lastTimestamp"].as_str().unwrap_or("").to_string());
+    let mut out = String::from(
+        "Events:\n  Type     Reason               Age    From                        Message\n",
+    );
+    for e in evs {
+        let age = e["lastTimestamp"]
+            .as_str()
+            .and_then(orc_api::seconds_since)
+            .map(|s| format!("{s}s"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  {:<8} {:<20} {:<6} {:<27} {}\n",
+            e["type"].as_str().unwrap_or(""),
+            e["reason"].as_str().unwrap_or(""),
+            age,
+            e["source"]["component"].as_str().unwrap_or(""),
+            e["message"].as_str().unwrap_or("")
+        ));
+    }
+    out
+}

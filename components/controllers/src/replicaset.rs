@@ -1,0 +1,345 @@
+//! ReplicaSet (set-based selector) and ReplicationController (equality
+//! selector): keep `replicas` active pods, adopting matching orphans and
+//! releasing pods that stop matching; delete the least useful pods first.
+use crate::runner::{Ctx, Outcome, Reconciler};
+use crate::store::Change;
+use crate::util::{self, pod_active};
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+use std::cmp::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Kubernetes' `burstReplicas`: at most this many creates or deletes per pass.
+pub const BURST: usize = 500;
+
+pub struct ReplicaSets {
+    pub resource: &'static str,
+    pub kind: &'static str,
+}
+
+impl ReplicaSets {
+    pub fn for_replicasets() -> Self {
+        ReplicaSets {
+            resource: "replicasets",
+            kind: "ReplicaSet",
+        }
+    }
+    pub fn for_replication_controllers() -> Self {
+        ReplicaSets {
+            resource: "replicationcontrollers",
+            kind: "ReplicationController",
+        }
+    }
+}
+
+/// The selector of a ReplicaSet (`matchLabels`/`matchExpressions`) or of a
+/// ReplicationController (a plain map), as a LabelSelector object.
+pub fn selector_of(owner: &Value) -> Value {
+    let s = &owner["spec"]["selector"];
+    if owner["kind"] == "ReplicationController" {
+        if s.is_object() && !s.as_object().is_some_and(|m| m.is_empty()) {
+            json!({"matchLabels": s})
+        } else {
+            // An RC without a selector selects its template's labels.
+            json!({"matchLabels": owner["spec"]["template"]["metadata"]["labels"]})
+        }
+    } else {
+        s.clone()
+    }
+}
+
+pub fn replicas(owner: &Value) -> i64 {
+    owner["spec"]["replicas"].as_i64().unwrap_or(1)
+}
+
+fn rank(p: &Value) -> (bool, u8, bool, std::cmp::Reverse<i64>) {
+    // Smaller sorts first = deleted first (Kubernetes' ActivePods order).
+    let assigned = p["spec"]["nodeName"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty());
+    let phase = match util::pod_phase(p) {
+        "Pending" => 0,
+        "Unknown" => 1,
+        _ => 2,
+    };
+    let restarts: i64 = p["status"]["containerStatuses"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["restartCount"].as_i64()).sum())
+        .unwrap_or(0);
+    (
+        assigned,
+        phase,
+        util::pod_ready(p),
+        std::cmp::Reverse(restarts),
+    )
+}
+
+/// Pods in the order they should be deleted: unscheduled, pending, not ready,
+/// most restarted, newest.
+pub fn deletion_order(pods: &mut [Arc<Value>]) {
+    pods.sort_by(|a, b| match rank(a).cmp(&rank(b)) {
+        Ordering::Equal => util::creation(b).cmp(util::creation(a)),
+        o => o,
+    });
+}
+
+/// What to do: create `create` pods, delete `delete`, and the status to report.
+#[derive(Debug)]
+pub struct Plan {
+    pub create: usize,
+    pub delete: Vec<Arc<Value>>,
+    pub status: Value,
+    /// Look again then (a pod becomes available after minReadySeconds).
+    pub recheck: Option<Duration>,
+}
+
+/// The decision for one ReplicaSet, given the pods it owns.
+pub fn plan(rs: &Value, owned: &[Arc<Value>], now: f64) -> Plan {
+    let want = replicas(rs).max(0) as usize;
+    let mut active: Vec<Arc<Value>> = owned.iter().filter(|p| pod_active(p)).cloned().collect();
+    let min_ready = rs["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
+    let tmpl_labels = util::labels(&rs["spec"]["template"]);
+    let ready = active.iter().filter(|p| util::pod_ready(p)).count();
+    let available = active
+        .iter()
+        .filter(|p| util::pod_available(p, min_ready, now))
+        .count();
+    let fully = active
+        .iter()
+        .filter(|p| {
+            let l = util::labels(p);
+            tmpl_labels.iter().all(|(k, v)| l.get(k) == Some(v))
+        })
+        .count();
+    let mut status = rs["status"].clone();
+    if !status.is_object() {
+        status = json!({});
+    }
+    status["replicas"] = json!(active.len());
+    status["fullyLabeledReplicas"] = json!(fully);
+    status["readyReplicas"] = json!(ready);
+    status["availableReplicas"] = json!(available);
+    status["observedGeneration"] = json!(util::generation(rs));
+    let recheck = (min_ready > 0 && ready > available).then(|| Duration::from_secs(1));
+    let (create, delete) = match active.len().cmp(&want) {
+        Ordering::Less => ((want - active.len()).min(BURST), Vec::new()),
+        Ordering::Greater => {
+            deletion_order(&mut active);
+            let n = (active.len() - want).min(BURST);
+            (0, active.into_iter().take(n).collect())
+        }
+        Ordering::Equal => (0, Vec::new()),
+    };
+    Plan {
+        create,
+        delete,
+        status,
+        recheck,
+    }
+}
+
+fn owner_key_of(p: &Value, kind: &str) -> Option<String> {
+    let r = util::controller_ref(p)?;
+    (r["kind"] == kind).then(|| {
+        format!(
+            "{}/{}",
+            util::namespace(p),
+            r["name"].as_str().unwrap_or("")
+        )
+    })
+}
+
+impl ReplicaSets {
+    async fn sync(&self, ctx: &Ctx, key: &str) -> Outcome {
+        let Some(rs) = ctx.store.get(self.resource, key) else {
+            return Ok(None);
+        };
+        if util::deleting(&rs) {
+            return Ok(None);
+        }
+        let sel = selector_of(&rs);
+        let uid = util::uid(&rs).to_string();
+        let mut owned: Vec<Arc<Value>> = Vec::new();
+        let mut writes = Vec::new();
+        // Pods it controls; those that no longer match are released.
+        for (r, p) in ctx.store.dependents(&uid) {
+            if r != "pods" || util::controller_uid(&p) != Some(uid.as_str()) {
+                continue;
+            }
+            if util::selector_matches(&sel, &util::labels(&p)) {
+                owned.push(p);
+            } else if !util::deleting(&p) {
+                let mut np = (*p).clone();
+                if let Some(refs) = np["metadata"]["ownerReferences"].as_array_mut() {
+                    refs.retain(|o| o["uid"] != uid.as_str());
+                }
+                writes.push(np);
+            }
+        }
+        // Orphans that match are adopted.
+        for p in ctx.store.list_ns("pods", util::namespace(&rs)) {
+            if util::controller_ref(&p).is_none()
+                && pod_active(&p)
+                && util::selector_matches(&sel, &util::labels(&p))
+            {
+                let mut np = (*p).clone();
+                let refs = np["metadata"]["ownerReferences"].take();
+                let mut refs = refs.as_array().cloned().unwrap_or_default();
+                refs.push(util::owner_ref(&rs));
+                np["metadata"]["ownerReferences"] = json!(refs);
+                writes.push(np);
+            }
+        }
+        if !writes.is_empty() {
+            for r in futures::future::join_all(writes.into_iter().map(|p| ctx.update(p))).await {
+                r?;
+            }
+            return Ok(Some(Duration::ZERO));
+        }
+        let plan = plan(&rs, &owned, util::now_secs());
+        if plan.create > 0 {
+            let prefix = util::generate_prefix(util::name(&rs));
+            let pods = (0..plan.create)
+                .map(|_| ctx.create(util::pod_from_template(&rs, Some(prefix.clone()), None)));
+            let results = futures::future::join_all(pods).await;
+            let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+            let made = results.len() - failed.len();
+            if made > 0 {
+                ctx.event(
+                    &rs,
+                    "Normal",
+                    "SuccessfulCreate",
+                    format!("Created {made} pod(s)"),
+                );
+            }
+            if let Some(e) = failed.first() {
+                ctx.event(
+                    &rs,
+                    "Warning",
+                    "FailedCreate",
+                    format!("Error creating: {e}"),
+                );
+                return Err((*e).clone());
+            }
+        }
+        if !plan.delete.is_empty() {
+            let n = plan.delete.len();
+            let dels = plan.delete.iter().map(|p| ctx.delete("pods", p, None));
+            for r in futures::future::join_all(dels).await {
+                r?;
+            }
+            ctx.event(
+                &rs,
+                "Normal",
+                "SuccessfulDelete",
+                format!("Deleted {n} pod(s)"),
+            );
+        }
+        if plan.status != rs["status"] {
+            let mut n = (*rs).clone();
+            n["status"] = plan.status;
+            ctx.update_status(n).await?;
+        }
+        Ok(plan.recheck)
+    }
+}
+
+impl Reconciler for ReplicaSets {
+    fn name(&self) -> &'static str {
+        if self.kind == "ReplicaSet" {
+            "replicaset-controller"
+        } else {
+            "replication-controller"
+        }
+    }
+
+    fn keys_for(&self, ctx: &Ctx, ch: &Change) -> Vec<String> {
+        if ch.resource == self.resource {
+            return vec![ch.key.clone()];
+        }
+        if ch.resource != "pods" {
+            return Vec::new();
+        }
+        let mut keys = Vec::new();
+        for p in std::iter::once(&ch.object).chain(ch.old.iter()) {
+            match owner_key_of(p, self.kind) {
+                Some(k) => keys.push(k),
+                None if util::controller_ref(p).is_none() => {
+                    // An orphan: whoever would adopt it.
+                    let l = util::labels(p);
+                    for rs in ctx.store.list_ns(self.resource, util::namespace(p)) {
+                        if util::selector_matches(&selector_of(&rs), &l) {
+                            keys.push(crate::store::key_of(&rs));
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        keys.dedup();
+        keys
+    }
+
+    fn all_keys(&self, ctx: &Ctx) -> Vec<String> {
+        ctx.store.keys(self.resource)
+    }
+
+    fn reconcile<'a>(&'a self, ctx: &'a Ctx, key: &'a str) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.sync(ctx, key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, node: &str, phase: &str, ready: bool, created: &str) -> Arc<Value> {
+        Arc::new(
+            json!({"metadata": {"name": name, "creationTimestamp": created},
+            "spec": {"nodeName": node},
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}}),
+        )
+    }
+
+    fn rs(replicas: i64) -> Value {
+        json!({"kind": "ReplicaSet", "metadata": {"name": "r", "generation": 2},
+               "spec": {"replicas": replicas, "template": {"metadata": {"labels": {"a": "b"}}}}})
+    }
+
+    #[test]
+    fn creates_what_is_missing_and_counts_status() {
+        let pods = vec![pod("a", "n1", "Running", true, "t1")];
+        let p = plan(&rs(3), &pods, 0.0);
+        assert_eq!(p.create, 2);
+        assert!(p.delete.is_empty());
+        assert_eq!(p.status["replicas"], 1);
+        assert_eq!(p.status["readyReplicas"], 1);
+        assert_eq!(p.status["observedGeneration"], 2);
+    }
+
+    #[test]
+    fn deletes_unscheduled_then_not_ready_then_newest() {
+        let pods = vec![
+            pod("old-ready", "n1", "Running", true, "2020-01-01T00:00:00Z"),
+            pod("new-ready", "n1", "Running", true, "2021-01-01T00:00:00Z"),
+            pod("not-ready", "n1", "Running", false, "2019-01-01T00:00:00Z"),
+            pod("unscheduled", "", "Pending", false, "2018-01-01T00:00:00Z"),
+        ];
+        let p = plan(&rs(1), &pods, 0.0);
+        let names: Vec<&str> = p.delete.iter().map(|p| util::name(p)).collect();
+        assert_eq!(names, vec!["unscheduled", "not-ready", "new-ready"]);
+    }
+
+    #[test]
+    fn finished_pods_are_replaced() {
+        let pods = vec![pod("done", "n1", "Succeeded", false, "t")];
+        assert_eq!(plan(&rs(1), &pods, 0.0).create, 1);
+    }
+
+    #[test]
+    fn rc_selector_is_a_map() {
+        let rc = json!({"kind": "ReplicationController", "spec": {"selector": {"app": "x"}}});
+        assert_eq!(selector_of(&rc), json!({"matchLabels": {"app": "x"}}));
+    }
+}

@@ -1,0 +1,543 @@
+//! The scheduler: unbound pods are filtered against every node (resources,
+//! nodeSelector, required node affinity, taints and tolerations, anti-affinity
+//! on the hostname, unschedulable nodes, host ports, readiness), the survivors
+//! scored (least allocated, preferred node affinity, spreading an owner's pods),
+//! and the pod bound with a resourceVersion precondition. A batch of pods is
+//! decided in order against one view, then bound together.
+use crate::runner::{Ctx, Outcome, Reconciler};
+use crate::store::Change;
+use crate::util::{self, quantity};
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const HOSTNAME: &str = "kubernetes.io/hostname";
+
+/// A node and what is already bound to it.
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    pub node: Arc<Value>,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub cpu: i64,
+    pub mem: i64,
+    pub max_pods: i64,
+    pub used_cpu: i64,
+    pub used_mem: i64,
+    pub pods: Vec<Arc<Value>>,
+    pub ports: HashSet<(String, i64)>,
+}
+
+impl NodeState {
+    pub fn new(node: Arc<Value>) -> Self {
+        let a = if node["status"]["allocatable"].is_object() {
+            &node["status"]["allocatable"]
+        } else {
+            &node["status"]["capacity"]
+        };
+        NodeState {
+            name: util::name(&node).to_string(),
+            labels: util::labels(&node),
+            cpu: quantity(&a["cpu"], true),
+            mem: quantity(&a["memory"], false),
+            max_pods: quantity(&a["pods"], false),
+            used_cpu: 0,
+            used_mem: 0,
+            pods: Vec::new(),
+            ports: HashSet::new(),
+            node,
+        }
+    }
+    pub fn add(&mut self, pod: Arc<Value>) {
+        let (c, m) = util::pod_requests(&pod);
+        self.used_cpu += c;
+        self.used_mem += m;
+        self.ports.extend(host_ports(&pod));
+        self.pods.push(pod);
+    }
+}
+
+fn host_ports(p: &Value) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for c in p["spec"]["containers"].as_array().into_iter().flatten() {
+        for port in c["ports"].as_array().into_iter().flatten() {
+            if let Some(h) = port["hostPort"].as_i64().filter(|h| *h > 0) {
+                out.push((port["protocol"].as_str().unwrap_or("TCP").to_string(), h));
+            }
+        }
+    }
+    out
+}
+
+/// Whether one toleration tolerates one taint.
+pub fn tolerates(t: &Value, taint: &Value) -> bool {
+    let effect_ok = t["effect"]
+        .as_str()
+        .is_none_or(|e| e.is_empty() || Some(e) == taint["effect"].as_str());
+    if !effect_ok {
+        return false;
+    }
+    let key = t["key"].as_str().unwrap_or("");
+    match t["operator"].as_str().unwrap_or("Equal") {
+        "Exists" => key.is_empty() || Some(key) == taint["key"].as_str(),
+        _ => {
+            Some(key) == taint["key"].as_str()
+                && t["value"].as_str().unwrap_or("") == taint["value"].as_str().unwrap_or("")
+        }
+    }
+}
+
+pub fn tolerations(p: &Value) -> &[Value] {
+    p["spec"]["tolerations"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+/// The taint of `effect` on a node that the pod does not tolerate, if any.
+pub fn untolerated<'a>(p: &Value, node: &'a Value, effects: &[&str]) -> Option<&'a Value> {
+    node["spec"]["taints"].as_array()?.iter().find(|taint| {
+        effects.iter().any(|e| taint["effect"] == *e)
+            && !tolerations(p).iter().any(|t| tolerates(t, taint))
+    })
+}
+
+fn expr_matches(e: &Value, value: Option<&str>) -> bool {
+    let values: Vec<&str> = e["values"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    match e["operator"].as_str().unwrap_or("") {
+        "In" => value.is_some_and(|v| values.contains(&v)),
+        "NotIn" => value.is_none_or(|v| !values.contains(&v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(v), Some(w)) = (
+                value.and_then(|v| v.parse::<i64>().ok()),
+                values.first().and_then(|w| w.parse::<i64>().ok()),
+            ) else {
+                return false;
+            };
+            if e["operator"] == "Gt" {
+                v > w
+            } else {
+                v < w
+            }
+        }
+        _ => false,
+    }
+}
+
+/// One nodeSelectorTerm: every expression on labels and fields holds.
+pub fn term_matches(term: &Value, node: &NodeState) -> bool {
+    let exprs = term["matchExpressions"].as_array().into_iter().flatten();
+    let fields = term["matchFields"].as_array().into_iter().flatten();
+    let any = term["matchExpressions"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+        || term["matchFields"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty());
+    any && exprs.into_iter().all(|e| {
+        expr_matches(
+            e,
+            e["key"]
+                .as_str()
+                .and_then(|k| node.labels.get(k))
+                .map(String::as_str),
+        )
+    }) && fields.into_iter().all(|e| {
+        expr_matches(
+            e,
+            (e["key"] == "metadata.name").then_some(node.name.as_str()),
+        )
+    })
+}
+
+/// nodeSelector and required node affinity.
+pub fn node_selected(p: &Value, node: &NodeState) -> bool {
+    if let Some(sel) = p["spec"]["nodeSelector"].as_object() {
+        if !sel
+            .iter()
+            .all(|(k, v)| node.labels.get(k).map(String::as_str) == v.as_str())
+        {
+            return false;
+        }
+    }
+    match p.pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms").and_then(Value::as_array) {
+        Some(terms) => terms.iter().any(|t| term_matches(t, node)),
+        None => true,
+    }
+}
+
+fn node_ready(node: &Value) -> bool {
+    util::condition_true(node, "Ready")
+}
+
+fn tolerates_key(p: &Value, key: &str) -> bool {
+    let taint = json!({"key": key, "effect": "NoSchedule"});
+    tolerations(p).iter().any(|t| tolerates(t, &taint))
+}
+
+/// Why `node` cannot take `p`, or None if it can.
+pub fn unfit(p: &Value, node: &NodeState) -> Option<String> {
+    let tolerates_down = tolerates_key(p, "node.kubernetes.io/not-ready")
+        && tolerates_key(p, "node.kubernetes.io/unreachable");
+    if !node_ready(&node.node) && !tolerates_down {
+        return Some("node(s) were not ready".into());
+    }
+    if node.node["spec"]["unschedulable"] == true
+        && !tolerates_key(p, "node.kubernetes.io/unschedulable")
+    {
+        return Some("node(s) were unschedulable".into());
+    }
+    if let Some(t) = untolerated(p, &node.node, &["NoSchedule", "NoExecute"]) {
+        return Some(format!(
+            "node(s) had untolerated taint {{{}: {}}}",
+            t["key"].as_str().unwrap_or(""),
+            t["value"].as_str().unwrap_or("")
+        ));
+    }
+    if !node_selected(p, node) {
+        return Some("node(s) didn't match Pod's node affinity/selector".into());
+    }
+    let (c, m) = util::pod_requests(p);
+    if node.pods.len() as i64 + 1 > node.max_pods {
+        return Some("Too many pods".into());
+    }
+    if c > 0 && node.used_cpu + c > node.cpu {
+        return Some("Insufficient cpu".into());
+    }
+    if m > 0 && node.used_mem + m > node.mem {
+        return Some("Insufficient memory".into());
+    }
+    if host_ports(p).iter().any(|hp| node.ports.contains(hp)) {
+        return Some("node(s) didn't have free ports for the requested pod ports".into());
+    }
+    let ns = util::namespace(p);
+    for term in p
+        .pointer("/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if term["topologyKey"] != HOSTNAME {
+            continue;
+        }
+        if node.pods.iter().any(|o| {
+            util::namespace(o) == ns
+                && util::selector_matches(&term["labelSelector"], &util::labels(o))
+        }) {
+            return Some("node(s) didn't match pod anti-affinity rules".into());
+        }
+    }
+    None
+}
+
+/// Higher is better.
+pub fn score(p: &Value, node: &NodeState) -> i64 {
+    let (c, m) = util::pod_requests(p);
+    let free = |cap: i64, used: i64, req: i64| -> f64 {
+        if cap <= 0 {
+            0.0
+        } else {
+            ((cap - used - req) as f64 / cap as f64).max(0.0)
+        }
+    };
+    let least =
+        ((free(node.cpu, node.used_cpu, c) + free(node.mem, node.used_mem, m)) * 50.0) as i64;
+    let mut affinity = 0;
+    for t in p
+        .pointer("/spec/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if term_matches(&t["preference"], node) {
+            affinity += t["weight"].as_i64().unwrap_or(0);
+        }
+    }
+    // Spread the pods of one owner: each sibling already there costs a lot.
+    let siblings = util::controller_uid(p)
+        .map(|u| {
+            node.pods
+                .iter()
+                .filter(|o| util::controller_uid(o) == Some(u))
+                .count() as i64
+        })
+        .unwrap_or(0);
+    least + affinity - 200 * siblings
+}
+
+/// Choose a node for `p`: the index into `nodes`, or the reason none fits.
+pub fn choose(p: &Value, nodes: &[NodeState]) -> Result<usize, String> {
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let mut best: Option<(i64, usize)> = None;
+    for (i, n) in nodes.iter().enumerate() {
+        match unfit(p, n) {
+            Some(r) => *reasons.entry(r).or_default() += 1,
+            None => {
+                let s = score(p, n);
+                if best.is_none_or(|(b, _)| s > b) {
+                    best = Some((s, i));
+                }
+            }
+        }
+    }
+    best.map(|(_, i)| i).ok_or_else(|| {
+        let why: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+        format!("0/{} nodes are available: {}.", nodes.len(), why.join(", "))
+    })
+}
+
+pub fn wants_scheduling(p: &Value) -> bool {
+    p["spec"]["nodeName"].as_str().is_none_or(str::is_empty)
+        && util::pod_active(p)
+        && p["spec"]["schedulerName"]
+            .as_str()
+            .is_none_or(|s| s == "default-scheduler" || s.is_empty())
+}
+
+#[derive(Default)]
+pub struct Scheduler {
+    attempts: Mutex<HashMap<String, u32>>,
+}
+
+impl Scheduler {
+    fn node_states(ctx: &Ctx) -> Vec<NodeState> {
+        let mut nodes: Vec<NodeState> = ctx
+            .store
+            .list("nodes")
+            .into_iter()
+            .filter(|n| !util::deleting(n))
+            .map(NodeState::new)
+            .collect();
+        let idx: HashMap<String, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        for p in ctx.store.list("pods") {
+            if let Some(i) = p["spec"]["nodeName"].as_str().and_then(|n| idx.get(n)) {
+                if !matches!(util::pod_phase(&p), "Succeeded" | "Failed") {
+                    nodes[*i].add(p);
+                }
+            }
+        }
+        nodes
+    }
+
+    async fn batch(&self, ctx: &Ctx, keys: &[String]) -> Vec<Outcome> {
+        let mut nodes = Self::node_states(ctx);
+        let mut binds = Vec::new();
+        let mut out: Vec<Option<Outcome>> = vec![None; keys.len()];
+        for (i, k) in keys.iter().enumerate() {
+            let Some(p) = ctx.store.get("pods", k) else {
+                out[i] = Some(Ok(None));
+                continue;
+            };
+            if !wants_scheduling(&p) {
+                out[i] = Some(Ok(None));
+                continue;
+            }
+            match choose(&p, &nodes) {
+                Ok(n) => {
+                    let mut bound = (*p).clone();
+                    bound["spec"]["nodeName"] = json!(nodes[n].name);
+                    nodes[n].add(Arc::new(bound.clone()));
+                    binds.push((i, p, bound, nodes[n].name.clone()));
+                }
+                Err(why) => {
+                    let n = {
+                        let mut a = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+                        let n = a.entry(k.clone()).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
+                    if n == 1 || n % 10 == 0 {
+                        ctx.event(&p, "Warning", "FailedScheduling", why.clone());
+                    }
+                    let mut st = (*p).clone();
+                    if util::set_condition(
+                        &mut st,
+                        "PodScheduled",
+                        "False",
+                        "Unschedulable",
+                        &why,
+                        &orc_api::now_rfc3339(),
+                    ) {
+                        let _ = ctx.update_status(st).await;
+                    }
+                    let backoff = Duration::from_millis((1000u64 << (n - 1).min(3)).min(10_000));
+                    out[i] = Some(Ok(Some(backoff)));
+                }
+            }
+        }
+        let results =
+            futures::future::join_all(binds.iter().map(|(_, _, b, _)| ctx.update(b.clone()))).await;
+        for ((i, p, _, node), r) in binds.into_iter().zip(results) {
+            out[i] = Some(match r {
+                Ok(_) => {
+                    self.attempts
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&keys[i]);
+                    ctx.event(
+                        &p,
+                        "Normal",
+                        "Scheduled",
+                        format!(
+                            "Successfully assigned {}/{} to {node}",
+                            util::namespace(&p),
+                            util::name(&p)
+                        ),
+                    );
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            });
+        }
+        out.into_iter().map(|o| o.unwrap_or(Ok(None))).collect()
+    }
+}
+
+impl Reconciler for Scheduler {
+    fn name(&self) -> &'static str {
+        "default-scheduler"
+    }
+
+    fn keys_for(&self, ctx: &Ctx, ch: &Change) -> Vec<String> {
+        match ch.resource {
+            "pods" if wants_scheduling(&ch.object) && ch.event != orc_api::EventType::Deleted => {
+                vec![ch.key.clone()]
+            }
+            // Room appeared: a node came or changed, or a bound pod went.
+            "nodes" => self.pending(ctx),
+            "pods" if ch.event == orc_api::EventType::Deleted => self.pending(ctx),
+            _ => Vec::new(),
+        }
+    }
+
+    fn all_keys(&self, ctx: &Ctx) -> Vec<String> {
+        ctx.store
+            .list("pods")
+            .iter()
+            .filter(|p| wants_scheduling(p))
+            .map(|p| crate::store::key_of(p))
+            .collect()
+    }
+
+    fn reconcile<'a>(&'a self, ctx: &'a Ctx, key: &'a str) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let keys = [key.to_string()];
+            self.batch(ctx, &keys).await.pop().unwrap_or(Ok(None))
+        })
+    }
+
+    fn reconcile_batch<'a>(
+        &'a self,
+        ctx: &'a Ctx,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(self.batch(ctx, keys))
+    }
+
+    fn batch_size(&self) -> usize {
+        512
+    }
+}
+
+impl Scheduler {
+    /// Pods waiting because nothing fitted.
+    fn pending(&self, _ctx: &Ctx) -> Vec<String> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cpu: &str, ready: bool) -> NodeState {
+        NodeState::new(Arc::new(
+            json!({"metadata": {"name": name, "labels": {HOSTNAME: name, "zone": "a"}},
+            "spec": {}, "status": {"allocatable": {"cpu": cpu, "memory": "1Gi", "pods": "110"},
+            "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}}),
+        ))
+    }
+
+    fn pod(cpu: &str) -> Value {
+        json!({"metadata": {"name": "p", "namespace": "d", "labels": {"app": "w"},
+                "ownerReferences": [{"uid": "rs1", "controller": true}]},
+               "spec": {"containers": [{"resources": {"requests": {"cpu": cpu}}}]}})
+    }
+
+    #[test]
+    fn resources_and_reasons() {
+        let nodes = vec![
+            node("a", "1", true),
+            node("b", "2", true),
+            node("c", "8", false),
+        ];
+        assert_eq!(choose(&pod("1500m"), &nodes), Ok(1));
+        let e = choose(&pod("4"), &nodes).unwrap_err();
+        assert_eq!(
+            e,
+            "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) were not ready."
+        );
+    }
+
+    #[test]
+    fn spreads_an_owners_pods() {
+        let mut nodes = vec![
+            node("a", "4", true),
+            node("b", "4", true),
+            node("c", "4", true),
+        ];
+        for _ in 0..6 {
+            let p = pod("100m");
+            let i = choose(&p, &nodes).unwrap();
+            nodes[i].add(Arc::new(p));
+        }
+        assert!(nodes.iter().all(|n| n.pods.len() == 2));
+    }
+
+    #[test]
+    fn taints_tolerations_selectors_affinity() {
+        let mut n = node("a", "4", true);
+        Arc::make_mut(&mut n.node)["spec"]["taints"] =
+            json!([{"key": "k", "value": "v", "effect": "NoSchedule"}]);
+        let mut p = pod("1");
+        assert!(unfit(&p, &n).unwrap().contains("untolerated taint"));
+        p["spec"]["tolerations"] = json!([{"key": "k", "operator": "Exists"}]);
+        assert_eq!(unfit(&p, &n), None);
+        p["spec"]["nodeSelector"] = json!({"zone": "b"});
+        assert!(unfit(&p, &n).is_some());
+        p["spec"]["nodeSelector"] = json!({"zone": "a"});
+        p["spec"]["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["b"]}]}]}}});
+        assert!(unfit(&p, &n).is_some());
+        p["spec"]["affinity"] = json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"topologyKey": HOSTNAME, "labelSelector": {"matchLabels": {"app": "w"}}}]}});
+        assert_eq!(unfit(&p, &n), None);
+        n.add(Arc::new(pod("0")));
+        assert!(unfit(&p, &n).unwrap().contains("anti-affinity"));
+    }
+
+    #[test]
+    fn host_ports_conflict() {
+        let mut n = node("a", "4", true);
+        let mut p = pod("0");
+        p["spec"]["containers"][0]["ports"] = json!([{"containerPort": 80, "hostPort": 8080}]);
+        n.add(Arc::new(p.clone()));
+        assert!(unfit(&p, &n).unwrap().contains("free ports"));
+    }
+}
