@@ -536,3 +536,290 @@ fn d_jobs_complete_fail_and_index() {
         );
     }
 }
+
+/// c. StatefulSet (OrderedReady): NAME-0, -1, -2 strictly in order, scale-down in
+/// reverse, and a deleted pod returns with its name and its claim.
+#[test]
+fn c_statefulset_order_and_identity() {
+    let c = Cluster::start(3, &[]);
+    let servers = c.servers();
+    let _nodes = c.sim_nodes("s", 3, &[]);
+    wait_for("3 nodes", MIN, || {
+        (c.items(&["nodes"]).len() == 3).then_some(())
+    });
+    let watch_out = c.dir.path().join("stswatch.jsonl");
+    let mut watch = c.spawn_cli(
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=db",
+            "-w",
+            "-o",
+            "json",
+            "--output-watch-events",
+        ],
+        &watch_out,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let sts = "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec:\n  replicas: 3\n  serviceName: db\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}, annotations: {sim.orc.dev/ready-after: 1s}}\n    spec:\n      containers: [{name: c, image: busybox}]\n  volumeClaimTemplates:\n  - metadata: {name: data}\n    spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}\n";
+    assert!(c.orc_stdin(&servers, &["apply", "-f", "-"], Some(sts)).ok());
+    wait_for("3 ready pods", MIN, || {
+        (running_ready(&c, "app=db").len() == 3).then_some(())
+    });
+    let o = c.orc(&servers, &["scale", "sts/db", "--replicas", "0"]);
+    assert!(o.ok(), "{}", o.stderr);
+    wait_for("no pods", MIN, || {
+        c.items(&["pods", "-l", "app=db"]).is_empty().then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    watch.kill();
+    // Replay: each pod is ADDED only after the one before it is Ready; deletions run 2, 1, 0.
+    let text = std::fs::read_to_string(&watch_out).unwrap();
+    let (mut ready, mut added, mut deleted) = (
+        Vec::<String>::new(),
+        Vec::<String>::new(),
+        Vec::<String>::new(),
+    );
+    for line in text.lines() {
+        let Ok(ev) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let name = ev["object"]["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        match ev["type"].as_str() {
+            Some("ADDED") => {
+                let i: usize = name.trim_start_matches("db-").parse().unwrap();
+                assert!(
+                    i == 0 || ready.contains(&format!("db-{}", i - 1)),
+                    "{name} created before db-{} was ready",
+                    i - 1
+                );
+                added.push(name);
+            }
+            Some("MODIFIED") if ready_obj(&ev["object"]) && !ready.contains(&name) => {
+                ready.push(name)
+            }
+            Some("DELETED") => deleted.push(name),
+            _ => {}
+        }
+    }
+    println!("created {added:?}, ready {ready:?}, deleted {deleted:?}");
+    assert_eq!(added, vec!["db-0", "db-1", "db-2"]);
+    assert_eq!(deleted, vec!["db-2", "db-1", "db-0"]);
+    // Back to 3; a deleted pod returns with the same name and claim, on the same node.
+    assert!(c
+        .orc(&servers, &["scale", "sts/db", "--replicas", "3"])
+        .ok());
+    wait_for("3 ready pods again", MIN, || {
+        (running_ready(&c, "app=db").len() == 3).then_some(())
+    });
+    let before = c.items(&["pods", "db-1"]).pop().unwrap();
+    let pvc = c
+        .items(&["pvc", "data-db-1"])
+        .pop()
+        .expect("claim data-db-1");
+    assert_eq!(pvc["status"]["phase"], "Bound", "{pvc}");
+    assert_eq!(c.items(&["pvc"]).len(), 3);
+    assert!(c.orc(&servers, &["delete", "pod", "db-1"]).ok());
+    let after = wait_for("db-1 to come back", MIN, || {
+        let p = c.items(&["pods", "db-1"]).pop()?;
+        (p["metadata"]["uid"] != before["metadata"]["uid"] && ready_obj(&p)).then_some(p)
+    });
+    assert_eq!(
+        after["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        "data-db-1"
+    );
+    assert_eq!(
+        after["spec"]["nodeName"], before["spec"]["nodeName"],
+        "pinned by its volume"
+    );
+    assert_eq!(after["spec"]["hostname"], "db-1");
+    assert_eq!(
+        c.items(&["pvc", "data-db-1"]).pop().unwrap()["metadata"]["uid"],
+        pvc["metadata"]["uid"],
+        "same claim"
+    );
+}
+
+fn ready_obj(p: &Value) -> bool {
+    ready(p)
+}
+
+/// e. A CronJob every minute with Forbid: one Job a minute, never two at once.
+#[test]
+fn e_cronjob_forbid() {
+    let c = Cluster::start(3, &[]);
+    let servers = c.servers();
+    let _nodes = c.sim_nodes("cj", 2, &[]);
+    wait_for("2 nodes", MIN, || {
+        (c.items(&["nodes"]).len() == 2).then_some(())
+    });
+    // Each run takes 70 s, longer than the period: Forbid must skip.
+    let cj = "apiVersion: batch/v1\nkind: CronJob\nmetadata: {name: tick}\nspec:\n  schedule: '* * * * *'\n  concurrencyPolicy: Forbid\n  jobTemplate:\n    spec:\n      template:\n        metadata: {annotations: {sim.orc.dev/exit-after: 70s}}\n        spec:\n          restartPolicy: Never\n          containers: [{name: c, image: busybox}]\n";
+    let watch_out = c.dir.path().join("cjwatch.jsonl");
+    let mut watch = c.spawn_cli(
+        &["get", "jobs", "-w", "-o", "json", "--output-watch-events"],
+        &watch_out,
+    );
+    assert!(c.orc_stdin(&servers, &["apply", "-f", "-"], Some(cj)).ok());
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(150));
+    watch.kill();
+    let text = std::fs::read_to_string(&watch_out).unwrap();
+    let mut jobs: BTreeMap<String, (bool, String)> = BTreeMap::new();
+    let mut most_active = 0;
+    for line in text.lines() {
+        let Ok(ev) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let o = &ev["object"];
+        let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let done = o["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["status"] == "True"));
+        let created = o["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        jobs.insert(name, (!done && ev["type"] != "DELETED", created));
+        most_active = most_active.max(jobs.values().filter(|(a, _)| *a).count());
+    }
+    println!(
+        "cronjob over {:?}: jobs {jobs:?}, at most {most_active} active",
+        start.elapsed()
+    );
+    assert!(!jobs.is_empty(), "a job was created");
+    // A run due while another is active waits for it (as Kubernetes' controller
+    // does), so over 150 s at most three start, one per scheduled minute.
+    assert!(jobs.len() <= 3, "{jobs:?}");
+    assert_eq!(most_active, 1);
+    // One a minute at most: creation minutes differ.
+    let minutes: Vec<&str> = jobs.values().map(|(_, c)| &c[..16]).collect();
+    let mut uniq = minutes.clone();
+    uniq.dedup();
+    assert_eq!(minutes, uniq);
+}
+
+/// h. A Service gets a ClusterIP and its EndpointSlice lists exactly the ready
+/// pods; Services created at once through different masters never share a
+/// ClusterIP or a NodePort (a small range makes collisions likely).
+#[test]
+fn h_services_allocate_uniquely_and_list_ready_pods() {
+    let c = Cluster::start(
+        3,
+        &[
+            "--service-cidr",
+            "198.19.0.0/27",
+            "--service-node-port-range",
+            "30000-30040",
+        ],
+    );
+    let servers = c.servers();
+    let _nodes = c.sim_nodes("h", 2, &[]);
+    wait_for("2 nodes", MIN, || {
+        (c.items(&["nodes"]).len() == 2).then_some(())
+    });
+    // Two pods ready, one never (its readiness comes after an hour).
+    let d = deployment("web", 2, "nginx", "");
+    assert!(c.orc_stdin(&servers, &["apply", "-f", "-"], Some(&d)).ok());
+    let slow = "apiVersion: v1\nkind: Pod\nmetadata: {name: slow, labels: {app: web}, annotations: {sim.orc.dev/ready-after: 1h}}\nspec:\n  containers: [{name: c, image: nginx}]\n";
+    assert!(c
+        .orc_stdin(&servers, &["apply", "-f", "-"], Some(slow))
+        .ok());
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n";
+    assert!(c.orc_stdin(&servers, &["apply", "-f", "-"], Some(svc)).ok());
+    let s = c.items(&["svc", "web"]).pop().unwrap();
+    let ip = s["spec"]["clusterIP"].as_str().unwrap().to_string();
+    assert!(ip.starts_with("198.19.0."), "{ip}");
+    let ready_ips = wait_for("2 ready pods", MIN, || {
+        let mut ips: Vec<String> = running_ready(&c, "app=web")
+            .iter()
+            .map(|p| p["status"]["podIP"].as_str().unwrap().to_string())
+            .collect();
+        ips.sort();
+        (ips.len() == 2).then_some(ips)
+    });
+    let slice = wait_for(
+        "the EndpointSlice to list exactly the ready pods",
+        MIN,
+        || {
+            let sl = c.items(&["endpointslices", "web"]).pop()?;
+            let eps = sl["endpoints"].as_array()?.clone();
+            let mut ready: Vec<String> = eps
+                .iter()
+                .filter(|e| e["conditions"]["ready"] == true)
+                .map(|e| e["addresses"][0].as_str().unwrap().to_string())
+                .collect();
+            ready.sort();
+            (ready == ready_ips && eps.len() == 3).then_some(sl)
+        },
+    );
+    println!("service web {ip}: slice {}", slice["endpoints"]);
+    assert_eq!(slice["ports"][0]["port"], 8080);
+    let ep = c.items(&["endpoints", "web"]).pop().unwrap();
+    assert_eq!(ep["subsets"][0]["addresses"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        ep["subsets"][0]["notReadyAddresses"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Pairs of NodePort Services created at the same moment through two different masters.
+    let (a, b) = (c.masters[0].addr.clone(), c.masters[1].addr.clone());
+    for i in 0..12 {
+        let mk = |m: String, n: String| {
+            let doc = format!("{{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{{\"name\":\"{n}\"}},\"spec\":{{\"type\":\"NodePort\",\"ports\":[{{\"port\":80}}]}}}}");
+            let home = c.dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                orc_chaos::run_orc(&home, &["--server", &m, "create", "-f", "-"], Some(&doc))
+            })
+        };
+        let (x, y) = (
+            mk(a.clone(), format!("x{i}")),
+            mk(b.clone(), format!("y{i}")),
+        );
+        let (x, y) = (x.join().unwrap(), y.join().unwrap());
+        assert!(x.ok() && y.ok(), "{} {}", x.stderr, y.stderr);
+    }
+    let svcs = c.items(&["svc"]);
+    let mut ips: Vec<&str> = svcs
+        .iter()
+        .map(|s| s["spec"]["clusterIP"].as_str().unwrap())
+        .collect();
+    let mut ports: Vec<i64> = svcs
+        .iter()
+        .filter_map(|s| s["spec"]["ports"][0]["nodePort"].as_i64())
+        .collect();
+    let (n_ips, n_ports) = (ips.len(), ports.len());
+    ips.sort();
+    ips.dedup();
+    ports.sort();
+    ports.dedup();
+    println!(
+        "{n_ips} services: {} distinct ClusterIPs, {n_ports} NodePorts, {} distinct",
+        ips.len(),
+        ports.len()
+    );
+    assert_eq!(n_ips, 25);
+    assert_eq!(ips.len(), n_ips, "a ClusterIP was shared");
+    assert_eq!(n_ports, 24);
+    assert_eq!(ports.len(), n_ports, "a NodePort was shared");
+    // A requested one that is taken is refused, naming the field.
+    let taken = svcs
+        .iter()
+        .find_map(|s| s["spec"]["ports"][0]["nodePort"].as_i64())
+        .unwrap();
+    let doc = format!("{{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{{\"name\":\"dup\"}},\"spec\":{{\"type\":\"NodePort\",\"ports\":[{{\"port\":80,\"nodePort\":{taken}}}]}}}}");
+    let o = c.orc_stdin(&servers, &["create", "-f", "-"], Some(&doc));
+    assert!(!o.ok());
+    assert!(
+        o.stderr.contains("spec.ports.nodePort") && o.stderr.contains("already allocated"),
+        "{}",
+        o.stderr
+    );
+}

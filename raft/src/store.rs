@@ -616,6 +616,35 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 .and_then(|b| serde_json::from_slice(&b).ok())
                         };
                         let res = mutation::apply(&cmd, revision, &get);
+                        // The allocation index follows the Services (see
+                        // `mutation::allocation_keys`), in the same write.
+                        if let Ok(
+                            Change::Put { key, object, .. } | Change::Remove { key, object },
+                        ) = &res
+                        {
+                            if key.starts_with("services/") {
+                                let before = get(key)
+                                    .map(|o| mutation::allocation_keys(&o))
+                                    .unwrap_or_default();
+                                let after = match &res {
+                                    Ok(Change::Put { .. }) => mutation::allocation_keys(object),
+                                    _ => Vec::new(),
+                                };
+                                for k in before.iter().filter(|k| !after.contains(k)) {
+                                    batch.delete_cf(objects, k);
+                                    overlay.insert(k.clone(), None);
+                                }
+                                for k in after.iter().filter(|k| !before.contains(k)) {
+                                    let v = Value::String(key.clone());
+                                    batch.put_cf(
+                                        objects,
+                                        k,
+                                        serde_json::to_vec(&v).unwrap_or_default(),
+                                    );
+                                    overlay.insert(k.clone(), Some(v));
+                                }
+                            }
+                        }
                         if let Ok(ch) = &res {
                             let (key, event_type, object, previous, size) = match ch {
                                 Change::Put {

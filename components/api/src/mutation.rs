@@ -42,6 +42,71 @@ impl ObjectKey {
     }
 }
 
+/// Keys of the allocation index the store keeps beside the objects: which
+/// Service holds a ClusterIP or a NodePort. They start with `~`, so no resource
+/// prefix ever lists them.
+pub const INDEX_PREFIX: &str = "~";
+
+/// The index keys (ClusterIPs and NodePorts) a Service holds.
+pub fn allocation_keys(svc: &Value) -> Vec<String> {
+    let mut keys = Vec::new();
+    let spec = &svc["spec"];
+    let mut ips: Vec<&str> = spec["clusterIPs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if let Some(ip) = spec["clusterIP"].as_str() {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    for ip in ips {
+        if !ip.is_empty() && ip != "None" {
+            keys.push(format!("~clusterip/{ip}"));
+        }
+    }
+    for p in spec["ports"].as_array().into_iter().flatten() {
+        if let Some(n) = p["nodePort"].as_i64().filter(|n| *n > 0) {
+            keys.push(format!(
+                "~nodeport/{}/{n}",
+                p["protocol"].as_str().unwrap_or("TCP")
+            ));
+        }
+    }
+    keys
+}
+
+/// A Service may not take a ClusterIP or NodePort another Service holds.
+fn check_allocations(
+    key: &ObjectKey,
+    obj: &Value,
+    get: &dyn Fn(&str) -> Option<Value>,
+) -> Result<(), ApiError> {
+    if key.resource != "services" {
+        return Ok(());
+    }
+    let me = key.encode();
+    for k in allocation_keys(obj) {
+        if let Some(holder) = get(&k) {
+            if holder.as_str() != Some(me.as_str()) {
+                let (what, value) = k[1..].split_once('/').unwrap_or(("", ""));
+                let field = if what == "clusterip" {
+                    "spec.clusterIPs"
+                } else {
+                    "spec.ports.nodePort"
+                };
+                return Err(ApiError::invalid(format!(
+                    "Service \"{}\" is invalid: {field}: Invalid value: \"{}\": provided {} is already allocated",
+                    key.name,
+                    value.rsplit('/').next().unwrap_or(value),
+                    if what == "clusterip" { "IP" } else { "port" }
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Metadata the system owns: decided by the accepting master on create, kept from
 /// the stored object on update, whatever a request says.
 pub const SYSTEM_METADATA: &[&str] = &[
@@ -216,6 +281,7 @@ pub fn apply(
                     _ => {}
                 }
             }
+            check_allocations(key, object, get)?;
             let mut obj = object.clone();
             set_meta(&mut obj, "resourceVersion", rv);
             if obj.get("spec").is_some() {
@@ -294,6 +360,7 @@ pub fn apply(
             if new == current {
                 return Ok(Change::Unchanged { object: current });
             }
+            check_allocations(key, &new, get)?;
             if !*status && new.get("spec") != current.get("spec") {
                 let g = meta_field(&current, "generation")
                     .and_then(Value::as_i64)

@@ -469,11 +469,53 @@ impl Master {
         orc_api::defaults::apply(info.kind, &mut obj, &self.cfg.defaults);
         let obj = validate::admit(info, obj)?;
         let key = ObjectKey::new(info.plural, &ns, &name);
+        if info.kind == "Service" {
+            return self.create_service(key, obj).await;
+        }
         Ok(self
             .propose(Command::Create { key, object: obj })
             .await?
             .object()
             .clone())
+    }
+
+    /// A Service gets a free ClusterIP and NodePorts, chosen here at random among
+    /// those this master sees free; the apply rules refuse one that another
+    /// Service already holds, and then another is chosen. So two Services never
+    /// share one, whichever masters accepted them.
+    async fn create_service(&self, key: ObjectKey, obj: Value) -> Result<Value, ApiError> {
+        let mut last = None;
+        for _ in 0..16 {
+            let mut o = obj.clone();
+            crate::alloc::assign(
+                &mut o,
+                &self.cfg.service_cidr,
+                self.cfg.node_ports,
+                &|prefix| {
+                    self.sm
+                        .list(prefix)
+                        .map(|(_, kv)| kv.into_iter().map(|(k, _)| k).collect())
+                        .unwrap_or_default()
+                },
+            )?;
+            match self
+                .propose(Command::Create {
+                    key: key.clone(),
+                    object: o,
+                })
+                .await
+            {
+                Ok(ch) => return Ok(ch.object().clone()),
+                Err(e)
+                    if e.message.contains("is already allocated")
+                        && crate::alloc::was_chosen(&obj, &e) =>
+                {
+                    last = Some(e)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ApiError::internal("allocation failed")))
     }
 
     async fn update(
@@ -504,6 +546,15 @@ impl Master {
         let mut obj = obj;
         if !status {
             orc_api::defaults::apply(info.kind, &mut obj, &self.cfg.defaults);
+        }
+        if info.kind == "Service" && !status {
+            // Allocated fields stay when a request leaves them out (kubectl replace).
+            if let Ok(Some(cur)) = self
+                .sm
+                .get(&ObjectKey::new(info.plural, &ns, &name).encode())
+            {
+                crate::alloc::keep(&mut obj, &cur)?;
+            }
         }
         let mut obj = validate::admit(info, obj)?;
         if info.namespaced {
@@ -757,7 +808,11 @@ impl Master {
         self.read_barrier().await?;
         let (index, data) = self.sm.export().map_err(ApiError::internal)?;
         let objects = orc_raft::store::decode_export(&data).map_err(ApiError::internal)?;
-        let items: Vec<Value> = objects.into_iter().map(|(_, o)| o).collect();
+        let items: Vec<Value> = objects
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(orc_api::mutation::INDEX_PREFIX))
+            .map(|(_, o)| o)
+            .collect();
         Ok(
             json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": index.to_string()}, "items": items}),
         )

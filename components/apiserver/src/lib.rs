@@ -7,6 +7,7 @@
 //! It must not depend on the CLI or on anything that runs on nodes. Request
 //! validation comes from `orc-api`; durable state from `orc-raft`.
 
+mod alloc;
 mod api;
 mod service;
 mod watch;
@@ -67,6 +68,10 @@ pub struct MasterConfig {
     pub controllers: orc_controllers::Settings,
     /// Admission defaults.
     pub defaults: orc_api::defaults::Defaults,
+    /// ClusterIPs come from this range ...
+    pub service_cidr: String,
+    /// ... and NodePorts from this one.
+    pub node_ports: (u16, u16),
 }
 
 impl MasterConfig {
@@ -97,6 +102,8 @@ impl MasterConfig {
             watch_window_bytes: 256 << 20,
             controllers: orc_controllers::Settings::default(),
             defaults: orc_api::defaults::Defaults::default(),
+            service_cidr: "198.19.0.0/16".into(),
+            node_ports: (30000, 32767),
         }
     }
 }

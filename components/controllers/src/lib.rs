@@ -8,14 +8,17 @@
 //! or `orc-client`); it must not depend on Raft, RocksDB or the apiserver.
 
 pub mod api;
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
 pub mod job;
 pub mod nodes;
 pub mod replicaset;
 pub mod runner;
 pub mod scheduler;
+pub mod statefulset;
 pub mod store;
 pub mod supervisor;
 pub mod util;
@@ -88,6 +91,10 @@ pub async fn start(api: Arc<dyn Api>, settings: Settings) -> Result<Controllers,
         Child::controller(deployment::Deployments, a.clone(), s.clone(), st.clone()),
         Child::controller(daemonset::DaemonSets, a.clone(), s.clone(), st.clone()),
         Child::controller(job::Jobs, a.clone(), s.clone(), st.clone()),
+        Child::controller(cronjob::CronJobs, a.clone(), s.clone(), st.clone()),
+        Child::controller(statefulset::StatefulSets, a.clone(), s.clone(), st.clone()),
+        Child::controller(statefulset::Volumes, a.clone(), s.clone(), st.clone()),
+        Child::controller(endpoints::Endpoints, a.clone(), s.clone(), st.clone()),
         Child::controller(
             scheduler::Scheduler::default(),
             a.clone(),

@@ -182,8 +182,9 @@ fn tolerates_key(p: &Value, key: &str) -> bool {
     tolerations(p).iter().any(|t| tolerates(t, &taint))
 }
 
-/// Why `node` cannot take `p`, or None if it can.
-pub fn unfit(p: &Value, node: &NodeState) -> Option<String> {
+/// Why `node` cannot take `p`, or None if it can. `volumes` are the node
+/// affinities of the persistent volumes the pod's claims are bound to.
+pub fn unfit(p: &Value, node: &NodeState, volumes: &[Value]) -> Option<String> {
     let tolerates_down = tolerates_key(p, "node.kubernetes.io/not-ready")
         && tolerates_key(p, "node.kubernetes.io/unreachable");
     if !node_ready(&node.node) && !tolerates_down {
@@ -203,6 +204,13 @@ pub fn unfit(p: &Value, node: &NodeState) -> Option<String> {
     }
     if !node_selected(p, node) {
         return Some("node(s) didn't match Pod's node affinity/selector".into());
+    }
+    if volumes.iter().any(|terms| {
+        !terms
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| term_matches(t, node)))
+    }) {
+        return Some("node(s) had volume node affinity conflict".into());
     }
     let (c, m) = util::pod_requests(p);
     if node.pods.len() as i64 + 1 > node.max_pods {
@@ -273,11 +281,11 @@ pub fn score(p: &Value, node: &NodeState) -> i64 {
 }
 
 /// Choose a node for `p`: the index into `nodes`, or the reason none fits.
-pub fn choose(p: &Value, nodes: &[NodeState]) -> Result<usize, String> {
+pub fn choose(p: &Value, nodes: &[NodeState], volumes: &[Value]) -> Result<usize, String> {
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut best: Option<(i64, usize)> = None;
     for (i, n) in nodes.iter().enumerate() {
-        match unfit(p, n) {
+        match unfit(p, n, volumes) {
             Some(r) => *reasons.entry(r).or_default() += 1,
             None => {
                 let s = score(p, n);
@@ -291,6 +299,32 @@ pub fn choose(p: &Value, nodes: &[NodeState]) -> Result<usize, String> {
         let why: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
         format!("0/{} nodes are available: {}.", nodes.len(), why.join(", "))
     })
+}
+
+/// The node affinities of the volumes bound to the pod's claims; an error when
+/// a claim does not exist.
+fn volume_affinity(ctx: &Ctx, p: &Value) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    for v in p["spec"]["volumes"].as_array().into_iter().flatten() {
+        let Some(claim) = v["persistentVolumeClaim"]["claimName"].as_str() else {
+            continue;
+        };
+        let Some(pvc) = ctx
+            .store
+            .get_ns("persistentvolumeclaims", util::namespace(p), claim)
+        else {
+            return Err(format!("persistentvolumeclaim \"{claim}\" not found"));
+        };
+        if let Some(pv) = pvc["spec"]["volumeName"]
+            .as_str()
+            .and_then(|n| ctx.store.get("persistentvolumes", &format!("/{n}")))
+        {
+            if let Some(terms) = pv.pointer("/spec/nodeAffinity/required/nodeSelectorTerms") {
+                out.push(terms.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub fn wants_scheduling(p: &Value) -> bool {
@@ -343,7 +377,8 @@ impl Scheduler {
                 out[i] = Some(Ok(None));
                 continue;
             }
-            match choose(&p, &nodes) {
+            let chosen = volume_affinity(ctx, &p).and_then(|v| choose(&p, &nodes, &v));
+            match chosen {
                 Ok(n) => {
                     let mut bound = (*p).clone();
                     bound["spec"]["nodeName"] = json!(nodes[n].name);
@@ -487,8 +522,8 @@ mod tests {
             node("b", "2", true),
             node("c", "8", false),
         ];
-        assert_eq!(choose(&pod("1500m"), &nodes), Ok(1));
-        let e = choose(&pod("4"), &nodes).unwrap_err();
+        assert_eq!(choose(&pod("1500m"), &nodes, &[]), Ok(1));
+        let e = choose(&pod("4"), &nodes, &[]).unwrap_err();
         assert_eq!(
             e,
             "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) were not ready."
@@ -504,7 +539,7 @@ mod tests {
         ];
         for _ in 0..6 {
             let p = pod("100m");
-            let i = choose(&p, &nodes).unwrap();
+            let i = choose(&p, &nodes, &[]).unwrap();
             nodes[i].add(Arc::new(p));
         }
         assert!(nodes.iter().all(|n| n.pods.len() == 2));
@@ -516,20 +551,20 @@ mod tests {
         Arc::make_mut(&mut n.node)["spec"]["taints"] =
             json!([{"key": "k", "value": "v", "effect": "NoSchedule"}]);
         let mut p = pod("1");
-        assert!(unfit(&p, &n).unwrap().contains("untolerated taint"));
+        assert!(unfit(&p, &n, &[]).unwrap().contains("untolerated taint"));
         p["spec"]["tolerations"] = json!([{"key": "k", "operator": "Exists"}]);
-        assert_eq!(unfit(&p, &n), None);
+        assert_eq!(unfit(&p, &n, &[]), None);
         p["spec"]["nodeSelector"] = json!({"zone": "b"});
-        assert!(unfit(&p, &n).is_some());
+        assert!(unfit(&p, &n, &[]).is_some());
         p["spec"]["nodeSelector"] = json!({"zone": "a"});
         p["spec"]["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
             {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["b"]}]}]}}});
-        assert!(unfit(&p, &n).is_some());
+        assert!(unfit(&p, &n, &[]).is_some());
         p["spec"]["affinity"] = json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
             {"topologyKey": HOSTNAME, "labelSelector": {"matchLabels": {"app": "w"}}}]}});
-        assert_eq!(unfit(&p, &n), None);
+        assert_eq!(unfit(&p, &n, &[]), None);
         n.add(Arc::new(pod("0")));
-        assert!(unfit(&p, &n).unwrap().contains("anti-affinity"));
+        assert!(unfit(&p, &n, &[]).unwrap().contains("anti-affinity"));
     }
 
     #[test]
@@ -538,6 +573,6 @@ mod tests {
         let mut p = pod("0");
         p["spec"]["containers"][0]["ports"] = json!([{"containerPort": 80, "hostPort": 8080}]);
         n.add(Arc::new(p.clone()));
-        assert!(unfit(&p, &n).unwrap().contains("free ports"));
+        assert!(unfit(&p, &n, &[]).unwrap().contains("free ports"));
     }
 }

@@ -141,6 +141,12 @@ struct MasterArgs {
     /// Pods tolerate not-ready/unreachable nodes this long by default (seconds).
     #[arg(long, default_value_t = 300)]
     default_toleration_seconds: i64,
+    /// ClusterIPs of Services come from this range.
+    #[arg(long, default_value = "198.19.0.0/16")]
+    service_cidr: String,
+    /// NodePorts come from this range (FIRST-LAST).
+    #[arg(long, default_value = "30000-32767")]
+    service_node_port_range: String,
     /// First retry delay of a failed Job's pod (seconds; doubles up to 6 minutes).
     #[arg(long, default_value_t = 10.0)]
     job_backoff_seconds: f64,
@@ -385,6 +391,24 @@ async fn run(cli: Cli) -> Result<i32> {
                     a.cluster_cidr
                 );
             }
+            if orc_controllers::nodes::parse_cidr(&a.service_cidr).is_none_or(|(_, b)| b > 30) {
+                bail!(
+                    "--service-cidr \"{}\": not an IPv4 CIDR of /30 or more addresses",
+                    a.service_cidr
+                );
+            }
+            cfg.service_cidr = a.service_cidr;
+            cfg.node_ports = a
+                .service_node_port_range
+                .split_once('-')
+                .and_then(|(x, y)| Some((x.trim().parse().ok()?, y.trim().parse().ok()?)))
+                .filter(|(x, y): &(u16, u16)| x <= y)
+                .with_context(|| {
+                    format!(
+                        "--service-node-port-range \"{}\": expected FIRST-LAST, like 30000-32767",
+                        a.service_node_port_range
+                    )
+                })?;
             cfg.controllers.cluster_cidr = a.cluster_cidr;
             cfg.controllers.node_cidr_mask = a.node_cidr_mask_size;
             cfg.controllers.node_grace =
