@@ -14,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod pods;
+
 #[derive(Parser)]
 #[command(about = "orc benchmarks")]
 struct Cli {
@@ -47,6 +49,23 @@ enum Cmd {
         #[arg(long = "orc-arg", allow_hyphen_values = true)]
         orc_args: Vec<String>,
         /// Keep the data dirs and logs (printed at the end).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Scheduling throughput: simulated nodes and Deployments on 3 masters; pods/s
+    /// from creation to Running and creation-to-bound latency.
+    Pods {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 10_000)]
+        pods: usize,
+        /// The pods are split evenly over this many Deployments.
+        #[arg(long, default_value_t = 10)]
+        deployments: usize,
+        #[arg(long)]
+        orc_bin: Option<PathBuf>,
+        #[arg(long = "orc-arg", allow_hyphen_values = true)]
+        orc_args: Vec<String>,
         #[arg(long)]
         keep: bool,
     },
@@ -343,27 +362,66 @@ fn ms(d: Duration) -> String {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let Cmd::Writes {
-        clients,
-        seconds,
-        value_bytes,
-        orc_bin,
-        etcd_bin,
-        skip_etcd,
-        orc_args,
-        keep,
-    } = Cli::parse().cmd;
-    let levels: Vec<usize> = clients
-        .split(',')
-        .map(|s| s.trim().parse().context("--clients: numbers"))
-        .collect::<Result<_>>()?;
-    let orc_bin = match orc_bin {
+    match Cli::parse().cmd {
+        Cmd::Writes {
+            clients,
+            seconds,
+            value_bytes,
+            orc_bin,
+            etcd_bin,
+            skip_etcd,
+            orc_args,
+            keep,
+        } => {
+            writes(
+                clients,
+                seconds,
+                value_bytes,
+                orc_bin,
+                etcd_bin,
+                skip_etcd,
+                orc_args,
+                keep,
+            )
+            .await
+        }
+        Cmd::Pods {
+            nodes,
+            pods,
+            deployments,
+            orc_bin,
+            orc_args,
+            keep,
+        } => pods::run(nodes, pods, deployments, orc_bin, orc_args, keep).await,
+    }
+}
+
+fn orc_bin_or_default(orc_bin: Option<PathBuf>) -> Result<PathBuf> {
+    Ok(match orc_bin {
         Some(p) => p,
         None => std::env::current_exe()?
             .parent()
             .context("bin dir")?
             .join("orc"),
-    };
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn writes(
+    clients: String,
+    seconds: u64,
+    value_bytes: usize,
+    orc_bin: Option<PathBuf>,
+    etcd_bin: PathBuf,
+    skip_etcd: bool,
+    orc_args: Vec<String>,
+    keep: bool,
+) -> Result<()> {
+    let levels: Vec<usize> = clients
+        .split(',')
+        .map(|s| s.trim().parse().context("--clients: numbers"))
+        .collect::<Result<_>>()?;
+    let orc_bin = orc_bin_or_default(orc_bin)?;
     let dir = tempfile::Builder::new().prefix("orc-bench-").tempdir()?;
     let mut procs = Procs(Vec::new());
     let orc = start_orc(&orc_bin, &orc_args, dir.path(), &mut procs).await?;

@@ -41,8 +41,11 @@ type Pending = (Command, oneshot::Sender<Result<Change, Submit>>);
 /// Commands proposed together in one log entry, at most.
 const MAX_BATCH: usize = 512;
 /// Serialized bytes proposed together in one log entry, at most (a larger single
-/// command still goes alone).
-const MAX_BATCH_BYTES: usize = 8 << 20;
+/// command still goes alone). openraft gives every AppendEntries one heartbeat
+/// interval (100 ms) to be sent, parsed, appended and fsynced by a follower, and
+/// retries the same payload when it does not make it: entries (and payloads,
+/// see `max_payload_entries`) must stay small enough for a loaded machine.
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Log entries proposed and not yet committed, at most. While they are in flight
 /// new writes queue up and go together in the next entry: openraft 0.9 flushes the
 /// leader's log one entry at a time, so this is what lets concurrent writes share

@@ -117,8 +117,10 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
         election_timeout_max: cfg.election_max.as_millis() as u64,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
         max_in_snapshot_log_to_keep: cfg.keep_logs,
-        // Entries are batches of up to 512 writes: keep each AppendEntries modest.
-        max_payload_entries: 64,
+        // Entries are batches of up to 512 writes (1 MiB): an AppendEntries must be
+        // handled within one heartbeat interval, or it is retried for ever (a
+        // 1,000-node registration burst with 64 entries per payload livelocked).
+        max_payload_entries: 4,
         ..Default::default()
     }
     .validate()

@@ -5,6 +5,7 @@
 use crate::runner::{Ctx, Outcome, Reconciler};
 use crate::store::Change;
 use crate::util;
+use crate::util::PathExt;
 use futures::future::BoxFuture;
 use orc_api::request::Request;
 use orc_api::{resources, ApiError, EventType, Reason};
@@ -12,7 +13,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 fn finalizers(o: &Value) -> Vec<String> {
-    o.pointer("/metadata/finalizers")
+    o.get_path(&["metadata", "finalizers"])
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
@@ -23,7 +24,7 @@ fn finalizers(o: &Value) -> Vec<String> {
 }
 
 fn has_owners(o: &Value) -> bool {
-    o.pointer("/metadata/ownerReferences")
+    o.get_path(&["metadata", "ownerReferences"])
         .and_then(Value::as_array)
         .is_some_and(|a| !a.is_empty())
 }
@@ -120,7 +121,7 @@ impl GarbageCollector {
             // owner is still collected below.
         }
         let refs = o
-            .pointer("/metadata/ownerReferences")
+            .get_path(&["metadata", "ownerReferences"])
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
@@ -164,7 +165,7 @@ impl Reconciler for GarbageCollector {
         }
         for r in ch
             .object
-            .pointer("/metadata/ownerReferences")
+            .get_path(&["metadata", "ownerReferences"])
             .and_then(Value::as_array)
             .into_iter()
             .flatten()

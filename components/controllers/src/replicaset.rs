@@ -178,11 +178,8 @@ impl ReplicaSets {
             }
         }
         // Orphans that match are adopted.
-        for p in ctx.store.list_ns("pods", util::namespace(&rs)) {
-            if util::controller_ref(&p).is_none()
-                && pod_active(&p)
-                && util::selector_matches(&sel, &util::labels(&p))
-            {
+        for p in ctx.store.orphan_pods(util::namespace(&rs)) {
+            if pod_active(&p) && util::selector_matches(&sel, &util::labels(&p)) {
                 let mut np = (*p).clone();
                 let refs = np["metadata"]["ownerReferences"].take();
                 let mut refs = refs.as_array().cloned().unwrap_or_default();

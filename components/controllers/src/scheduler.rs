@@ -6,6 +6,7 @@
 //! decided in order against one view, then bound together.
 use crate::runner::{Ctx, Outcome, Reconciler};
 use crate::store::Change;
+use crate::util::PathExt;
 use crate::util::{self, quantity};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
@@ -28,6 +29,12 @@ pub struct NodeState {
     pub used_mem: i64,
     pub pods: Vec<Arc<Value>>,
     pub ports: HashSet<(String, i64)>,
+    /// Pods on it per controller uid (for spreading).
+    pub owners: HashMap<String, i64>,
+    pub ready: bool,
+    pub unschedulable: bool,
+    /// Its NoSchedule and NoExecute taints.
+    pub taints: Vec<Value>,
 }
 
 impl NodeState {
@@ -37,6 +44,15 @@ impl NodeState {
         } else {
             &node["status"]["capacity"]
         };
+        let taints = node["spec"]["taints"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .filter(|t| t["effect"] == "NoSchedule" || t["effect"] == "NoExecute")
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         NodeState {
             name: util::name(&node).to_string(),
             labels: util::labels(&node),
@@ -47,6 +63,10 @@ impl NodeState {
             used_mem: 0,
             pods: Vec::new(),
             ports: HashSet::new(),
+            owners: HashMap::new(),
+            ready: node_ready(&node),
+            unschedulable: node["spec"]["unschedulable"] == true,
+            taints,
             node,
         }
     }
@@ -55,7 +75,57 @@ impl NodeState {
         self.used_cpu += c;
         self.used_mem += m;
         self.ports.extend(host_ports(&pod));
+        if let Some(u) = util::controller_uid(&pod) {
+            *self.owners.entry(u.to_string()).or_default() += 1;
+        }
         self.pods.push(pod);
+    }
+}
+
+/// What the scheduler needs of a pod, read once per decision.
+pub struct PodInfo<'a> {
+    pub pod: &'a Value,
+    pub cpu: i64,
+    pub mem: i64,
+    pub ports: Vec<(String, i64)>,
+    pub owner: Option<&'a str>,
+    pub tolerates_down: bool,
+    pub tolerates_unschedulable: bool,
+    pub tolerations: &'a [Value],
+    pub node_selector: Option<&'a serde_json::Map<String, Value>>,
+    pub required_terms: Option<&'a Vec<Value>>,
+    pub preferred: Option<&'a Vec<Value>>,
+    pub anti: Vec<&'a Value>,
+}
+
+impl<'a> PodInfo<'a> {
+    pub fn new(p: &'a Value) -> Self {
+        let (cpu, mem) = util::pod_requests(p);
+        let aff = &p["spec"]["affinity"];
+        PodInfo {
+            pod: p,
+            cpu,
+            mem,
+            ports: host_ports(p),
+            owner: util::controller_uid(p),
+            tolerates_down: tolerates_key(p, "node.kubernetes.io/not-ready")
+                && tolerates_key(p, "node.kubernetes.io/unreachable"),
+            tolerates_unschedulable: tolerates_key(p, "node.kubernetes.io/unschedulable"),
+            tolerations: tolerations(p),
+            node_selector: p["spec"]["nodeSelector"]
+                .as_object()
+                .filter(|m| !m.is_empty()),
+            required_terms: aff["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                ["nodeSelectorTerms"]
+                .as_array(),
+            preferred: aff["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+                .as_array()
+                .filter(|a| !a.is_empty()),
+            anti: aff["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                .as_array()
+                .map(|a| a.iter().filter(|t| t["topologyKey"] == HOSTNAME).collect())
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -167,7 +237,16 @@ pub fn node_selected(p: &Value, node: &NodeState) -> bool {
             return false;
         }
     }
-    match p.pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms").and_then(Value::as_array) {
+    match p
+        .get_path(&[
+            "spec",
+            "affinity",
+            "nodeAffinity",
+            "requiredDuringSchedulingIgnoredDuringExecution",
+            "nodeSelectorTerms",
+        ])
+        .and_then(Value::as_array)
+    {
         Some(terms) => terms.iter().any(|t| term_matches(t, node)),
         None => true,
     }
@@ -185,24 +264,34 @@ fn tolerates_key(p: &Value, key: &str) -> bool {
 /// Why `node` cannot take `p`, or None if it can. `volumes` are the node
 /// affinities of the persistent volumes the pod's claims are bound to.
 pub fn unfit(p: &Value, node: &NodeState, volumes: &[Value]) -> Option<String> {
-    let tolerates_down = tolerates_key(p, "node.kubernetes.io/not-ready")
-        && tolerates_key(p, "node.kubernetes.io/unreachable");
-    if !node_ready(&node.node) && !tolerates_down {
+    unfit_info(&PodInfo::new(p), node, volumes)
+}
+
+fn unfit_info(p: &PodInfo, node: &NodeState, volumes: &[Value]) -> Option<String> {
+    if !node.ready && !p.tolerates_down {
         return Some("node(s) were not ready".into());
     }
-    if node.node["spec"]["unschedulable"] == true
-        && !tolerates_key(p, "node.kubernetes.io/unschedulable")
-    {
+    if node.unschedulable && !p.tolerates_unschedulable {
         return Some("node(s) were unschedulable".into());
     }
-    if let Some(t) = untolerated(p, &node.node, &["NoSchedule", "NoExecute"]) {
+    if let Some(t) = node
+        .taints
+        .iter()
+        .find(|taint| !p.tolerations.iter().any(|t| tolerates(t, taint)))
+    {
         return Some(format!(
             "node(s) had untolerated taint {{{}: {}}}",
             t["key"].as_str().unwrap_or(""),
             t["value"].as_str().unwrap_or("")
         ));
     }
-    if !node_selected(p, node) {
+    let selected = p.node_selector.is_none_or(|sel| {
+        sel.iter()
+            .all(|(k, v)| node.labels.get(k).map(String::as_str) == v.as_str())
+    }) && p
+        .required_terms
+        .is_none_or(|terms| terms.iter().any(|t| term_matches(t, node)));
+    if !selected {
         return Some("node(s) didn't match Pod's node affinity/selector".into());
     }
     if volumes.iter().any(|terms| {
@@ -212,34 +301,27 @@ pub fn unfit(p: &Value, node: &NodeState, volumes: &[Value]) -> Option<String> {
     }) {
         return Some("node(s) had volume node affinity conflict".into());
     }
-    let (c, m) = util::pod_requests(p);
     if node.pods.len() as i64 + 1 > node.max_pods {
         return Some("Too many pods".into());
     }
-    if c > 0 && node.used_cpu + c > node.cpu {
+    if p.cpu > 0 && node.used_cpu + p.cpu > node.cpu {
         return Some("Insufficient cpu".into());
     }
-    if m > 0 && node.used_mem + m > node.mem {
+    if p.mem > 0 && node.used_mem + p.mem > node.mem {
         return Some("Insufficient memory".into());
     }
-    if host_ports(p).iter().any(|hp| node.ports.contains(hp)) {
+    if p.ports.iter().any(|hp| node.ports.contains(hp)) {
         return Some("node(s) didn't have free ports for the requested pod ports".into());
     }
-    let ns = util::namespace(p);
-    for term in p
-        .pointer("/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if term["topologyKey"] != HOSTNAME {
-            continue;
-        }
-        if node.pods.iter().any(|o| {
-            util::namespace(o) == ns
-                && util::selector_matches(&term["labelSelector"], &util::labels(o))
-        }) {
-            return Some("node(s) didn't match pod anti-affinity rules".into());
+    if !p.anti.is_empty() {
+        let ns = util::namespace(p.pod);
+        for term in &p.anti {
+            if node.pods.iter().any(|o| {
+                util::namespace(o) == ns
+                    && util::selector_matches(&term["labelSelector"], &util::labels(o))
+            }) {
+                return Some("node(s) didn't match pod anti-affinity rules".into());
+            }
         }
     }
     None
@@ -247,7 +329,10 @@ pub fn unfit(p: &Value, node: &NodeState, volumes: &[Value]) -> Option<String> {
 
 /// Higher is better.
 pub fn score(p: &Value, node: &NodeState) -> i64 {
-    let (c, m) = util::pod_requests(p);
+    score_info(&PodInfo::new(p), node)
+}
+
+fn score_info(p: &PodInfo, node: &NodeState) -> i64 {
     let free = |cap: i64, used: i64, req: i64| -> f64 {
         if cap <= 0 {
             0.0
@@ -255,40 +340,32 @@ pub fn score(p: &Value, node: &NodeState) -> i64 {
             ((cap - used - req) as f64 / cap as f64).max(0.0)
         }
     };
-    let least =
-        ((free(node.cpu, node.used_cpu, c) + free(node.mem, node.used_mem, m)) * 50.0) as i64;
+    let least = ((free(node.cpu, node.used_cpu, p.cpu) + free(node.mem, node.used_mem, p.mem))
+        * 50.0) as i64;
     let mut affinity = 0;
-    for t in p
-        .pointer("/spec/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for t in p.preferred.into_iter().flatten() {
         if term_matches(&t["preference"], node) {
             affinity += t["weight"].as_i64().unwrap_or(0);
         }
     }
     // Spread the pods of one owner: each sibling already there costs a lot.
-    let siblings = util::controller_uid(p)
-        .map(|u| {
-            node.pods
-                .iter()
-                .filter(|o| util::controller_uid(o) == Some(u))
-                .count() as i64
-        })
+    let siblings = p
+        .owner
+        .and_then(|u| node.owners.get(u).copied())
         .unwrap_or(0);
     least + affinity - 200 * siblings
 }
 
 /// Choose a node for `p`: the index into `nodes`, or the reason none fits.
 pub fn choose(p: &Value, nodes: &[NodeState], volumes: &[Value]) -> Result<usize, String> {
+    let info = PodInfo::new(p);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut best: Option<(i64, usize)> = None;
     for (i, n) in nodes.iter().enumerate() {
-        match unfit(p, n, volumes) {
+        match unfit_info(&info, n, volumes) {
             Some(r) => *reasons.entry(r).or_default() += 1,
             None => {
-                let s = score(p, n);
+                let s = score_info(&info, n);
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, i));
                 }
@@ -319,7 +396,9 @@ fn volume_affinity(ctx: &Ctx, p: &Value) -> Result<Vec<Value>, String> {
             .as_str()
             .and_then(|n| ctx.store.get("persistentvolumes", &format!("/{n}")))
         {
-            if let Some(terms) = pv.pointer("/spec/nodeAffinity/required/nodeSelectorTerms") {
+            if let Some(terms) =
+                pv.get_path(&["spec", "nodeAffinity", "required", "nodeSelectorTerms"])
+            {
                 out.push(terms.clone());
             }
         }
@@ -335,13 +414,23 @@ pub fn wants_scheduling(p: &Value) -> bool {
             .is_none_or(|s| s == "default-scheduler" || s.is_empty())
 }
 
+/// What a bound pod takes from its node (read once per pod uid: a pod's spec
+/// does not change).
+struct Usage {
+    cpu: i64,
+    mem: i64,
+    ports: Vec<(String, i64)>,
+    owner: Option<String>,
+}
+
 #[derive(Default)]
 pub struct Scheduler {
     attempts: Mutex<HashMap<String, u32>>,
+    usage: Mutex<HashMap<String, Arc<Usage>>>,
 }
 
 impl Scheduler {
-    fn node_states(ctx: &Ctx) -> Vec<NodeState> {
+    fn node_states(&self, ctx: &Ctx) -> Vec<NodeState> {
         let mut nodes: Vec<NodeState> = ctx
             .store
             .list("nodes")
@@ -354,18 +443,43 @@ impl Scheduler {
             .enumerate()
             .map(|(i, n)| (n.name.clone(), i))
             .collect();
+        let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = HashMap::with_capacity(usage.len());
         for p in ctx.store.list("pods") {
-            if let Some(i) = p["spec"]["nodeName"].as_str().and_then(|n| idx.get(n)) {
-                if !matches!(util::pod_phase(&p), "Succeeded" | "Failed") {
-                    nodes[*i].add(p);
-                }
+            let Some(i) = p["spec"]["nodeName"].as_str().and_then(|n| idx.get(n)) else {
+                continue;
+            };
+            if matches!(util::pod_phase(&p), "Succeeded" | "Failed") {
+                continue;
             }
+            let uid = util::uid(&p);
+            let u = match usage.get(uid) {
+                Some(u) => u.clone(),
+                None => {
+                    let (cpu, mem) = util::pod_requests(&p);
+                    Arc::new(Usage {
+                        cpu,
+                        mem,
+                        ports: host_ports(&p),
+                        owner: util::controller_uid(&p).map(String::from),
+                    })
+                }
+            };
+            let n = &mut nodes[*i];
+            n.used_cpu += u.cpu;
+            n.used_mem += u.mem;
+            n.ports.extend(u.ports.iter().cloned());
+            if let Some(o) = &u.owner {
+                *n.owners.entry(o.clone()).or_default() += 1;
+            }
+            n.pods.push(p.clone());
+            live.insert(uid.to_string(), u);
         }
+        *usage = live;
         nodes
     }
-
     async fn batch(&self, ctx: &Ctx, keys: &[String]) -> Vec<Outcome> {
-        let mut nodes = Self::node_states(ctx);
+        let mut nodes = self.node_states(ctx);
         let mut binds = Vec::new();
         let mut out: Vec<Option<Outcome>> = vec![None; keys.len()];
         for (i, k) in keys.iter().enumerate() {
@@ -550,6 +664,7 @@ mod tests {
         let mut n = node("a", "4", true);
         Arc::make_mut(&mut n.node)["spec"]["taints"] =
             json!([{"key": "k", "value": "v", "effect": "NoSchedule"}]);
+        n = NodeState::new(n.node.clone());
         let mut p = pod("1");
         assert!(unfit(&p, &n, &[]).unwrap().contains("untolerated taint"));
         p["spec"]["tolerations"] = json!([{"key": "k", "operator": "Exists"}]);

@@ -5,6 +5,7 @@
 //! has caught up, and a controller waits for its own writes to show before it
 //! decides again (what Kubernetes does with "expectations").
 use crate::api::{watch_error, Api};
+use crate::util::PathExt;
 use orc_api::request::{Request, WatchRequest};
 use orc_api::{resources, EventType};
 use serde_json::Value;
@@ -30,6 +31,8 @@ struct Inner {
     /// owner uid -> dependents
     by_owner: HashMap<String, BTreeSet<(&'static str, String)>>,
     by_uid: HashMap<String, (&'static str, String)>,
+    /// Pods without a controller, by key (adoption candidates).
+    orphan_pods: std::collections::BTreeSet<String>,
 }
 
 pub struct Store {
@@ -43,13 +46,13 @@ pub fn key_of(obj: &Value) -> String {
 }
 
 fn uid(obj: &Value) -> Option<String> {
-    obj.pointer("/metadata/uid")
+    obj.get_path(&["metadata", "uid"])
         .and_then(Value::as_str)
         .map(String::from)
 }
 
 fn owner_uids(obj: &Value) -> Vec<String> {
-    obj.pointer("/metadata/ownerReferences")
+    obj.get_path(&["metadata", "ownerReferences"])
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
@@ -78,6 +81,9 @@ impl Inner {
         if let Some(u) = uid(obj) {
             self.by_uid.remove(&u);
         }
+        if resource == "pods" {
+            self.orphan_pods.remove(key);
+        }
     }
     fn index_add(&mut self, resource: &'static str, key: &str, obj: &Value) {
         for o in owner_uids(obj) {
@@ -88,6 +94,9 @@ impl Inner {
         }
         if let Some(u) = uid(obj) {
             self.by_uid.insert(u, (resource, key.to_string()));
+        }
+        if resource == "pods" && crate::util::controller_ref(obj).is_none() {
+            self.orphan_pods.insert(key.to_string());
         }
     }
     fn put(&mut self, resource: &'static str, key: String, obj: Arc<Value>) -> Option<Arc<Value>> {
@@ -187,6 +196,20 @@ impl Store {
         out
     }
 
+    /// Pods in namespace `ns` that no controller owns.
+    pub fn orphan_pods(&self, ns: &str) -> Vec<Arc<Value>> {
+        let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        let prefix = format!("{ns}/");
+        let Some(pods) = g.objects.get("pods") else {
+            return Vec::new();
+        };
+        g.orphan_pods
+            .range(prefix.clone()..)
+            .take_while(|k| k.starts_with(&prefix))
+            .filter_map(|k| pods.get(k).cloned())
+            .collect()
+    }
+
     /// Objects whose ownerReferences name `owner_uid`.
     pub fn dependents(&self, owner_uid: &str) -> Vec<(&'static str, Arc<Value>)> {
         let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
@@ -245,6 +268,7 @@ impl Store {
             let old = std::mem::take(&mut g.objects);
             g.by_owner.clear();
             g.by_uid.clear();
+            g.orphan_pods.clear();
             for (r, m) in &old {
                 for (k, v) in m {
                     if !fresh.get(r).is_some_and(|f| f.contains_key(k)) {

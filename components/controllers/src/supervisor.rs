@@ -181,3 +181,81 @@ impl Actor for Supervisor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::BoxFuture as ApiFuture;
+    use crate::runner::Outcome;
+    use crate::store::Change;
+    use orc_api::request::{Request, WatchEvent, WatchRequest};
+    use orc_api::ApiError;
+    use serde_json::{json, Value};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::mpsc;
+
+    /// An empty cluster whose watch stays open (the shell, not a part the test is about).
+    struct Empty(std::sync::Mutex<Vec<mpsc::Sender<WatchEvent>>>);
+    impl Api for Empty {
+        fn call(&self, _req: Request) -> ApiFuture<Result<Value, ApiError>> {
+            Box::pin(async { Ok(json!({"metadata": {"resourceVersion": "1"}, "items": []})) })
+        }
+        fn watch(&self, _req: WatchRequest) -> ApiFuture<mpsc::Receiver<WatchEvent>> {
+            let (tx, rx) = mpsc::channel(1);
+            self.0.lock().unwrap().push(tx);
+            Box::pin(async move { rx })
+        }
+    }
+
+    /// Panics the first time it reconciles, then counts.
+    struct Flaky(Arc<AtomicUsize>);
+    impl Reconciler for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        fn keys_for(&self, _ctx: &Ctx, _ch: &Change) -> Vec<String> {
+            Vec::new()
+        }
+        fn all_keys(&self, _ctx: &Ctx) -> Vec<String> {
+            vec!["k".into()]
+        }
+        fn reconcile<'a>(&'a self, _ctx: &'a Ctx, _key: &'a str) -> BoxFuture<'a, Outcome> {
+            Box::pin(async move {
+                if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("first reconcile fails");
+                }
+                Ok(None)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crashed_controller_is_restarted() {
+        let api: Arc<dyn Api> = Arc::new(Empty(Default::default()));
+        let store = Store::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let settings = Arc::new(Settings::default());
+        let child = Child::controller(Flaky(runs.clone()), api.clone(), store.clone(), settings);
+        let (sup, handle) = Supervisor::spawn(
+            None,
+            Supervisor,
+            SupArgs {
+                api,
+                store,
+                children: vec![child],
+            },
+        )
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while runs.load(Ordering::SeqCst) < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            runs.load(Ordering::SeqCst) >= 2,
+            "the controller ran again after its crash"
+        );
+        sup.stop(None);
+        handle.await.unwrap();
+    }
+}

@@ -3,29 +3,40 @@
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
+/// `Value::pointer` without its per-segment allocations (a hot path here).
+pub trait PathExt {
+    fn get_path(&self, path: &[&str]) -> Option<&Value>;
+}
+
+impl PathExt for Value {
+    fn get_path(&self, path: &[&str]) -> Option<&Value> {
+        path.iter().try_fold(self, |v, k| v.get(*k))
+    }
+}
+
 pub fn name(o: &Value) -> &str {
-    o.pointer("/metadata/name")
+    o.get_path(&["metadata", "name"])
         .and_then(Value::as_str)
         .unwrap_or("")
 }
 pub fn namespace(o: &Value) -> &str {
-    o.pointer("/metadata/namespace")
+    o.get_path(&["metadata", "namespace"])
         .and_then(Value::as_str)
         .unwrap_or("")
 }
 pub fn uid(o: &Value) -> &str {
-    o.pointer("/metadata/uid")
+    o.get_path(&["metadata", "uid"])
         .and_then(Value::as_str)
         .unwrap_or("")
 }
 pub fn resource_version(o: &Value) -> u64 {
-    o.pointer("/metadata/resourceVersion")
+    o.get_path(&["metadata", "resourceVersion"])
         .and_then(Value::as_str)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
 }
 pub fn labels(o: &Value) -> BTreeMap<String, String> {
-    o.pointer("/metadata/labels")
+    o.get_path(&["metadata", "labels"])
         .and_then(Value::as_object)
         .map(|m| {
             m.iter()
@@ -35,28 +46,28 @@ pub fn labels(o: &Value) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 pub fn annotation<'a>(o: &'a Value, key: &str) -> Option<&'a str> {
-    o.pointer("/metadata/annotations")
+    o.get_path(&["metadata", "annotations"])
         .and_then(|a| a.get(key))
         .and_then(Value::as_str)
 }
 pub fn deleting(o: &Value) -> bool {
-    o.pointer("/metadata/deletionTimestamp")
+    o.get_path(&["metadata", "deletionTimestamp"])
         .is_some_and(|v| !v.is_null())
 }
 pub fn creation(o: &Value) -> &str {
-    o.pointer("/metadata/creationTimestamp")
+    o.get_path(&["metadata", "creationTimestamp"])
         .and_then(Value::as_str)
         .unwrap_or("")
 }
 pub fn generation(o: &Value) -> i64 {
-    o.pointer("/metadata/generation")
+    o.get_path(&["metadata", "generation"])
         .and_then(Value::as_i64)
         .unwrap_or(0)
 }
 
 /// The ownerReference that marks `o` as controlled by someone.
 pub fn controller_ref(o: &Value) -> Option<&Value> {
-    o.pointer("/metadata/ownerReferences")
+    o.get_path(&["metadata", "ownerReferences"])
         .and_then(Value::as_array)?
         .iter()
         .find(|r| r["controller"] == true)
@@ -103,7 +114,7 @@ pub fn rfc3339_micro(secs: f64) -> String {
 }
 
 pub fn pod_phase(p: &Value) -> &str {
-    p.pointer("/status/phase")
+    p.get_path(&["status", "phase"])
         .and_then(Value::as_str)
         .unwrap_or("Pending")
 }
@@ -114,7 +125,7 @@ pub fn pod_active(p: &Value) -> bool {
 }
 
 pub fn condition<'a>(o: &'a Value, t: &str) -> Option<&'a Value> {
-    o.pointer("/status/conditions")
+    o.get_path(&["status", "conditions"])
         .and_then(Value::as_array)?
         .iter()
         .find(|c| c["type"] == t)
@@ -228,7 +239,8 @@ pub fn quantity(q: &Value, milli: bool) -> i64 {
 /// as in Kubernetes): (cpu millicores, memory bytes).
 pub fn pod_requests(p: &Value) -> (i64, i64) {
     let sum = |list: &str| -> Vec<(i64, i64)> {
-        p.pointer(&format!("/spec/{list}"))
+        p["spec"]
+            .get(list)
             .and_then(Value::as_array)
             .map(|cs| {
                 cs.iter()

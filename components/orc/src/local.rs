@@ -21,6 +21,10 @@ pub struct UpArgs {
     /// Do not apply the demo workload.
     #[arg(long)]
     no_demo: bool,
+    /// Also run this many simulated nodes (`orc node --simulate`: they report
+    /// pods Running without running containers) so workloads get scheduled.
+    #[arg(long, default_value_t = 2)]
+    simulated_nodes: usize,
 }
 
 #[derive(Args)]
@@ -171,6 +175,30 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    if a.simulated_nodes > 0 {
+        let pidfile = dir.join("sim-nodes.pid");
+        if read_pid(&pidfile).is_some_and(pid_alive) {
+            println!("simulated nodes already running");
+        } else {
+            let log = std::fs::File::create(dir.join("sim-nodes.log"))?;
+            let child = Command::new(&exe)
+                .args(["node", "--simulate", "--name-prefix", "sim", "--count"])
+                .arg(a.simulated_nodes.to_string())
+                .args(["--master", &addrs.join(",")])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+                .context("starting simulated nodes")?;
+            std::fs::write(&pidfile, child.id().to_string())?;
+            println!(
+                "{} simulated node(s) started (pid {}; they run no containers: the node agent comes later)",
+                a.simulated_nodes,
+                child.id()
+            );
+        }
+    }
     if !a.no_demo {
         for o in orc_api::manifest::parse(DEMO).map_err(anyhow::Error::msg)? {
             let (obj, outcome) = client.apply(&o, None).await?;
@@ -182,7 +210,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         }
     }
     println!(
-        "\nThe CLI now talks to {} (written to {}). Try:\n  orc cluster status\n  orc get deploy -n demo\n  orc get cm web-config -n demo -o yaml\n  orc get cm -n demo -w        # then, elsewhere: orc apply -f your.yaml\n  orc down                     # stop (add --purge to delete the data)",
+        "\nThe CLI now talks to {} (written to {}). Try:\n  orc cluster status\n  orc get deploy -n demo\n  orc get pods -n demo -o wide\n  orc get nodes\n  orc get cm web-config -n demo -o yaml\n  orc get cm -n demo -w        # then, elsewhere: orc apply -f your.yaml\n  orc down                     # stop (add --purge to delete the data)",
         addrs.join(","),
         cfg.display()
     );
@@ -192,8 +220,8 @@ pub async fn up(a: UpArgs) -> Result<i32> {
 pub fn down(a: DownArgs) -> Result<i32> {
     let dir = a.dir.unwrap_or_else(default_dir);
     let mut stopped = 0;
-    for id in 1..=3 {
-        let pidfile = dir.join(format!("master-{id}.pid"));
+    for name in ["sim-nodes", "master-1", "master-2", "master-3"] {
+        let pidfile = dir.join(format!("{name}.pid"));
         let Some(pid) = read_pid(&pidfile) else {
             continue;
         };
@@ -206,7 +234,7 @@ pub fn down(a: DownArgs) -> Result<i32> {
             if pid_alive(pid) {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             }
-            println!("master {id} stopped (pid {pid})");
+            println!("{} stopped (pid {pid})", name.replace('-', " "));
             stopped += 1;
         }
         let _ = std::fs::remove_file(&pidfile);

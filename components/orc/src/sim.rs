@@ -307,7 +307,10 @@ async fn play(api: Arc<dyn Api>, n: Arc<NodeSim>, pod: Value) {
         );
         async move {
             let status = pod_status(&pod, &node_ip, &ip, &st);
-            for _ in 0..20 {
+            // Until it is written or the pod is gone (a busy cluster answers
+            // Unavailable for a while; the task ends when the pod is deleted).
+            let mut wait = Duration::from_millis(100);
+            loop {
                 let r = api
                     .call(Request::Patch {
                         resource: "pods".into(),
@@ -320,10 +323,12 @@ async fn play(api: Arc<dyn Api>, n: Arc<NodeSim>, pod: Value) {
                 match r {
                     Ok(_) => return true,
                     Err(e) if e.reason == Reason::NotFound => return false,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    Err(_) => {
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
                 }
             }
-            false
         }
     };
     loop {
