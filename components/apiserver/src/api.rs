@@ -26,6 +26,47 @@ pub struct Master {
         std::sync::Mutex<std::collections::HashMap<String, mpsc::UnboundedSender<Forwarded>>>,
     /// One HTTP/2 channel per peer address, reused by every forwarded request.
     peers: std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
+    /// ReadIndex rounds shared by concurrent reads (here, and for followers).
+    reads: ReadRounds,
+    forwarded_reads: ReadRounds,
+}
+
+/// Concurrent linearizable reads share ReadIndex rounds: openraft confirms
+/// leadership with a heartbeat to every follower per call, and one call per
+/// read flooded followers (1,000 simulated nodes renewing leases). A read uses
+/// the result of a round that *started after the read arrived*, so it is still
+/// linearizable; rounds run one at a time.
+#[derive(Default)]
+pub struct ReadRounds {
+    /// (rounds started, last round completed, its read index if it succeeded)
+    state: std::sync::Mutex<(u64, u64, Option<u64>)>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl ReadRounds {
+    pub async fn run<F, Fut>(&self, round: F) -> Result<Option<u64>, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<u64>, ApiError>>,
+    {
+        let arrived = self.state.lock().unwrap_or_else(|e| e.into_inner()).0;
+        let _turn = self.turn.lock().await;
+        let gen = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.1 > arrived {
+                if let Some(i) = s.2 {
+                    return Ok(Some(i));
+                }
+            }
+            s.0 += 1;
+            s.0
+        };
+        let r = round().await;
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.1 = gen;
+        s.2 = r.as_ref().ok().copied().flatten();
+        r
+    }
 }
 
 type Forward = ForwardToLeader<NodeId, BasicNode>;
@@ -208,6 +249,8 @@ impl Master {
             proposer,
             forwarders: Default::default(),
             peers: Default::default(),
+            reads: Default::default(),
+            forwarded_reads: Default::default(),
         }
     }
 
@@ -344,14 +387,20 @@ impl Master {
 
     /// The leader's read index: the commit index confirmed by a quorum.
     pub async fn read_index_local(&self) -> Result<u64, ApiError> {
-        match tokio::time::timeout(self.cfg.write_timeout, self.raft.get_read_log_id()).await {
-            Err(_) => Err(unavailable_no_quorum(&self.cfg)),
-            Ok(Ok((read, _))) => Ok(read.map(|l| l.index).unwrap_or(0)),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
-                Err(ApiError::unavailable("not the leader"))
+        let round = || async {
+            match tokio::time::timeout(self.cfg.write_timeout, self.raft.get_read_log_id()).await {
+                Err(_) => Err(unavailable_no_quorum(&self.cfg)),
+                Ok(Ok((read, _))) => Ok(Some(read.map(|l| l.index).unwrap_or(0))),
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                    Err(ApiError::unavailable("not the leader"))
+                }
+                Ok(Err(e)) => Err(ApiError::unavailable(format!("raft: {e}"))),
             }
-            Ok(Err(e)) => Err(ApiError::unavailable(format!("raft: {e}"))),
-        }
+        };
+        self.forwarded_reads
+            .run(round)
+            .await
+            .map(|i| i.unwrap_or(0))
     }
 
     /// ReadIndex: wait until this master has applied everything committed before now.
@@ -362,6 +411,29 @@ impl Master {
             if left.is_zero() {
                 return Err(unavailable_no_quorum(&self.cfg));
             }
+            let index = self.reads.run(|| self.obtain_read_index(left)).await?;
+            if let Some(i) = index {
+                let left = deadline.saturating_duration_since(Instant::now());
+                return self
+                    .raft
+                    .wait(Some(left))
+                    .applied_index_at_least(Some(i), "read barrier")
+                    .await
+                    .map(|_| i)
+                    .map_err(|_| {
+                        ApiError::unavailable(format!(
+                            "this master could not catch up to index {i} in time"
+                        ))
+                    });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One ReadIndex round: from openraft on the leader, by RPC elsewhere; None
+    /// when no leader is known yet.
+    async fn obtain_read_index(&self, left: Duration) -> Result<Option<u64>, ApiError> {
+        {
             let index = match tokio::time::timeout(left, self.raft.get_read_log_id()).await {
                 Err(_) => return Err(unavailable_no_quorum(&self.cfg)),
                 Ok(Ok((read, _))) => Some(read.map(|l| l.index).unwrap_or(0)),
@@ -384,21 +456,7 @@ impl Master {
                 },
                 Ok(Err(e)) => return Err(ApiError::unavailable(format!("raft: {e}"))),
             };
-            if let Some(i) = index {
-                let left = deadline.saturating_duration_since(Instant::now());
-                return self
-                    .raft
-                    .wait(Some(left))
-                    .applied_index_at_least(Some(i), "read barrier")
-                    .await
-                    .map(|_| i)
-                    .map_err(|_| {
-                        ApiError::unavailable(format!(
-                            "this master could not catch up to index {i} in time"
-                        ))
-                    });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(index)
         }
     }
 
@@ -964,6 +1022,36 @@ pub async fn leader_duties(master: std::sync::Arc<Master>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn reads_share_rounds_that_started_after_them() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let r = std::sync::Arc::new(ReadRounds::default());
+        let rounds = std::sync::Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let (r, rounds) = (r.clone(), rounds.clone());
+            tasks.push(tokio::spawn(async move {
+                r.run(|| async {
+                    let n = rounds.fetch_add(1, Ordering::SeqCst) + 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok(Some(n))
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        for t in tasks {
+            assert!(t.await.unwrap().is_some());
+        }
+        let n = rounds.load(Ordering::SeqCst);
+        assert!(n <= 3, "50 concurrent reads took {n} rounds");
+        // A read that arrives after a round completed gets a new round.
+        let before = rounds.load(Ordering::SeqCst);
+        let got = r.run(|| async { Ok(Some(99)) }).await.unwrap();
+        assert_eq!(got, Some(99));
+        assert_eq!(rounds.load(Ordering::SeqCst), before);
+    }
 
     #[test]
     fn generated_suffix() {
