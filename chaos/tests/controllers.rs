@@ -576,7 +576,7 @@ fn c_statefulset_order_and_identity() {
     watch.kill();
     // Replay: each pod is ADDED only after the one before it is Ready; deletions run 2, 1, 0.
     let text = std::fs::read_to_string(&watch_out).unwrap();
-    let (mut ready, mut added, mut deleted) = (
+    let (mut became_ready, mut added, mut deleted) = (
         Vec::<String>::new(),
         Vec::<String>::new(),
         Vec::<String>::new(),
@@ -593,20 +593,20 @@ fn c_statefulset_order_and_identity() {
             Some("ADDED") => {
                 let i: usize = name.trim_start_matches("db-").parse().unwrap();
                 assert!(
-                    i == 0 || ready.contains(&format!("db-{}", i - 1)),
+                    i == 0 || became_ready.contains(&format!("db-{}", i - 1)),
                     "{name} created before db-{} was ready",
                     i - 1
                 );
                 added.push(name);
             }
-            Some("MODIFIED") if ready_obj(&ev["object"]) && !ready.contains(&name) => {
-                ready.push(name)
+            Some("MODIFIED") if ready(&ev["object"]) && !became_ready.contains(&name) => {
+                became_ready.push(name)
             }
             Some("DELETED") => deleted.push(name),
             _ => {}
         }
     }
-    println!("created {added:?}, ready {ready:?}, deleted {deleted:?}");
+    println!("created {added:?}, ready {became_ready:?}, deleted {deleted:?}");
     assert_eq!(added, vec!["db-0", "db-1", "db-2"]);
     assert_eq!(deleted, vec!["db-2", "db-1", "db-0"]);
     // Back to 3; a deleted pod returns with the same name and claim, on the same node.
@@ -626,7 +626,7 @@ fn c_statefulset_order_and_identity() {
     assert!(c.orc(&servers, &["delete", "pod", "db-1"]).ok());
     let after = wait_for("db-1 to come back", MIN, || {
         let p = c.items(&["pods", "db-1"]).pop()?;
-        (p["metadata"]["uid"] != before["metadata"]["uid"] && ready_obj(&p)).then_some(p)
+        (p["metadata"]["uid"] != before["metadata"]["uid"] && ready(&p)).then_some(p)
     });
     assert_eq!(
         after["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
@@ -642,10 +642,6 @@ fn c_statefulset_order_and_identity() {
         pvc["metadata"]["uid"],
         "same claim"
     );
-}
-
-fn ready_obj(p: &Value) -> bool {
-    ready(p)
 }
 
 /// e. A CronJob every minute with Forbid: one Job a minute, never two at once.

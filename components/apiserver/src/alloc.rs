@@ -187,7 +187,7 @@ mod tests {
         let mut h = json!({"spec": {"clusterIP": "None", "ports": []}});
         assign(&mut h, "198.19.0.0/28", (30000, 30003), &used).unwrap();
         assert_eq!(h["spec"]["clusterIPs"], json!(["None"]));
-        let mut bad = json!({"spec": {"clusterIP": "10.0.0.1"}});
+        let mut bad = json!({"spec": {"clusterIP": "198.18.5.1"}});
         assert!(assign(&mut bad, "198.19.0.0/28", (30000, 30003), &used)
             .unwrap_err()
             .message

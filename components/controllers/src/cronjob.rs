@@ -101,14 +101,9 @@ impl CronJobs {
         };
         let mut jobs: Vec<Arc<Value>> = ctx
             .store
-            .dependents(util::uid(&cj))
+            .controlled("jobs", util::uid(&cj))
             .into_iter()
-            .filter(|(r, j)| {
-                *r == "jobs"
-                    && util::controller_uid(j) == Some(util::uid(&cj))
-                    && !util::deleting(j)
-            })
-            .map(|(_, j)| j)
+            .filter(|j| !util::deleting(j))
             .collect();
         jobs.sort_by_key(|j| util::creation(j).to_string());
         // History limits.
@@ -237,17 +232,7 @@ impl Reconciler for CronJobs {
     fn keys_for(&self, _ctx: &Ctx, ch: &Change) -> Vec<String> {
         match ch.resource {
             "cronjobs" => vec![ch.key.clone()],
-            "jobs" => util::controller_ref(&ch.object)
-                .filter(|r| r["kind"] == "CronJob")
-                .map(|r| {
-                    format!(
-                        "{}/{}",
-                        util::namespace(&ch.object),
-                        r["name"].as_str().unwrap_or("")
-                    )
-                })
-                .into_iter()
-                .collect(),
+            "jobs" => util::owner_key(&ch.object, "CronJob").into_iter().collect(),
             _ => Vec::new(),
         }
     }

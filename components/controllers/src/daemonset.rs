@@ -78,9 +78,8 @@ impl DaemonSets {
             .collect();
         let mut by_node: BTreeMap<String, Vec<Arc<Value>>> = BTreeMap::new();
         let mut deletes: Vec<Arc<Value>> = Vec::new();
-        for (r, p) in ctx.store.dependents(util::uid(&ds)) {
-            if r != "pods" || util::controller_uid(&p) != Some(util::uid(&ds)) || util::deleting(&p)
-            {
+        for p in ctx.store.controlled("pods", util::uid(&ds)) {
+            if util::deleting(&p) {
                 continue;
             }
             if util::pod_phase(&p) == "Failed" {
@@ -225,15 +224,7 @@ impl Reconciler for DaemonSets {
                     Vec::new()
                 }
             }
-            "pods" => util::controller_ref(&ch.object)
-                .filter(|r| r["kind"] == "DaemonSet")
-                .map(|r| {
-                    format!(
-                        "{}/{}",
-                        util::namespace(&ch.object),
-                        r["name"].as_str().unwrap_or("")
-                    )
-                })
+            "pods" => util::owner_key(&ch.object, "DaemonSet")
                 .into_iter()
                 .collect(),
             _ => Vec::new(),

@@ -155,12 +155,9 @@ fn views(ctx: &Ctx, rss: &[Arc<Value>], now: f64) -> Vec<RsView> {
             let min_ready = rs["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
             let pods: Vec<Arc<Value>> = ctx
                 .store
-                .dependents(util::uid(rs))
+                .controlled("pods", util::uid(rs))
                 .into_iter()
-                .filter(|(r, p)| {
-                    *r == "pods" && util::controller_uid(p) == Some(util::uid(rs)) && pod_active(p)
-                })
-                .map(|(_, p)| p)
+                .filter(|p| pod_active(p))
                 .collect();
             RsView {
                 key: crate::store::key_of(rs),
@@ -218,27 +215,15 @@ impl Deployments {
                 && !util::deleting(&rs)
                 && util::selector_matches(&d["spec"]["selector"], &util::labels(&rs))
             {
-                let mut n = (*rs).clone();
-                let mut refs = n["metadata"]["ownerReferences"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                refs.push(util::owner_ref(&d));
-                n["metadata"]["ownerReferences"] = json!(refs);
-                ctx.update(n).await?;
+                ctx.update(util::adopted(&rs, &d)).await?;
                 return Ok(Some(Duration::ZERO));
             }
         }
         let mut rss: Vec<Arc<Value>> = ctx
             .store
-            .dependents(&uid)
+            .controlled("replicasets", &uid)
             .into_iter()
-            .filter(|(r, rs)| {
-                *r == "replicasets"
-                    && util::controller_uid(rs) == Some(uid.as_str())
-                    && !util::deleting(rs)
-            })
-            .map(|(_, rs)| rs)
+            .filter(|rs| !util::deleting(rs))
             .collect();
         rss.sort_by_key(|rs| revision(rs));
         let template = &d["spec"]["template"];
@@ -516,17 +501,6 @@ impl Deployments {
     }
 }
 
-fn deployment_of_rs(rs: &Value) -> Option<String> {
-    let r = util::controller_ref(rs)?;
-    (r["kind"] == "Deployment").then(|| {
-        format!(
-            "{}/{}",
-            util::namespace(rs),
-            r["name"].as_str().unwrap_or("")
-        )
-    })
-}
-
 impl Reconciler for Deployments {
     fn name(&self) -> &'static str {
         "deployment-controller"
@@ -535,7 +509,7 @@ impl Reconciler for Deployments {
     fn keys_for(&self, ctx: &Ctx, ch: &Change) -> Vec<String> {
         match ch.resource {
             "deployments" => vec![ch.key.clone()],
-            "replicasets" => match deployment_of_rs(&ch.object) {
+            "replicasets" => match util::owner_key(&ch.object, "Deployment") {
                 Some(k) => vec![k],
                 None => {
                     let l = util::labels(&ch.object);
@@ -559,7 +533,7 @@ impl Reconciler for Deployments {
                     util::namespace(&ch.object),
                     r["name"].as_str().unwrap_or(""),
                 );
-                rs.and_then(|rs| deployment_of_rs(&rs))
+                rs.and_then(|rs| util::owner_key(&rs, "Deployment"))
                     .into_iter()
                     .collect()
             }

@@ -156,12 +156,7 @@ fn selects(svc: &Value, labels: &BTreeMap<String, String>) -> bool {
 }
 
 /// Write `want` where it differs from what is stored (the stored version is the precondition).
-async fn put(
-    ctx: &Ctx,
-    resource: &str,
-    current: Option<Arc<Value>>,
-    want: Value,
-) -> Result<(), orc_api::ApiError> {
+async fn put(ctx: &Ctx, current: Option<Arc<Value>>, want: Value) -> Result<(), orc_api::ApiError> {
     match current {
         None => ctx.create(want).await.map(|_| ()),
         Some(cur) => {
@@ -174,7 +169,6 @@ async fn put(
             }
             let mut n = want;
             n["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
-            let _ = resource;
             ctx.update(n).await.map(|_| ())
         }
     }
@@ -216,7 +210,7 @@ impl Endpoints {
                 .iter()
                 .find(|e| util::name(e) == util::name(s))
                 .cloned();
-            put(ctx, "endpointslices", cur, s.clone()).await?;
+            put(ctx, cur, s.clone()).await?;
         }
         for e in &existing {
             if !want.iter().any(|w| util::name(w) == util::name(e)) {
@@ -225,7 +219,7 @@ impl Endpoints {
         }
         let ep = endpoints(&svc, &want);
         let cur = ctx.store.get_ns("endpoints", ns, util::name(&svc));
-        put(ctx, "endpoints", cur, ep).await?;
+        put(ctx, cur, ep).await?;
         Ok(None)
     }
 }

@@ -217,13 +217,7 @@ impl Jobs {
             }
             return Ok(None);
         }
-        let pods: Vec<Arc<Value>> = ctx
-            .store
-            .dependents(util::uid(&job))
-            .into_iter()
-            .filter(|(r, p)| *r == "pods" && util::controller_uid(p) == Some(util::uid(&job)))
-            .map(|(_, p)| p)
-            .collect();
+        let pods = ctx.store.controlled("pods", util::uid(&job));
         let t = tally(&pods);
         let ts = util::rfc3339(now);
         let mut n = (*job).clone();
@@ -302,17 +296,7 @@ impl Reconciler for Jobs {
     fn keys_for(&self, _ctx: &Ctx, ch: &Change) -> Vec<String> {
         match ch.resource {
             "jobs" => vec![ch.key.clone()],
-            "pods" => util::controller_ref(&ch.object)
-                .filter(|r| r["kind"] == "Job")
-                .map(|r| {
-                    format!(
-                        "{}/{}",
-                        util::namespace(&ch.object),
-                        r["name"].as_str().unwrap_or("")
-                    )
-                })
-                .into_iter()
-                .collect(),
+            "pods" => util::owner_key(&ch.object, "Job").into_iter().collect(),
             _ => Vec::new(),
         }
     }

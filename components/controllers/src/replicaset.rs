@@ -139,17 +139,6 @@ pub fn plan(rs: &Value, owned: &[Arc<Value>], now: f64) -> Plan {
     }
 }
 
-fn owner_key_of(p: &Value, kind: &str) -> Option<String> {
-    let r = util::controller_ref(p)?;
-    (r["kind"] == kind).then(|| {
-        format!(
-            "{}/{}",
-            util::namespace(p),
-            r["name"].as_str().unwrap_or("")
-        )
-    })
-}
-
 impl ReplicaSets {
     async fn sync(&self, ctx: &Ctx, key: &str) -> Outcome {
         let Some(rs) = ctx.store.get(self.resource, key) else {
@@ -163,10 +152,7 @@ impl ReplicaSets {
         let mut owned: Vec<Arc<Value>> = Vec::new();
         let mut writes = Vec::new();
         // Pods it controls; those that no longer match are released.
-        for (r, p) in ctx.store.dependents(&uid) {
-            if r != "pods" || util::controller_uid(&p) != Some(uid.as_str()) {
-                continue;
-            }
+        for p in ctx.store.controlled("pods", &uid) {
             if util::selector_matches(&sel, &util::labels(&p)) {
                 owned.push(p);
             } else if !util::deleting(&p) {
@@ -180,12 +166,7 @@ impl ReplicaSets {
         // Orphans that match are adopted.
         for p in ctx.store.orphan_pods(util::namespace(&rs)) {
             if pod_active(&p) && util::selector_matches(&sel, &util::labels(&p)) {
-                let mut np = (*p).clone();
-                let refs = np["metadata"]["ownerReferences"].take();
-                let mut refs = refs.as_array().cloned().unwrap_or_default();
-                refs.push(util::owner_ref(&rs));
-                np["metadata"]["ownerReferences"] = json!(refs);
-                writes.push(np);
+                writes.push(util::adopted(&p, &rs));
             }
         }
         if !writes.is_empty() {
@@ -260,7 +241,7 @@ impl Reconciler for ReplicaSets {
         }
         let mut keys = Vec::new();
         for p in std::iter::once(&ch.object).chain(ch.old.iter()) {
-            match owner_key_of(p, self.kind) {
+            match util::owner_key(p, self.kind) {
                 Some(k) => keys.push(k),
                 None if util::controller_ref(p).is_none() => {
                     // An orphan: whoever would adopt it.

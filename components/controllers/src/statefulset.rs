@@ -162,11 +162,9 @@ impl StatefulSets {
         let name = util::name(&sts).to_string();
         let ns = util::namespace(&sts).to_string();
         let mut pods: BTreeMap<i64, Arc<Value>> = BTreeMap::new();
-        for (r, p) in ctx.store.dependents(util::uid(&sts)) {
-            if r == "pods" && util::controller_uid(&p) == Some(util::uid(&sts)) {
-                if let Some(i) = ordinal(&name, util::name(&p)) {
-                    pods.insert(i, p);
-                }
+        for p in ctx.store.controlled("pods", util::uid(&sts)) {
+            if let Some(i) = ordinal(&name, util::name(&p)) {
+                pods.insert(i, p);
             }
         }
         for step in steps(&sts, &pods) {
@@ -255,15 +253,7 @@ impl Reconciler for StatefulSets {
     fn keys_for(&self, _ctx: &Ctx, ch: &Change) -> Vec<String> {
         match ch.resource {
             "statefulsets" => vec![ch.key.clone()],
-            "pods" => util::controller_ref(&ch.object)
-                .filter(|r| r["kind"] == "StatefulSet")
-                .map(|r| {
-                    format!(
-                        "{}/{}",
-                        util::namespace(&ch.object),
-                        r["name"].as_str().unwrap_or("")
-                    )
-                })
+            "pods" => util::owner_key(&ch.object, "StatefulSet")
                 .into_iter()
                 .collect(),
             _ => Vec::new(),

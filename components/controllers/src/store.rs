@@ -210,6 +210,15 @@ impl Store {
             .collect()
     }
 
+    /// The `resource` objects whose controller is the object with `owner_uid`.
+    pub fn controlled(&self, resource: &str, owner_uid: &str) -> Vec<Arc<Value>> {
+        self.dependents(owner_uid)
+            .into_iter()
+            .filter(|(r, o)| *r == resource && crate::util::controller_uid(o) == Some(owner_uid))
+            .map(|(_, o)| o)
+            .collect()
+    }
+
     /// Objects whose ownerReferences name `owner_uid`.
     pub fn dependents(&self, owner_uid: &str) -> Vec<(&'static str, Arc<Value>)> {
         let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
@@ -349,11 +358,6 @@ impl Store {
                 false
             }
         });
-    }
-
-    /// Put objects in by hand (unit tests of controllers).
-    pub fn insert_for_test(&self, obj: Value) {
-        self.apply(EventType::Added, obj)
     }
 }
 

@@ -76,6 +76,24 @@ pub fn controller_uid(o: &Value) -> Option<&str> {
     controller_ref(o).and_then(|r| r["uid"].as_str())
 }
 
+/// `namespace/name` of the `kind` that controls `o`, if one does.
+pub fn owner_key(o: &Value, kind: &str) -> Option<String> {
+    let r = controller_ref(o)?;
+    (r["kind"] == kind).then(|| format!("{}/{}", namespace(o), r["name"].as_str().unwrap_or("")))
+}
+
+/// `o` with `owner` added as its controller (adoption).
+pub fn adopted(o: &Value, owner: &Value) -> Value {
+    let mut n = o.clone();
+    let mut refs = n["metadata"]["ownerReferences"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    refs.push(owner_ref(owner));
+    n["metadata"]["ownerReferences"] = json!(refs);
+    n
+}
+
 /// An ownerReference to `owner` that makes it the controller.
 pub fn owner_ref(owner: &Value) -> Value {
     json!({
