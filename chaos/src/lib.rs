@@ -5,6 +5,8 @@
 //! It depends on nothing of orc's but the built `orc` binary (found next to the test
 //! executable, or at $ORC_BIN). Every process it starts is killed when the
 //! `Cluster` is dropped, including when a test panics.
+pub mod lab;
+
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -112,6 +114,11 @@ impl Cluster {
     /// Start `n` masters (ids 1..=n) with extra `orc master` flags, and wait until
     /// they have a leader that every one of them names.
     pub fn start(n: u64, extra: &[&str]) -> Cluster {
+        Self::start_on("127.0.0.1", n, extra)
+    }
+
+    /// `start` with the masters listening on `host` (an address of this machine).
+    pub fn start_on(host: &str, n: u64, extra: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("orc-chaos-")
             .tempdir()
@@ -119,7 +126,7 @@ impl Cluster {
         let masters: Vec<Master> = (1..=n)
             .map(|id| Master {
                 id,
-                addr: format!("127.0.0.1:{}", free_port()),
+                addr: format!("{host}:{}", free_port()),
                 data_dir: dir.path().join(format!("m{id}")),
                 child: None,
             })
@@ -374,7 +381,7 @@ impl Drop for Cluster {
 
 /// A child process killed (and reaped) when dropped.
 pub struct Process {
-    child: Option<Child>,
+    pub(crate) child: Option<Child>,
 }
 
 impl Process {

@@ -76,8 +76,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DebugCmd,
     },
-    /// Run a node (today: simulated nodes with --simulate).
+    /// Run a node agent (or, with --simulate, hollow nodes).
     Node(sim::SimArgs),
+    /// The images a node holds.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// Manage the rollout of a Deployment.
     Rollout {
         #[command(subcommand)]
@@ -91,11 +96,77 @@ enum Cmd {
         #[arg(long)]
         replicas: i64,
     },
+    /// Supervise one container (started by the node agent).
+    #[command(hide = true)]
+    Shim {
+        #[arg(long)]
+        state_root: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        log: PathBuf,
+    },
     /// Inspect and change the set of masters.
     Cluster {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Load an OCI layout or `docker save` tarball into this node's store.
+    Import {
+        file: PathBuf,
+        /// The node agent's data directory.
+        #[arg(long, default_value = "/var/lib/orc/node")]
+        data_dir: PathBuf,
+    },
+    /// List the images this node holds.
+    Ls {
+        #[arg(long, default_value = "/var/lib/orc/node")]
+        data_dir: PathBuf,
+    },
+}
+
+fn image_cmd(cmd: ImageCmd) -> Result<i32> {
+    match cmd {
+        ImageCmd::Import { file, data_dir } => {
+            let store = orc_image::Store::new(data_dir.join("images"));
+            let imgs = store
+                .import(&file)
+                .with_context(|| format!("importing {}", file.display()))?;
+            for i in imgs {
+                println!("imported {} {}", i.id, i.names.join(" "));
+            }
+            Ok(0)
+        }
+        ImageCmd::Ls { data_dir } => {
+            let store = orc_image::Store::new(data_dir.join("images"));
+            let mut t = comfy_table::Table::new();
+            t.load_preset(comfy_table::presets::NOTHING);
+            t.set_header(["IMAGE", "ID", "SIZE"]);
+            for i in store.list() {
+                let id =
+                    i.id.trim_start_matches("sha256:")
+                        .chars()
+                        .take(12)
+                        .collect::<String>();
+                let size = format!("{:.1}MB", i.size as f64 / 1e6);
+                if i.names.is_empty() {
+                    t.add_row(["<none>".to_string(), id, size]);
+                } else {
+                    for n in &i.names {
+                        t.add_row([n.clone(), id.clone(), size.clone()]);
+                    }
+                }
+            }
+            println!("{t}");
+            Ok(0)
+        }
+    }
 }
 
 #[derive(Args)]
@@ -246,6 +317,30 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // The shim clones itself for the container: it must stay single-threaded.
+    if let Cmd::Shim {
+        state_root,
+        id,
+        bundle,
+        log,
+    } = &cli.cmd
+    {
+        std::process::exit(orc_container::shim::run(&orc_container::shim::ShimArgs {
+            state_root: state_root.clone(),
+            id: id.clone(),
+            bundle: bundle.clone(),
+            log: log.clone(),
+        }));
+    }
+    // setns applies to the calling thread: enter before tokio's threads exist.
+    if let Cmd::Node(a) = &cli.cmd {
+        if let Some(ns) = &a.netns {
+            if let Err(e) = sim::enter_netns(ns) {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(code) => std::process::exit(code),
@@ -426,6 +521,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Up(a) => local::up(a).await,
         Cmd::Down(a) => local::down(a),
         Cmd::Node(a) => sim::run(a).await,
+        Cmd::Image { cmd } => image_cmd(cmd),
         Cmd::Debug {
             cmd: DebugCmd::CheckStore { data_dir },
         } => check_store(&data_dir),
@@ -651,7 +747,13 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
             )
             .await
         }
-        Cmd::Master(_) | Cmd::Up(_) | Cmd::Down(_) | Cmd::Node(_) | Cmd::Debug { .. } => {
+        Cmd::Master(_)
+        | Cmd::Up(_)
+        | Cmd::Down(_)
+        | Cmd::Node(_)
+        | Cmd::Shim { .. }
+        | Cmd::Image { .. }
+        | Cmd::Debug { .. } => {
             unreachable!()
         }
     }

@@ -31,8 +31,8 @@ pub struct SimArgs {
     /// Name of a single node (instead of --name-prefix/--count).
     #[arg(long)]
     pub name: Option<String>,
-    /// Masters, comma-separated.
-    #[arg(long)]
+    /// Masters, comma-separated (required unless --reset).
+    #[arg(long, default_value = "")]
     pub master: String,
     #[arg(long, default_value = "4")]
     pub cpu: String,
@@ -49,6 +49,31 @@ pub struct SimArgs {
     /// Node status report period (seconds).
     #[arg(long, default_value_t = 10.0)]
     pub status_every: f64,
+    /// Where the agent keeps images, containers, pod state and logs.
+    #[arg(long, default_value = "/var/lib/orc/node")]
+    pub data_dir: std::path::PathBuf,
+    /// The node's address (default: the first non-loopback IPv4 address).
+    #[arg(long)]
+    pub node_ip: Option<Ipv4Addr>,
+    /// Run the agent inside this network namespace (a bind-mounted nsfs file,
+    /// e.g. /run/netns/NAME).
+    #[arg(long)]
+    pub netns: Option<std::path::PathBuf>,
+    /// The cluster DNS server pods are given.
+    #[arg(long, default_value = "198.19.0.10")]
+    pub cluster_dns: String,
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// First container restart back-off in seconds (doubles up to 300).
+    #[arg(long, default_value_t = 10.0)]
+    pub restart_backoff: f64,
+    /// The pod bridge.
+    #[arg(long, default_value = "orc0")]
+    pub bridge: String,
+    /// Remove everything the agent with this --data-dir made (containers,
+    /// mounts, cgroups, pod namespaces, state; not images), then exit.
+    #[arg(long)]
+    pub reset: bool,
 }
 
 /// "2s", "500ms", "1m", "3" (seconds).
@@ -365,18 +390,80 @@ async fn play(api: Arc<dyn Api>, n: Arc<NodeSim>, pod: Value) {
     }
 }
 
-pub async fn run(a: SimArgs) -> Result<i32> {
-    if !a.simulate {
-        anyhow::bail!("the real node agent comes with the node-agent work; run `orc node --simulate` for hollow nodes");
-    }
-    let servers: Vec<String> = a
+fn masters(a: &SimArgs) -> Result<Vec<String>> {
+    let m: Vec<String> = a
         .master
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
+    if m.is_empty() {
+        anyhow::bail!("--master: give the masters' HOST:PORT addresses, comma-separated");
+    }
+    Ok(m)
+}
+
+/// Enter the network namespace at `path`: call before any thread starts.
+pub fn enter_netns(path: &std::path::Path) -> Result<()> {
+    let f = std::fs::File::open(path).with_context(|| format!("--netns {}", path.display()))?;
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("--netns {}: setns", path.display()))
+}
+
+/// The real node agent.
+async fn agent(a: SimArgs) -> Result<i32> {
+    if a.reset {
+        let exe = std::env::current_exe().context("own executable")?;
+        let n = orc_agent::reset(&a.data_dir, &exe);
+        eprintln!("removed {n} container(s) of {}", a.data_dir.display());
+        return Ok(0);
+    }
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("hostname")?
+            .trim()
+            .to_string(),
+    };
+    let labels = a
+        .labels
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--labels: \"{kv}\" is not KEY=VALUE"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let api: Arc<dyn Api> = Arc::new(orc_controllers::ClientApi(Arc::new(
-        orc_client::Client::new(servers),
+        orc_client::Client::new(masters(&a)?),
+    )));
+    let cfg = orc_agent::Config {
+        name,
+        node_ip: a.node_ip,
+        data_dir: a.data_dir,
+        exe: std::env::current_exe().context("own executable")?,
+        cluster_dns: a.cluster_dns,
+        cluster_domain: a.cluster_domain,
+        backoff_base: a.restart_backoff.max(0.1),
+        lease_every: Duration::from_secs_f64(a.lease_every.max(0.1)),
+        status_every: Duration::from_secs_f64(a.status_every.max(0.1)),
+        labels,
+        bridge: a.bridge,
+    };
+    tokio::select! {
+        r = orc_agent::run(api, cfg) => r?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(0)
+}
+
+pub async fn run(a: SimArgs) -> Result<i32> {
+    if !a.simulate {
+        return agent(a).await;
+    }
+    let api: Arc<dyn Api> = Arc::new(orc_controllers::ClientApi(Arc::new(
+        orc_client::Client::new(masters(&a)?),
     )));
     let names: Vec<String> = match &a.name {
         Some(n) => vec![n.clone()],

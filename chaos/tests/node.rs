@@ -1,0 +1,470 @@
+//! Acceptance of the node-agent issue: real containers (youki's libcontainer
+//! under `orc shim`) on two real node agents, each in its own network
+//! namespace, with three real masters. Needs root.
+use orc_chaos::lab::{Lab, MASTER_IP};
+use orc_chaos::{wait_for, Cluster};
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn pod(c: &Cluster, name: &str) -> Option<Value> {
+    c.items(&["pods"])
+        .into_iter()
+        .find(|p| p["metadata"]["name"] == name)
+}
+
+fn apply(c: &Cluster, yaml: &str) {
+    let o = c.orc_stdin(&c.servers(), &["apply", "-f", "-"], Some(yaml));
+    assert!(o.ok(), "apply: {}", o.stderr);
+}
+
+fn wait_phase(c: &Cluster, name: &str, want: &str, lab: &Lab) -> Value {
+    let mut last = Value::Null;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(&format!("pod {name} {want}"), MIN, || {
+            let p = pod(c, name)?;
+            last = p.clone();
+            (p["status"]["phase"] == want).then_some(p)
+        })
+    }));
+    match r {
+        Ok(p) => p,
+        Err(_) => panic!(
+            "pod {name} not {want}: {}\nagent logs:\n{}\n{}",
+            serde_json::to_string_pretty(&last["status"]).unwrap_or_default(),
+            tail(&lab.agent_log(0)),
+            tail(&lab.agent_log(1))
+        ),
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// The log of a pod's container through its node's log file.
+fn log_of(lab: &Lab, p: &Value, container: &str) -> String {
+    let node = p["spec"]["nodeName"].as_str().unwrap_or("");
+    let n = lab
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .expect("pod's node");
+    let dir = n.data_dir.join("logs").join(format!(
+        "{}_{}_{}",
+        p["metadata"]["namespace"].as_str().unwrap_or(""),
+        p["metadata"]["name"].as_str().unwrap_or(""),
+        p["metadata"]["uid"].as_str().unwrap_or("")
+    ));
+    let mut out = String::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir.join(container))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for f in files {
+        for line in std::fs::read_to_string(f).unwrap_or_default().lines() {
+            // TIME STREAM TAG MESSAGE
+            out.push_str(line.splitn(4, ' ').nth(3).unwrap_or(""));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn single_pod(name: &str, node: &str, policy: &str, spec_extra: &str, container: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  nodeName: {node}
+  restartPolicy: {policy}
+  terminationGracePeriodSeconds: 2
+{spec_extra}  containers:
+{container}"
+    )
+}
+
+fn busybox_image(dir: &Path) -> std::path::PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/busybox.sh");
+    let out = dir.join("busybox.tar");
+    let s = std::process::Command::new("bash")
+        .arg(script)
+        .arg(&out)
+        .status()
+        .expect("busybox.sh");
+    assert!(s.success(), "building the busybox image");
+    out
+}
+
+#[test]
+fn real_pods_on_two_nodes() {
+    let dir = tempfile::Builder::new()
+        .prefix("orc-node-")
+        .tempdir()
+        .expect("tempdir");
+    let mut lab = Lab::new(dir.path(), 2);
+    let c = Cluster::start_on(MASTER_IP, 3, &["--cluster-cidr", "198.18.0.0/17"]);
+    let image = busybox_image(dir.path());
+    lab.import(0, &image);
+    lab.import(1, &image);
+    let servers = c.servers();
+    for i in 0..2 {
+        lab.start_agent(
+            i,
+            &servers,
+            &["--restart-backoff", "1", "--status-every", "2"],
+        );
+    }
+    wait_for("two Ready nodes with podCIDRs", MIN, || {
+        let nodes = c.items(&["nodes"]);
+        (nodes.len() == 2
+            && nodes.iter().all(|n| {
+                n["spec"]["podCIDR"].is_string()
+                    && n["status"]["conditions"].as_array().is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+            }))
+        .then_some(())
+    });
+
+    // a. A Deployment of 4 busybox httpd pods runs on both nodes, and a pod on
+    // one node reaches a pod on the other by its IP.
+    apply(
+        &c,
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: httpd
+        image: busybox
+        command: [sh, -c, 'echo hello from $(hostname) > /var/www/index.html; exec httpd -f -p 8080 -h /var/www']
+",
+    );
+    let pods = wait_for("4 Running web pods on both nodes", MIN, || {
+        let pods: Vec<Value> = c
+            .items(&["pods", "-l", "app=web"])
+            .into_iter()
+            .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
+            .collect();
+        let nodes: std::collections::BTreeSet<&str> = pods
+            .iter()
+            .filter_map(|p| p["spec"]["nodeName"].as_str())
+            .collect();
+        (pods.len() == 4 && nodes.len() == 2).then_some(pods)
+    });
+    let target = pods
+        .iter()
+        .find(|p| p["spec"]["nodeName"] == "node-2")
+        .expect("a pod on node-2");
+    let target_ip = target["status"]["podIP"].as_str().unwrap();
+    apply(
+        &c,
+        &single_pod("wget", "node-1", "Never", "", &format!("  - {{name: c, image: busybox, command: [wget, -q, -O-, 'http://{target_ip}:8080/']}}\n")),
+    );
+    let p = wait_phase(&c, "wget", "Succeeded", &lab);
+    assert!(
+        log_of(&lab, &p, "c").contains(&format!(
+            "hello from {}",
+            target["metadata"]["name"].as_str().unwrap()
+        )),
+        "wget across nodes: {}",
+        log_of(&lab, &p, "c")
+    );
+
+    // b (part). The hostname is the pod name; /etc/resolv.conf names the cluster DNS.
+    apply(&c, &single_pod("names", "node-2", "Never", "", "  - {name: c, image: busybox, command: [sh, -c, 'cat /etc/hostname; cat /etc/resolv.conf']}\n"));
+    let p = wait_phase(&c, "names", "Succeeded", &lab);
+    let out = log_of(&lab, &p, "c");
+    assert!(out.starts_with("names\n"), "{out}");
+    assert!(
+        out.contains("search default.svc.cluster.local svc.cluster.local cluster.local")
+            && out.contains("ndots:5"),
+        "{out}"
+    );
+
+    // c. Exit 1 under Always: restartCount rises, CrashLoopBackOff, lastState.
+    apply(
+        &c,
+        &single_pod(
+            "crash",
+            "node-1",
+            "Always",
+            "",
+            "  - {name: c, image: busybox, command: [sh, -c, 'echo try; exit 1']}\n",
+        ),
+    );
+    let p = wait_for("crash restarted twice and in CrashLoopBackOff", MIN, || {
+        let p = pod(&c, "crash")?;
+        let s = &p["status"]["containerStatuses"][0];
+        (s["restartCount"].as_i64()? >= 2 && s["state"]["waiting"]["reason"] == "CrashLoopBackOff")
+            .then_some(p)
+    });
+    assert_eq!(
+        p["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"],
+        1
+    );
+    assert!(log_of(&lab, &p, "c").matches("try").count() >= 2);
+
+    // c. Over its memory limit: OOMKilled.
+    apply(
+        &c,
+        &single_pod(
+            "oom",
+            "node-2",
+            "Never",
+            "",
+            "  - name: c
+    image: busybox
+    resources: {limits: {memory: 16Mi}}
+    command: [sh, -c, 'x=$(head -c 67108864 /dev/zero | tr \"\\0\" a); echo survived']
+",
+        ),
+    );
+    let p = wait_phase(&c, "oom", "Failed", &lab);
+    assert_eq!(
+        p["status"]["containerStatuses"][0]["state"]["terminated"]["reason"], "OOMKilled",
+        "{}",
+        p["status"]
+    );
+
+    // d. A Job of real containers with an init container completes; an
+    // emptyDir carries the init container's work to the app container.
+    apply(
+        &c,
+        "apiVersion: batch/v1
+kind: Job
+metadata: {name: job}
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      volumes: [{name: work, emptyDir: {}}]
+      initContainers:
+      - {name: init, image: busybox, command: [sh, -c, 'echo prepared > /work/file'], volumeMounts: [{name: work, mountPath: /work}]}
+      containers:
+      - {name: main, image: busybox, command: [sh, -c, 'cat /work/file'], volumeMounts: [{name: work, mountPath: /work}]}
+",
+    );
+    wait_for("job complete", MIN, || {
+        let j = c
+            .items(&["jobs"])
+            .into_iter()
+            .find(|j| j["metadata"]["name"] == "job")?;
+        (j["status"]["succeeded"] == 1).then_some(())
+    });
+    let jp = c
+        .items(&["pods", "-l", "job-name=job"])
+        .pop()
+        .expect("job pod");
+    assert_eq!(log_of(&lab, &jp, "main"), "prepared\n");
+
+    // d. A ConfigMap volume follows the ConfigMap.
+    apply(
+        &c,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {greeting: one}\n",
+    );
+    apply(
+        &c,
+        &single_pod(
+            "cm",
+            "node-1",
+            "Always",
+            "  volumes: [{name: cfg, configMap: {name: cfg}}]\n",
+            "  - {name: c, image: busybox, command: [sh, -c, 'while true; do cat /cfg/greeting; echo; sleep 0.5; done'], volumeMounts: [{name: cfg, mountPath: /cfg}]}\n",
+        ),
+    );
+    let p = wait_phase(&c, "cm", "Running", &lab);
+    wait_for("the first greeting", MIN, || {
+        log_of(&lab, &p, "c").contains("one").then_some(())
+    });
+    apply(
+        &c,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {greeting: two}\n",
+    );
+    wait_for("the new greeting", MIN, || {
+        log_of(&lab, &p, "c").contains("two").then_some(())
+    });
+
+    // g. Security defaults.
+    apply(
+        &c,
+        &single_pod(
+            "sec",
+            "node-2",
+            "Never",
+            "",
+            "  - name: c
+    image: busybox
+    securityContext: {runAsUser: 1000}
+    command: [sh, -c, 'echo uid=$(id -u); echo procs=$(ls -d /proc/[0-9]* | wc -l); grep CapEff /proc/self/status; mkdir -p /tmp/m; mount -t tmpfs none /tmp/m && echo MOUNTED || echo mount-refused']
+",
+        ),
+    );
+    let p = wait_phase(&c, "sec", "Succeeded", &lab);
+    let out = log_of(&lab, &p, "c");
+    assert!(out.contains("uid=1000"), "{out}");
+    assert!(
+        out.contains("mount-refused") && !out.contains("MOUNTED"),
+        "{out}"
+    );
+    let procs: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("procs="))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("procs");
+    assert!(
+        procs <= 5,
+        "the container sees only its own processes: {out}"
+    );
+    let cap = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|s| u64::from_str_radix(s.trim(), 16).unwrap())
+        .expect("CapEff");
+    assert_eq!(cap & (1 << 21), 0, "no CAP_SYS_ADMIN");
+    assert_eq!(cap & (1 << 16), 0, "no CAP_SYS_MODULE");
+    apply(
+        &c,
+        &single_pod(
+            "root",
+            "node-2",
+            "Never",
+            "",
+            "  - {name: c, image: busybox, command: [sh, -c, 'grep CapEff /proc/self/status; mkdir -p /tmp/m; mount -t tmpfs none /tmp/m && echo MOUNTED || echo mount-refused']}\n",
+        ),
+    );
+    let p = wait_phase(&c, "root", "Succeeded", &lab);
+    let out = log_of(&lab, &p, "c");
+    assert!(
+        out.contains("mount-refused"),
+        "root without CAP_SYS_ADMIN cannot mount: {out}"
+    );
+
+    // e. kill -9 of the agent: containers keep running; the restarted agent
+    // adopts them with restartCount unchanged.
+    let before: Vec<(String, i64)> = c
+        .items(&["pods", "-l", "app=web"])
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["uid"].as_str().unwrap().to_string(),
+                p["status"]["containerStatuses"][0]["restartCount"]
+                    .as_i64()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let pids = |lab: &Lab| -> Vec<i32> {
+        lab.nodes
+            .iter()
+            .flat_map(|n| {
+                std::fs::read_dir(n.data_dir.join("containers"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter(|e| e.file_name().to_string_lossy().contains("-httpd-"))
+            .filter_map(|e| {
+                std::fs::read_to_string(e.path().join("pid"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let pids_before = pids(&lab);
+    assert_eq!(pids_before.len(), 4);
+    lab.kill_agent(0);
+    lab.kill_agent(1);
+    std::thread::sleep(Duration::from_secs(2));
+    for pid in &pids_before {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "container {pid} died with its agent"
+        );
+    }
+    for i in 0..2 {
+        lab.start_agent(
+            i,
+            &servers,
+            &["--restart-backoff", "1", "--status-every", "2"],
+        );
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let after: Vec<(String, i64)> = c
+        .items(&["pods", "-l", "app=web"])
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["uid"].as_str().unwrap().to_string(),
+                p["status"]["containerStatuses"][0]["restartCount"]
+                    .as_i64()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(before, after, "same pods, same restart counts");
+    assert_eq!(pids(&lab), pids_before, "the same container processes");
+    assert_eq!(
+        c.items(&["pods", "-l", "app=web"])
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count(),
+        4
+    );
+
+    // e. After deleting every pod nothing of orc's remains.
+    assert!(c.orc(&servers, &["delete", "deployment", "web"]).ok());
+    assert!(c.orc(&servers, &["delete", "job", "job"]).ok());
+    for name in ["wget", "names", "crash", "oom", "cm", "sec", "root"] {
+        c.orc(&servers, &["delete", "pod", name]);
+    }
+    wait_for("no pods", MIN, || {
+        c.items(&["pods"]).is_empty().then_some(())
+    });
+    wait_for("nothing left on the nodes", MIN, || {
+        for (i, n) in lab.nodes.iter().enumerate() {
+            let links: Vec<String> = lab
+                .links(i)
+                .into_iter()
+                .filter(|l| l.starts_with("orc") && l != "orc0")
+                .collect();
+            if !links.is_empty() {
+                return None;
+            }
+            for d in ["containers", "netns", "pods", "state"] {
+                if std::fs::read_dir(n.data_dir.join(d))
+                    .map(|r| r.count())
+                    .unwrap_or(0)
+                    != 0
+                {
+                    return None;
+                }
+            }
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            if mounts.contains(n.data_dir.to_str().unwrap()) {
+                return None;
+            }
+        }
+        let cgroups = std::fs::read_dir("/sys/fs/cgroup/memory/orc")
+            .map(|r| r.flatten().filter(|e| e.path().is_dir()).count())
+            .unwrap_or(0);
+        (cgroups == 0).then_some(())
+    });
+}

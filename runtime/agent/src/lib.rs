@@ -1,0 +1,39 @@
+//! orc-agent: the node agent (`orc node`), orc's kubelet. It registers the
+//! Node, renews its Lease, reports status, and runs the pods bound to it: a
+//! network namespace wired by `orc-netlink`, root filesystems from the
+//! `orc-image` store, containers through `orc-container` (youki's
+//! libcontainer under `orc shim`). One task per pod reconciles what runs to
+//! what the pod asks; the decisions are the pure functions of `pod`.
+//! Everything it starts is recorded under its data directory, so a restarted
+//! agent adopts running containers instead of restarting them. It talks to the
+//! cluster only through the `Api` trait; it must not depend on the apiserver.
+pub mod node;
+pub mod pod;
+pub mod worker;
+
+pub use node::{run, Config};
+
+use std::path::Path;
+
+/// Undo everything an agent with this data directory made: kill its
+/// containers and shims, unmount their root filesystems, remove their
+/// cgroups, pod network namespaces (and so their veths) and pod state. The
+/// image store stays. Returns the number of containers removed.
+pub fn reset(data_dir: &Path, exe: &Path) -> usize {
+    let rt = orc_container::Runtime::new(data_dir.join("containers"), data_dir.join("state"), exe);
+    let n = rt.reset();
+    let pods = data_dir.join("pods");
+    for (uid, _) in worker::recorded_pods(&pods) {
+        worker::remove_cgroups(&uid);
+    }
+    if let Ok(rd) = std::fs::read_dir(data_dir.join("netns")) {
+        for e in rd.flatten() {
+            let _ = orc_netlink::delete_netns(&e.path());
+            worker::remove_cgroups(&e.file_name().to_string_lossy());
+        }
+    }
+    for d in ["pods", "containers", "state", "logs", "netns"] {
+        let _ = std::fs::remove_dir_all(data_dir.join(d));
+    }
+    n
+}

@@ -1,0 +1,245 @@
+//! orc-container: runs containers through youki's libcontainer, in orc's own
+//! process (the `orc shim` supervisor, one per container), never by running a
+//! runtime binary. It owns the OCI spec a container gets (`spec`), the shim
+//! (`shim`) and the on-disk state of the containers of a node (`Runtime`):
+//! a bundle directory per container with `config.json`, `rootfs/`, the
+//! init's pid and, once it ended, `exit.json`. It knows nothing of pods, images
+//! or the API, and must not depend on them.
+pub mod shim;
+pub mod spec;
+
+pub use spec::{ContainerConfig, Mount};
+
+use serde::{Deserialize, Serialize};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub const PID_FILE: &str = "pid";
+pub const EXIT_FILE: &str = "exit.json";
+pub const SHIM_PID_FILE: &str = "shim.pid";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    #[error("{0}: {1}")]
+    Sys(String, #[source] nix::errno::Errno),
+    #[error("invalid spec: {0}")]
+    Spec(String),
+    #[error("libcontainer: {0}")]
+    Libcontainer(#[from] libcontainer::error::LibcontainerError),
+    #[error("{0}")]
+    Start(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How a container ended, as its shim saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitInfo {
+    pub exit_code: i32,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    pub started_at: String,
+    pub finished_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum State {
+    /// Its init runs with this pid (in the host pid namespace).
+    Running {
+        pid: i32,
+    },
+    Exited(ExitInfo),
+    /// Neither running nor with a recorded exit (the shim died, or the
+    /// machine rebooted).
+    Unknown,
+}
+
+/// The containers of one node, under a directory.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Bundles, one directory per container id.
+    pub dir: PathBuf,
+    /// libcontainer's state root.
+    pub state_root: PathBuf,
+    /// The `orc` binary, whose `shim` subcommand supervises a container.
+    pub exe: PathBuf,
+}
+
+fn alive(pid: i32) -> bool {
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+fn read_pid(p: &Path) -> Option<i32> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+impl Runtime {
+    pub fn new(
+        dir: impl Into<PathBuf>,
+        state_root: impl Into<PathBuf>,
+        exe: impl Into<PathBuf>,
+    ) -> Self {
+        Runtime {
+            dir: dir.into(),
+            state_root: state_root.into(),
+            exe: exe.into(),
+        }
+    }
+
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Write the bundle's config.json (the rootfs is the caller's).
+    pub fn write_spec(&self, id: &str, cfg: &ContainerConfig) -> Result<PathBuf> {
+        let b = self.bundle(id);
+        std::fs::create_dir_all(&b).map_err(|e| Error::Io(format!("mkdir {}", b.display()), e))?;
+        let spec = spec::oci_spec(cfg);
+        serde_json::from_value::<oci_spec::runtime::Spec>(spec.clone())
+            .map_err(|e| Error::Spec(e.to_string()))?;
+        std::fs::write(
+            b.join("config.json"),
+            serde_json::to_vec_pretty(&spec).expect("spec serializes"),
+        )
+        .map_err(|e| Error::Io("write config.json".into(), e))?;
+        Ok(b)
+    }
+
+    /// Start container `id` (its bundle ready) under a new shim; blocks until
+    /// the shim reports the container started. Returns the init's pid.
+    pub fn start(&self, id: &str, log: &Path) -> Result<i32> {
+        let b = self.bundle(id);
+        let shim_log = std::fs::File::create(b.join("shim.log"))
+            .map_err(|e| Error::Io("shim log".into(), e))?;
+        let mut child = Command::new(&self.exe)
+            .arg("shim")
+            .arg("--state-root")
+            .arg(&self.state_root)
+            .arg("--id")
+            .arg(id)
+            .arg("--bundle")
+            .arg(&b)
+            .arg("--log")
+            .arg(log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(shim_log)
+            .spawn()
+            .map_err(|e| Error::Io(format!("spawn {} shim", self.exe.display()), e))?;
+        let _ = std::fs::write(b.join(SHIM_PID_FILE), child.id().to_string());
+        let mut line = String::new();
+        let out = child.stdout.take().expect("piped");
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        // The shim lives on; reap it when it ends.
+        std::thread::spawn(move || child.wait());
+        let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_else(|_| {
+            let log = std::fs::read_to_string(b.join("shim.log")).unwrap_or_default();
+            serde_json::json!({"error": format!("shim ended without a word: {}", log.trim())})
+        });
+        match v["pid"].as_i64() {
+            Some(pid) => Ok(pid as i32),
+            None => Err(Error::Start(
+                v["error"].as_str().unwrap_or("unknown").to_string(),
+            )),
+        }
+    }
+
+    pub fn state(&self, id: &str) -> State {
+        let b = self.bundle(id);
+        if let Some(info) = std::fs::read(b.join(EXIT_FILE))
+            .ok()
+            .and_then(|s| serde_json::from_slice(&s).ok())
+        {
+            return State::Exited(info);
+        }
+        match (
+            read_pid(&b.join(PID_FILE)),
+            read_pid(&b.join(SHIM_PID_FILE)),
+        ) {
+            (Some(pid), Some(shim)) if alive(shim) => State::Running { pid },
+            // The shim may be finishing its bookkeeping right now.
+            _ if b.join(EXIT_FILE).exists() => self.state(id),
+            _ => State::Unknown,
+        }
+    }
+
+    /// Send a signal to the container's init.
+    pub fn kill(&self, id: &str, signal: i32) -> Result<()> {
+        if let State::Running { pid } = self.state(id) {
+            let sig = nix::sys::signal::Signal::try_from(signal)
+                .map_err(|e| Error::Sys("signal".into(), e))?;
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => return Err(Error::Sys(format!("kill {pid}"), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget a container that has ended: unmount its root filesystem and
+    /// remove its bundle. A container still running is killed first.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let b = self.bundle(id);
+        if let State::Running { .. } = self.state(id) {
+            self.kill(id, libc::SIGKILL)?;
+            for _ in 0..100 {
+                if !matches!(self.state(id), State::Running { .. }) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        // A shim that died leaves libcontainer's state (and cgroup) behind.
+        let state = self.state_root.join(id);
+        if state.exists() {
+            if let Ok(mut c) = libcontainer::container::Container::load(state.clone()) {
+                let _ = c.delete(true);
+            }
+            let _ = std::fs::remove_dir_all(&state);
+        }
+        let rootfs = b.join("rootfs");
+        let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+        match std::fs::remove_dir_all(&b) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::Io(format!("remove {}", b.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Kill every container and its shim at once and remove them all (a
+    /// node reset). Returns how many there were.
+    pub fn reset(&self) -> usize {
+        let ids = self.ids();
+        for id in &ids {
+            let b = self.bundle(id);
+            for f in [SHIM_PID_FILE, PID_FILE] {
+                if let Some(pid) = read_pid(&b.join(f)).filter(|p| *p > 1) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        for id in &ids {
+            let _ = self.remove(id);
+        }
+        ids.len()
+    }
+
+    /// Ids of every container with a bundle.
+    pub fn ids(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}

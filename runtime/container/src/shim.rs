@@ -1,0 +1,252 @@
+//! The per-container supervisor (`orc shim`), like containerd's shim or
+//! conmon: a small process that creates and starts the container through
+//! libcontainer in-process, becomes its subreaper, writes its output to the
+//! CRI log file, waits for it, records how it ended (exit code, signal,
+//! OOM kill) and deletes it. It outlives the node agent, so containers keep
+//! running and their exits are not lost while the agent is down.
+//!
+//! It must run before any other thread exists: libcontainer clones the
+//! calling process.
+use crate::{ExitInfo, Result, EXIT_FILE, PID_FILE};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::wait::{waitpid, WaitStatus};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub struct ShimArgs {
+    /// libcontainer's state directory.
+    pub state_root: PathBuf,
+    pub id: String,
+    /// The bundle: config.json and rootfs/.
+    pub bundle: PathBuf,
+    /// The CRI-format log file.
+    pub log: PathBuf,
+}
+
+/// One line of CRI log format: `TIME STREAM TAG MESSAGE`.
+pub fn cri_line(time: &str, stream: &str, partial: bool, msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len() + 48);
+    out.extend_from_slice(time.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(stream.as_bytes());
+    out.extend_from_slice(if partial { b" P " } else { b" F " });
+    out.extend_from_slice(msg);
+    out.push(b'\n');
+    out
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+/// Copy one stream into the log, a line at a time.
+fn pump(mut from: File, stream: &'static str, log: Arc<Mutex<File>>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pending: Vec<u8> = vec![];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        let mut out = vec![];
+        let t = now();
+        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+            out.extend(cri_line(&t, stream, false, &pending[..i]));
+            pending.drain(..=i);
+        }
+        // A long line without an end is written as partial pieces.
+        if pending.len() >= 16 * 1024 {
+            out.extend(cri_line(&t, stream, true, &pending));
+            pending.clear();
+        }
+        if !out.is_empty() {
+            let _ = log.lock().unwrap().write_all(&out);
+        }
+    }
+    if !pending.is_empty() {
+        let _ = log
+            .lock()
+            .unwrap()
+            .write_all(&cri_line(&now(), stream, false, &pending));
+    }
+}
+
+fn pipe() -> Result<(File, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe().map_err(|e| crate::Error::Sys("pipe".into(), e))?;
+    Ok((File::from(r), w))
+}
+
+/// The cgroup's OOM kill count (v1 memory.oom_control or v2 memory.events).
+fn oom_kills(cgroup_path: &str) -> u64 {
+    let rel = cgroup_path.trim_start_matches('/');
+    let files = [
+        format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"),
+        format!("/sys/fs/cgroup/{rel}/memory.events"),
+        format!("/sys/fs/cgroup/unified/{rel}/memory.events"),
+    ];
+    for f in files {
+        if let Ok(s) = std::fs::read_to_string(&f) {
+            if let Some(n) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|n| n.trim().parse().ok())
+            {
+                return n;
+            }
+        }
+    }
+    0
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(tmp, path)
+}
+
+/// Run the shim. Reports `{"pid":N}` or `{"error":"..."}` as one line on
+/// standard output once the container started (or failed to), then detaches
+/// from it. Returns the shim's exit code.
+pub fn run(a: &ShimArgs) -> i32 {
+    // Our own session: the agent's terminal or process group signals do not
+    // reach the containers.
+    let _ = nix::unistd::setsid();
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let report = |line: String| {
+        let mut out = unsafe { File::from_raw_fd(1) };
+        let _ = out.write_all(format!("{line}\n").as_bytes());
+        let _ = out.flush();
+        // Detach standard output: the agent may go away.
+        if let Ok(null) = File::options().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1);
+        }
+        std::mem::forget(out);
+    };
+    match start(a) {
+        Ok((pid, out, err, cgroup, started)) => {
+            report(serde_json::json!({ "pid": pid }).to_string());
+            supervise(a, pid, out, err, &cgroup, started)
+        }
+        Err(e) => {
+            report(serde_json::json!({ "error": e.to_string() }).to_string());
+            // Leave nothing half-made behind.
+            if let Ok(mut c) = Container::load(a.state_root.join(&a.id)) {
+                let _ = c.delete(true);
+            }
+            1
+        }
+    }
+}
+
+type Started = (i32, File, File, String, String);
+
+fn start(a: &ShimArgs) -> Result<Started> {
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.bundle.join("config.json")).map_err(|e| {
+            crate::Error::Io(format!("read {}/config.json", a.bundle.display()), e)
+        })?)
+        .map_err(|e| crate::Error::Spec(e.to_string()))?;
+    let cgroup = spec["linux"]["cgroupsPath"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    if let Some(dir) = a.log.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::Io("log dir".into(), e))?;
+    }
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let devnull = File::open("/dev/null").map_err(|e| crate::Error::Io("/dev/null".into(), e))?;
+    let mut c = ContainerBuilder::new(a.id.clone(), SyscallType::default())
+        .with_root_path(&a.state_root)?
+        .with_stdin(OwnedFd::from(devnull))
+        .with_stdout(out_w)
+        .with_stderr(err_w)
+        .as_init(&a.bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()?;
+    let started = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    c.start()?;
+    let pid = c
+        .pid()
+        .ok_or_else(|| crate::Error::Spec("container has no pid after start".into()))?
+        .as_raw();
+    write_atomic(&a.bundle.join(PID_FILE), pid.to_string().as_bytes())
+        .map_err(|e| crate::Error::Io("pid file".into(), e))?;
+    Ok((pid, out_r, err_r, cgroup, started))
+}
+
+fn supervise(a: &ShimArgs, pid: i32, out: File, err: File, cgroup: &str, started: String) -> i32 {
+    let log = match File::options().create(true).append(true).open(&a.log) {
+        Ok(f) => Arc::new(Mutex::new(f)),
+        Err(_) => Arc::new(Mutex::new(
+            File::options().write(true).open("/dev/null").unwrap(),
+        )),
+    };
+    let pumps = [(out, "stdout", log.clone()), (err, "stderr", log.clone())]
+        .map(|(f, s, l)| std::thread::spawn(move || pump(f, s, l)));
+    let (mut code, mut signal) = (255, None);
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(p, c)) if p.as_raw() == pid => {
+                code = c;
+                break;
+            }
+            Ok(WaitStatus::Signaled(p, s, _)) if p.as_raw() == pid => {
+                code = 128 + s as i32;
+                signal = Some(s as i32);
+                break;
+            }
+            Err(nix::errno::Errno::ECHILD) => break,
+            _ => {}
+        }
+    }
+    let oom = signal == Some(libc::SIGKILL) && oom_kills(cgroup) > 0;
+    // The pid namespace is gone with its init: the pipes close.
+    for p in pumps {
+        let _ = p.join();
+    }
+    // Reap whatever else was reparented to us.
+    while let Ok(s) = waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+        if s == WaitStatus::StillAlive {
+            break;
+        }
+    }
+    let info = ExitInfo {
+        exit_code: code,
+        signal,
+        oom_killed: oom,
+        started_at: started,
+        finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    if let Ok(mut c) = Container::load(a.state_root.join(&a.id)) {
+        if let Err(e) = c.delete(true) {
+            tracing::warn!("delete {}: {e}", a.id);
+        }
+    }
+    let _ = write_atomic(
+        &a.bundle.join(EXIT_FILE),
+        &serde_json::to_vec(&info).expect("exit info serializes"),
+    );
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_lines() {
+        assert_eq!(
+            cri_line("2026-01-01T00:00:00.000000000Z", "stdout", false, b"hi"),
+            b"2026-01-01T00:00:00.000000000Z stdout F hi\n"
+        );
+        assert_eq!(cri_line("T", "stderr", true, b"x"), b"T stderr P x\n");
+    }
+}
