@@ -123,7 +123,7 @@ impl Lab {
             .arg("--netns")
             .arg(format!("/run/netns/{}", n.netns))
             .args(extra)
-            .env("ORC_LOG", "info")
+            .env("ORC_LOG", "info,libcgroups=error,libcontainer=error")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -137,6 +137,35 @@ impl Lab {
         if let Some(mut a) = self.nodes[i].agent.take() {
             a.kill();
         }
+    }
+
+    /// Debian's `docker-registry` (the reference OCI distribution server)
+    /// on the bridge address; returns it and its HOST:PORT.
+    pub fn start_registry(&self) -> (Process, String) {
+        let port = crate::free_port();
+        let addr = format!("{MASTER_IP}:{port}");
+        let cfg = self.dir.join("registry.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                self.dir.join("registry").display()
+            ),
+        )
+        .expect("registry config");
+        let log = std::fs::File::create(self.dir.join("registry.log")).expect("registry log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        crate::wait_for("the registry", std::time::Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&addr).ok().map(|_| ())
+        });
+        (Process { child: Some(child) }, addr)
     }
 
     pub fn agent_log(&self, i: usize) -> String {

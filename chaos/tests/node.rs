@@ -97,6 +97,8 @@ fn busybox_image(dir: &Path) -> std::path::PathBuf {
     let s = std::process::Command::new("bash")
         .arg(script)
         .arg(&out)
+        // A tag other than latest: the default pull policy is then IfNotPresent.
+        .arg("busybox:1.35")
         .status()
         .expect("busybox.sh");
     assert!(s.success(), "building the busybox image");
@@ -115,12 +117,17 @@ fn real_pods_on_two_nodes() {
     lab.import(0, &image);
     lab.import(1, &image);
     let servers = c.servers();
+    let (_registry, reg) = lab.start_registry();
+    let agent_flags = [
+        "--restart-backoff",
+        "1",
+        "--status-every",
+        "2",
+        "--insecure-registry",
+        &reg,
+    ];
     for i in 0..2 {
-        lab.start_agent(
-            i,
-            &servers,
-            &["--restart-backoff", "1", "--status-every", "2"],
-        );
+        lab.start_agent(i, &servers, &agent_flags);
     }
     wait_for("two Ready nodes with podCIDRs", MIN, || {
         let nodes = c.items(&["nodes"]);
@@ -151,7 +158,7 @@ spec:
       terminationGracePeriodSeconds: 1
       containers:
       - name: httpd
-        image: busybox
+        image: busybox:1.35
         command: [sh, -c, 'echo hello from $(hostname) > /var/www/index.html; exec httpd -f -p 8080 -h /var/www']
 ",
     );
@@ -174,7 +181,7 @@ spec:
     let target_ip = target["status"]["podIP"].as_str().unwrap();
     apply(
         &c,
-        &single_pod("wget", "node-1", "Never", "", &format!("  - {{name: c, image: busybox, command: [wget, -q, -O-, 'http://{target_ip}:8080/']}}\n")),
+        &single_pod("wget", "node-1", "Never", "", &format!("  - {{name: c, image: busybox:1.35, command: [wget, -q, -O-, 'http://{target_ip}:8080/']}}\n")),
     );
     let p = wait_phase(&c, "wget", "Succeeded", &lab);
     assert!(
@@ -187,7 +194,7 @@ spec:
     );
 
     // b (part). The hostname is the pod name; /etc/resolv.conf names the cluster DNS.
-    apply(&c, &single_pod("names", "node-2", "Never", "", "  - {name: c, image: busybox, command: [sh, -c, 'cat /etc/hostname; cat /etc/resolv.conf']}\n"));
+    apply(&c, &single_pod("names", "node-2", "Never", "", "  - {name: c, image: busybox:1.35, command: [sh, -c, 'cat /etc/hostname; cat /etc/resolv.conf']}\n"));
     let p = wait_phase(&c, "names", "Succeeded", &lab);
     let out = log_of(&lab, &p, "c");
     assert!(out.starts_with("names\n"), "{out}");
@@ -197,6 +204,58 @@ spec:
         "{out}"
     );
 
+    // b. Logs and exec through any master.
+    let web = target["metadata"]["name"].as_str().unwrap().to_string();
+    let o = c.orc(&servers, &["exec", &web, "--", "cat", "/etc/hostname"]);
+    assert!(o.ok(), "exec: {}", o.stderr);
+    assert_eq!(o.stdout.trim(), web);
+    let o = c.orc(
+        &servers,
+        &[
+            "exec",
+            &web,
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ],
+    );
+    assert_eq!(o.code, 3, "the command's exit code: {}", o.stderr);
+    assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("out\n", "err\n"));
+    let o = c.orc_stdin(
+        &servers,
+        &["exec", "-i", "-t", &web, "--", "sh"],
+        Some("echo tty-$((40+2)); tty; exit\n"),
+    );
+    assert!(
+        o.stdout.contains("tty-42") && o.stdout.contains("/dev/pts/"),
+        "interactive shell on a terminal: {}",
+        o.stdout
+    );
+    apply(
+        &c,
+        &single_pod("ticker", "node-1", "Always", "", "  - {name: c, image: busybox:1.35, command: [sh, -c, 'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done']}\n"),
+    );
+    wait_phase(&c, "ticker", "Running", &lab);
+    let follow_out = dir.path().join("follow.out");
+    let _follow = c.spawn_cli(&["logs", "-f", "ticker"], &follow_out);
+    let seen = |n: usize| {
+        let f = follow_out.clone();
+        move || {
+            let s = std::fs::read_to_string(&f).unwrap_or_default();
+            (s.lines().filter(|l| l.starts_with("tick ")).count() >= n).then_some(())
+        }
+    };
+    wait_for("logs -f shows output", MIN, seen(2));
+    wait_for("logs -f keeps streaming", MIN, seen(8));
+    let o = c.orc(&servers, &["logs", "ticker", "--tail", "1"]);
+    assert!(
+        o.ok() && o.stdout.lines().count() == 1 && o.stdout.starts_with("tick "),
+        "{}",
+        o.stdout
+    );
+    assert!(!c.orc(&servers, &["logs", "nonexistent"]).ok());
+
     // c. Exit 1 under Always: restartCount rises, CrashLoopBackOff, lastState.
     apply(
         &c,
@@ -205,7 +264,7 @@ spec:
             "node-1",
             "Always",
             "",
-            "  - {name: c, image: busybox, command: [sh, -c, 'echo try; exit 1']}\n",
+            "  - {name: c, image: busybox:1.35, command: [sh, -c, 'echo try; exit 1']}\n",
         ),
     );
     let p = wait_for("crash restarted twice and in CrashLoopBackOff", MIN, || {
@@ -229,7 +288,7 @@ spec:
             "Never",
             "",
             "  - name: c
-    image: busybox
+    image: busybox:1.35
     resources: {limits: {memory: 16Mi}}
     command: [sh, -c, 'x=$(head -c 67108864 /dev/zero | tr \"\\0\" a); echo survived']
 ",
@@ -241,6 +300,56 @@ spec:
         "{}",
         p["status"]
     );
+
+    // c. A failing liveness probe (exec) restarts the container; a failing
+    // readiness probe (httpGet) turns the pod NotReady without a restart.
+    apply(
+        &c,
+        &single_pod(
+            "live",
+            "node-1",
+            "Always",
+            "",
+            "  - name: c
+    image: busybox:1.35
+    command: [sh, -c, 'touch /tmp/healthy; sleep 3; rm /tmp/healthy; sleep 3600']
+    livenessProbe: {exec: {command: [cat, /tmp/healthy]}, periodSeconds: 1, failureThreshold: 1}
+",
+        ),
+    );
+    wait_for("a liveness restart", MIN, || {
+        let p = pod(&c, "live")?;
+        (p["status"]["containerStatuses"][0]["restartCount"].as_i64()? >= 1).then_some(())
+    });
+    apply(
+        &c,
+        &single_pod(
+            "ready",
+            "node-2",
+            "Always",
+            "",
+            "  - name: c
+    image: busybox:1.35
+    ports: [{name: http, containerPort: 8080}]
+    command: [sh, -c, 'mkdir -p /www; echo ok > /www/ready; httpd -p 8080 -h /www; sleep 4; rm /www/ready; sleep 3600']
+    readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}
+",
+        ),
+    );
+    let is_ready = |p: &Value| {
+        p["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+    };
+    wait_for("ready turns Ready", MIN, || {
+        pod(&c, "ready").filter(|p| is_ready(p)).map(|_| ())
+    });
+    let p = wait_for("ready turns NotReady", MIN, || {
+        pod(&c, "ready").filter(|p| !is_ready(p))
+    });
+    assert_eq!(p["status"]["phase"], "Running");
+    assert_eq!(p["status"]["containerStatuses"][0]["restartCount"], 0);
 
     // d. A Job of real containers with an init container completes; an
     // emptyDir carries the init container's work to the app container.
@@ -255,9 +364,9 @@ spec:
       restartPolicy: Never
       volumes: [{name: work, emptyDir: {}}]
       initContainers:
-      - {name: init, image: busybox, command: [sh, -c, 'echo prepared > /work/file'], volumeMounts: [{name: work, mountPath: /work}]}
+      - {name: init, image: busybox:1.35, command: [sh, -c, 'echo prepared > /work/file'], volumeMounts: [{name: work, mountPath: /work}]}
       containers:
-      - {name: main, image: busybox, command: [sh, -c, 'cat /work/file'], volumeMounts: [{name: work, mountPath: /work}]}
+      - {name: main, image: busybox:1.35, command: [sh, -c, 'cat /work/file'], volumeMounts: [{name: work, mountPath: /work}]}
 ",
     );
     wait_for("job complete", MIN, || {
@@ -285,7 +394,7 @@ spec:
             "node-1",
             "Always",
             "  volumes: [{name: cfg, configMap: {name: cfg}}]\n",
-            "  - {name: c, image: busybox, command: [sh, -c, 'while true; do cat /cfg/greeting; echo; sleep 0.5; done'], volumeMounts: [{name: cfg, mountPath: /cfg}]}\n",
+            "  - {name: c, image: busybox:1.35, command: [sh, -c, 'while true; do cat /cfg/greeting; echo; sleep 0.5; done'], volumeMounts: [{name: cfg, mountPath: /cfg}]}\n",
         ),
     );
     let p = wait_phase(&c, "cm", "Running", &lab);
@@ -300,6 +409,77 @@ spec:
         log_of(&lab, &p, "c").contains("two").then_some(())
     });
 
+    // f. Images from a registry, by tag and by digest; a wrong digest and a
+    // missing image fail with the registry's message; an imported image runs
+    // with imagePullPolicy Never.
+    let o = std::process::Command::new(orc_chaos::orc_bin())
+        .args([
+            "image",
+            "push",
+            "busybox:1.35",
+            &format!("{reg}/tools/busybox:1"),
+            "--insecure-registry",
+            &reg,
+            "--data-dir",
+        ])
+        .arg(&lab.nodes[0].data_dir)
+        .output()
+        .expect("orc image push");
+    assert!(
+        o.status.success(),
+        "push: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let pushed = String::from_utf8_lossy(&o.stdout).to_string();
+    let digest = pushed.trim().rsplit('@').next().unwrap().to_string();
+    assert!(digest.starts_with("sha256:"), "{pushed}");
+    let pull_pod = |name: &str, image: &str, policy: &str| {
+        single_pod(name, "node-2", "Never", "", &format!("  - {{name: c, image: '{image}', imagePullPolicy: {policy}, command: [echo, pulled]}}\n"))
+    };
+    apply(
+        &c,
+        &pull_pod("bytag", &format!("{reg}/tools/busybox:1"), "Always"),
+    );
+    apply(
+        &c,
+        &pull_pod(
+            "bydigest",
+            &format!("{reg}/tools/busybox@{digest}"),
+            "IfNotPresent",
+        ),
+    );
+    for name in ["bytag", "bydigest"] {
+        let p = wait_phase(&c, name, "Succeeded", &lab);
+        assert_eq!(log_of(&lab, &p, "c"), "pulled\n");
+    }
+    let wrong = format!("{reg}/tools/busybox@sha256:{}", "0".repeat(64));
+    apply(&c, &pull_pod("wrongdigest", &wrong, "IfNotPresent"));
+    apply(
+        &c,
+        &pull_pod("missing", &format!("{reg}/tools/nothing:1"), "IfNotPresent"),
+    );
+    for (name, words) in [("wrongdigest", "manifest unknown"), ("missing", "unknown")] {
+        let p = wait_for(&format!("{name}: ImagePullBackOff"), MIN, || {
+            let p = pod(&c, name)?;
+            (p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                == "ImagePullBackOff")
+                .then_some(p)
+        });
+        assert_eq!(p["status"]["phase"], "Pending");
+        let msg = p["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+            .as_str()
+            .unwrap_or("");
+        assert!(msg.contains(words), "{name}: the registry's message: {msg}");
+    }
+    apply(&c, &pull_pod("never", "busybox:1.35", "Never"));
+    wait_phase(&c, "never", "Succeeded", &lab);
+    apply(&c, &pull_pod("neverabsent", "nothing:1", "Never"));
+    wait_for("ErrImageNeverPull", MIN, || {
+        let p = pod(&c, "neverabsent")?;
+        (p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ErrImageNeverPull")
+            .then_some(())
+    });
+
     // g. Security defaults.
     apply(
         &c,
@@ -309,7 +489,7 @@ spec:
             "Never",
             "",
             "  - name: c
-    image: busybox
+    image: busybox:1.35
     securityContext: {runAsUser: 1000}
     command: [sh, -c, 'echo uid=$(id -u); echo procs=$(ls -d /proc/[0-9]* | wc -l); grep CapEff /proc/self/status; mkdir -p /tmp/m; mount -t tmpfs none /tmp/m && echo MOUNTED || echo mount-refused']
 ",
@@ -345,7 +525,7 @@ spec:
             "node-2",
             "Never",
             "",
-            "  - {name: c, image: busybox, command: [sh, -c, 'grep CapEff /proc/self/status; mkdir -p /tmp/m; mount -t tmpfs none /tmp/m && echo MOUNTED || echo mount-refused']}\n",
+            "  - {name: c, image: busybox:1.35, command: [sh, -c, 'grep CapEff /proc/self/status; mkdir -p /tmp/m; mount -t tmpfs none /tmp/m && echo MOUNTED || echo mount-refused']}\n",
         ),
     );
     let p = wait_phase(&c, "root", "Succeeded", &lab);
@@ -400,11 +580,7 @@ spec:
         );
     }
     for i in 0..2 {
-        lab.start_agent(
-            i,
-            &servers,
-            &["--restart-backoff", "1", "--status-every", "2"],
-        );
+        lab.start_agent(i, &servers, &agent_flags);
     }
     std::thread::sleep(Duration::from_secs(5));
     let after: Vec<(String, i64)> = c
@@ -432,7 +608,24 @@ spec:
     // e. After deleting every pod nothing of orc's remains.
     assert!(c.orc(&servers, &["delete", "deployment", "web"]).ok());
     assert!(c.orc(&servers, &["delete", "job", "job"]).ok());
-    for name in ["wget", "names", "crash", "oom", "cm", "sec", "root"] {
+    for name in [
+        "bytag",
+        "bydigest",
+        "wrongdigest",
+        "missing",
+        "never",
+        "neverabsent",
+        "wget",
+        "names",
+        "ticker",
+        "crash",
+        "oom",
+        "live",
+        "ready",
+        "cm",
+        "sec",
+        "root",
+    ] {
         c.orc(&servers, &["delete", "pod", name]);
     }
     wait_for("no pods", MIN, || {

@@ -88,3 +88,47 @@ pub struct WatchEvent {
     pub event_type: EventType,
     pub object: Value,
 }
+
+/// `orc logs`: the output of one container of a pod.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LogsRequest {
+    pub namespace: String,
+    pub pod: String,
+    /// Empty: the pod's only (or first) container.
+    #[serde(default)]
+    pub container: String,
+    #[serde(default)]
+    pub follow: bool,
+    /// The previous instance of a restarted container.
+    #[serde(default)]
+    pub previous: bool,
+    /// Only the last N lines.
+    #[serde(default)]
+    pub tail_lines: Option<u64>,
+    #[serde(default)]
+    pub timestamps: bool,
+}
+
+/// `orc exec`: a command in a running container.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecRequest {
+    pub namespace: String,
+    pub pod: String,
+    #[serde(default)]
+    pub container: String,
+    pub command: Vec<String>,
+    /// Pass standard input.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Run under a pseudo-terminal (output comes as one stream).
+    #[serde(default)]
+    pub tty: bool,
+}
+
+/// Exec output frames: the first byte of each says what follows.
+pub const EXEC_STDOUT: u8 = 1;
+pub const EXEC_STDERR: u8 = 2;
+/// Followed by `{"exitCode": N}`.
+pub const EXEC_EXIT: u8 = 3;

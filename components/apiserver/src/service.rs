@@ -3,6 +3,7 @@
 use crate::api::Master;
 use orc_api::request::{Request, WatchRequest};
 use orc_api::{ApiError, Reason};
+use orc_proto::node_client::NodeClient;
 use orc_proto::orc_server::{Orc, OrcServer};
 use orc_proto::Blob;
 use orc_raft::network::MAX_MESSAGE_BYTES;
@@ -82,6 +83,38 @@ impl Orc for Service {
     }
 
     type WatchStream = WatchStream;
+    type LogsStream = WatchStream;
+    type ExecStream = WatchStream;
+
+    /// Relayed to the pod's node.
+    async fn logs(&self, r: tonic::Request<Blob>) -> Result<Response<WatchStream>, Status> {
+        let req: orc_api::request::LogsRequest = decode(r.get_ref())?;
+        let mut node = self.node_client(&req.namespace, &req.pod).await?;
+        let out = node.logs(r.into_inner()).await?.into_inner();
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    /// Relayed to the pod's node: the request, then the input as it comes.
+    async fn exec(
+        &self,
+        r: tonic::Request<tonic::Streaming<Blob>>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let mut input = r.into_inner();
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("exec: no request"))?;
+        let req: orc_api::request::ExecRequest = decode(&first)?;
+        let mut node = self.node_client(&req.namespace, &req.pod).await?;
+        let rest = input
+            .take_while(|m| m.is_ok())
+            .map(|m| m.unwrap_or_default());
+        let out = node
+            .exec(tokio_stream::once(first).chain(rest))
+            .await?
+            .into_inner();
+        Ok(Response::new(Box::pin(out)))
+    }
 
     async fn watch(&self, r: tonic::Request<Blob>) -> Result<Response<WatchStream>, Status> {
         let req: WatchRequest = decode(r.get_ref())?;
@@ -92,6 +125,62 @@ impl Orc for Service {
                 .map_err(|e| Status::internal(e.to_string()))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl Service {
+    /// The address of the agent running pod `ns/name`.
+    async fn node_of(&self, ns: &str, name: &str) -> Result<String, Status> {
+        let get = |resource: &str, namespace: &str, name: &str| Request::Get {
+            resource: resource.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        let pod = self
+            .master
+            .handle(get("pods", ns, name))
+            .await
+            .map_err(|e| Status::not_found(e.message))?;
+        let node_name = pod["spec"]["nodeName"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "pod {ns}/{name} is not scheduled to a node yet"
+                ))
+            })?;
+        let node = self
+            .master
+            .handle(get("nodes", "", node_name))
+            .await
+            .map_err(|e| Status::unavailable(e.message))?;
+        let ip = node["status"]["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["type"] == "InternalIP")
+            .and_then(|a| a["address"].as_str())
+            .ok_or_else(|| Status::unavailable(format!("node {node_name} has no InternalIP")))?;
+        let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+            .as_u64()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "node {node_name} serves no logs or exec (a simulated node?)"
+                ))
+            })?;
+        Ok(format!("http://{ip}:{port}"))
+    }
+
+    async fn node_client(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<NodeClient<tonic::transport::Channel>, Status> {
+        let uri = self.node_of(ns, name).await?;
+        NodeClient::connect(uri.clone())
+            .await
+            .map_err(|e| Status::unavailable(format!("node agent at {uri}: {e}")))
     }
 }
 

@@ -26,6 +26,9 @@ pub enum ClientError {
     Unreachable { servers: String, last: String },
     #[error("bad answer from {server}: {why}")]
     Protocol { server: String, why: String },
+    /// A streamed request (logs, exec) refused, in the master's or node's words.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl ClientError {}
@@ -86,6 +89,89 @@ impl Client {
             current: AtomicUsize::new(0),
             timeout: Duration::from_secs(30),
         }
+    }
+
+    /// A streaming request on the first master that takes it: `open` makes
+    /// the call on a client (given the server's index).
+    async fn stream<T, F, Fut>(&self, mut open: F) -> Result<T, ClientError>
+    where
+        F: FnMut(OrcClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let n = self.servers.len();
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last = String::from("no servers configured");
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let c = match &self.channels[idx] {
+                Ok(c) => c.clone(),
+                Err(e) => {
+                    last = format!("{}: {e}", self.servers[idx]);
+                    continue;
+                }
+            };
+            match open(c).await {
+                Ok(t) => return Ok(t),
+                Err(s) if is_unreachable(&s) && !s.message().contains("node agent") => {
+                    last = format!("{}: {}", self.servers[idx], s.message())
+                }
+                Err(s) => return Err(ClientError::Refused(s.message().to_string())),
+            }
+        }
+        Err(ClientError::Unreachable {
+            servers: self.servers.join(","),
+            last,
+        })
+    }
+
+    /// `orc logs`: a container's output, relayed from its node by a master.
+    pub async fn logs(
+        &self,
+        req: &orc_api::request::LogsRequest,
+    ) -> Result<tonic::Streaming<Blob>, ClientError> {
+        let body = serde_json::to_vec(req).unwrap_or_default();
+        self.stream(|mut c| {
+            let body = body.clone();
+            async move { Ok(c.logs(Blob { json: body }).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// `orc exec`: run a command in a container; `stdin` chunks go to it (an
+    /// empty chunk closes its input). Output arrives as frames (see
+    /// `orc_api::request::EXEC_STDOUT`).
+    pub async fn exec(
+        &self,
+        req: &orc_api::request::ExecRequest,
+        mut stdin: mpsc::Receiver<Vec<u8>>,
+    ) -> Result<tonic::Streaming<Blob>, ClientError> {
+        let body = serde_json::to_vec(req).unwrap_or_default();
+        let mut feed = None;
+        let out = self
+            .stream(|mut c| {
+                let (tx, rx) = mpsc::channel::<Blob>(16);
+                let _ = tx.try_send(Blob { json: body.clone() });
+                feed = Some(tx);
+                async move {
+                    Ok(c.exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await?
+                        .into_inner())
+                }
+            })
+            .await?;
+        if let Some(tx) = feed {
+            tokio::spawn(async move {
+                while let Some(chunk) = stdin.recv().await {
+                    let end = chunk.is_empty();
+                    if tx.send(Blob { json: chunk }).await.is_err() || end {
+                        break;
+                    }
+                }
+                // Keep the request stream open until the command ends.
+                tx.closed().await;
+            });
+        }
+        Ok(out)
     }
 
     /// One request, answered by the first reachable master.

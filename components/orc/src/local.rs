@@ -23,8 +23,157 @@ pub struct UpArgs {
     no_demo: bool,
     /// Also run this many simulated nodes (`orc node --simulate`: they report
     /// pods Running without running containers) so workloads get scheduled.
-    #[arg(long, default_value_t = 2)]
-    simulated_nodes: usize,
+    /// Default: 2 without --nodes, 0 with it.
+    #[arg(long)]
+    simulated_nodes: Option<usize>,
+    /// Run this many real node agents on this machine (needs root): each in
+    /// its own network namespace with an address on the bridge `orcup0`
+    /// (198.18.253.0/24, the masters on .254), plus a local registry
+    /// (Debian's docker-registry) holding a busybox image made from
+    /// busybox-static.
+    #[arg(long, default_value_t = 0)]
+    nodes: usize,
+}
+
+/// The local node network of `orc up --nodes`.
+const UP_BRIDGE: &str = "orcup0";
+const UP_HOST_IP: [u8; 4] = [198, 18, 253, 254];
+
+fn up_node_ip(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(198, 18, 253, i as u8)
+}
+
+fn up_netns(i: usize) -> PathBuf {
+    PathBuf::from(format!("/run/netns/orc-node-{i}"))
+}
+
+/// A bridge in this namespace and one namespace per node plugged into it.
+async fn node_network(n: usize) -> Result<()> {
+    let host = orc_netlink::connect()?;
+    let gw = std::net::Ipv4Addr::from(UP_HOST_IP);
+    orc_netlink::ensure_bridge(&host, UP_BRIDGE, gw, 24).await?;
+    for i in 1..=n {
+        let ns = up_netns(i);
+        orc_netlink::create_netns(&ns)?;
+        let veth = format!("orcupn{i}");
+        if orc_netlink::link_index(&host, &veth).await?.is_none() {
+            orc_netlink::attach(
+                &host,
+                &ns,
+                &orc_netlink::PodLink {
+                    host_veth: veth,
+                    bridge: UP_BRIDGE.into(),
+                    ip: up_node_ip(i),
+                    prefix: 24,
+                    gateway: gw,
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Start a child of `exe` (or another program) with a log and a pidfile.
+fn spawn_logged(dir: &Path, name: &str, cmd: &mut Command) -> Result<u32> {
+    let pidfile = dir.join(format!("{name}.pid"));
+    if let Some(pid) = read_pid(&pidfile).filter(|p| pid_alive(*p)) {
+        println!("{name} already running (pid {pid})");
+        return Ok(pid);
+    }
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    std::fs::write(&pidfile, child.id().to_string())?;
+    Ok(child.id())
+}
+
+/// The registry and its busybox image, then the node agents.
+async fn start_nodes(
+    dir: &Path,
+    exe: &Path,
+    n: usize,
+    masters: &str,
+    registry: &str,
+) -> Result<()> {
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {registry}\n",
+            dir.join("registry").display()
+        ),
+    )?;
+    let pid = spawn_logged(
+        dir,
+        "registry",
+        Command::new("docker-registry").arg("serve").arg(&cfg),
+    )
+    .context(
+        "the local registry needs Debian's docker-registry (apt-get install docker-registry)",
+    )?;
+    println!("registry started on {registry} (pid {pid})");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(registry).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "the registry did not start; see {}",
+                dir.join("registry.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // busybox from busybox-static, pushed so the nodes pull it.
+    let applets = Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .context("busybox-static is not installed (apt-get install busybox-static)")?;
+    let applets: Vec<String> = String::from_utf8_lossy(&applets.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    let archive =
+        orc_image::busybox_archive(Path::new("/bin/busybox"), &applets, "busybox:latest")?;
+    let tarball = dir.join("busybox.tar");
+    std::fs::write(&tarball, archive)?;
+    let store = orc_image::Store::new(dir.join("node-1").join("images"));
+    store.import(&tarball)?;
+    let target = format!("{registry}/busybox:latest");
+    let opts = orc_image::registry::Options {
+        insecure: vec![registry.to_string()],
+        ..Default::default()
+    };
+    let t2 = target.clone();
+    tokio::task::spawn_blocking(move || store.push("busybox:latest", &t2, &opts)).await??;
+    println!("image {target} pushed (busybox-static)");
+    for i in 1..=n {
+        let name = format!("node-{i}");
+        let mut cmd = Command::new(exe);
+        cmd.args(["node", "--name", &name, "--master", masters])
+            .arg("--netns")
+            .arg(up_netns(i))
+            .args([
+                "--node-ip",
+                &up_node_ip(i).to_string(),
+                "--insecure-registry",
+                registry,
+            ])
+            .arg("--data-dir")
+            .arg(dir.join(&name))
+            .env("ORC_LOG", "info,libcgroups=error,libcontainer=error");
+        let pid = spawn_logged(dir, &name, &mut cmd)?;
+        println!(
+            "{name} started at {} (pid {pid}, log {})",
+            up_node_ip(i),
+            dir.join(format!("{name}.log")).display()
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -99,9 +248,18 @@ pub async fn up(a: UpArgs) -> Result<i32> {
     let dir = a.dir.unwrap_or_else(default_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let exe = std::env::current_exe().context("locating the orc binary")?;
-    let addrs: Vec<String> = (1..=3)
-        .map(|i| format!("127.0.0.1:{}", a.port + i))
-        .collect();
+    // Node agents live in namespaces of their own: the masters must be
+    // reachable from there, on the node bridge.
+    let host = if a.nodes > 0 {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("--nodes runs containers and builds network namespaces: run it as root");
+        }
+        node_network(a.nodes).await?;
+        std::net::Ipv4Addr::from(UP_HOST_IP).to_string()
+    } else {
+        "127.0.0.1".to_string()
+    };
+    let addrs: Vec<String> = (1..=3).map(|i| format!("{host}:{}", a.port + i)).collect();
     let initial: Vec<String> = addrs
         .iter()
         .enumerate()
@@ -124,6 +282,8 @@ pub async fn up(a: UpArgs) -> Result<i32> {
                 addr,
                 "--initial-cluster",
                 &initial.join(","),
+                "--cluster-cidr",
+                "198.18.0.0/17",
             ])
             .arg("--data-dir")
             .arg(dir.join(format!("master-{id}")))
@@ -175,7 +335,12 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    if a.simulated_nodes > 0 {
+    let simulated = a.simulated_nodes.unwrap_or(if a.nodes > 0 { 0 } else { 2 });
+    let registry = format!("{host}:{}", a.port + 10);
+    if a.nodes > 0 {
+        start_nodes(&dir, &exe, a.nodes, &addrs.join(","), &registry).await?;
+    }
+    if simulated > 0 {
         let pidfile = dir.join("sim-nodes.pid");
         if read_pid(&pidfile).is_some_and(pid_alive) {
             println!("simulated nodes already running");
@@ -183,7 +348,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
             let log = std::fs::File::create(dir.join("sim-nodes.log"))?;
             let child = Command::new(&exe)
                 .args(["node", "--simulate", "--name-prefix", "sim", "--count"])
-                .arg(a.simulated_nodes.to_string())
+                .arg(simulated.to_string())
                 .args(["--master", &addrs.join(",")])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
@@ -193,14 +358,23 @@ pub async fn up(a: UpArgs) -> Result<i32> {
                 .context("starting simulated nodes")?;
             std::fs::write(&pidfile, child.id().to_string())?;
             println!(
-                "{} simulated node(s) started (pid {}; they run no containers: the node agent comes later)",
-                a.simulated_nodes,
+                "{} simulated node(s) started (pid {}; they run no containers)",
+                simulated,
                 child.id()
             );
         }
     }
     if !a.no_demo {
-        for o in orc_api::manifest::parse(DEMO).map_err(anyhow::Error::msg)? {
+        // Real nodes pull the demo image from the local registry.
+        let demo = if a.nodes > 0 {
+            DEMO.replace(
+                "image: busybox",
+                &format!("image: {registry}/busybox:latest"),
+            )
+        } else {
+            DEMO.to_string()
+        };
+        for o in orc_api::manifest::parse(&demo).map_err(anyhow::Error::msg)? {
             let (obj, outcome) = client.apply(&o, None).await?;
             let kind = obj["kind"].as_str().unwrap_or("").to_ascii_lowercase();
             println!(
@@ -217,10 +391,15 @@ pub async fn up(a: UpArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub fn down(a: DownArgs) -> Result<i32> {
+pub async fn down(a: DownArgs) -> Result<i32> {
     let dir = a.dir.unwrap_or_else(default_dir);
     let mut stopped = 0;
-    for name in ["sim-nodes", "master-1", "master-2", "master-3"] {
+    let nodes: Vec<usize> = (1..=64)
+        .filter(|i| dir.join(format!("node-{i}")).exists() || up_netns(*i).exists())
+        .collect();
+    let mut names: Vec<String> = nodes.iter().map(|i| format!("node-{i}")).collect();
+    names.extend(["registry", "sim-nodes", "master-1", "master-2", "master-3"].map(String::from));
+    for name in &names {
         let pidfile = dir.join(format!("{name}.pid"));
         let Some(pid) = read_pid(&pidfile) else {
             continue;
@@ -238,6 +417,19 @@ pub fn down(a: DownArgs) -> Result<i32> {
             stopped += 1;
         }
         let _ = std::fs::remove_file(&pidfile);
+    }
+    // What the agents made (containers, mounts, cgroups, pod namespaces),
+    // then the node namespaces and the bridge.
+    let exe = std::env::current_exe().context("locating the orc binary")?;
+    for i in &nodes {
+        let n = orc_agent::reset(&dir.join(format!("node-{i}")), &exe);
+        let _ = orc_netlink::delete_netns(&up_netns(*i));
+        println!("node-{i}: removed {n} container(s) and its network namespace");
+    }
+    if !nodes.is_empty() {
+        if let Ok(h) = orc_netlink::connect() {
+            let _ = orc_netlink::detach(&h, UP_BRIDGE).await;
+        }
     }
     if stopped == 0 {
         println!("no local masters were running");

@@ -3,6 +3,7 @@
 //! the library crates.
 mod local;
 mod output;
+mod podio;
 mod rollout;
 mod sim;
 
@@ -88,6 +89,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: rollout::RolloutCmd,
     },
+    /// Print (or follow) a container's output.
+    Logs(podio::LogsArgs),
+    /// Run a command in a container: orc exec POD [-c C] [-it] -- CMD...
+    Exec(podio::ExecArgs),
     /// Set the replicas of a Deployment, ReplicaSet, ReplicationController or StatefulSet.
     Scale {
         /// TYPE/NAME or TYPE
@@ -108,6 +113,18 @@ enum Cmd {
         #[arg(long)]
         log: PathBuf,
     },
+    /// Run a command inside a running container (used by the node agent).
+    #[command(hide = true)]
+    ShimExec {
+        #[arg(long)]
+        state_root: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        tty: bool,
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
     /// Inspect and change the set of masters.
     Cluster {
         #[command(subcommand)]
@@ -123,6 +140,24 @@ enum ImageCmd {
         /// The node agent's data directory.
         #[arg(long, default_value = "/var/lib/orc/node")]
         data_dir: PathBuf,
+    },
+    /// Pull an image from a registry into this node's store.
+    Pull {
+        reference: String,
+        #[arg(long, default_value = "/var/lib/orc/node")]
+        data_dir: PathBuf,
+        /// Registries (HOST[:PORT]) spoken to over plain HTTP, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        insecure_registry: Vec<String>,
+    },
+    /// Push an image of this node's store to a registry: orc image push LOCAL TARGET.
+    Push {
+        local: String,
+        target: String,
+        #[arg(long, default_value = "/var/lib/orc/node")]
+        data_dir: PathBuf,
+        #[arg(long, value_delimiter = ',')]
+        insecure_registry: Vec<String>,
     },
     /// List the images this node holds.
     Ls {
@@ -141,6 +176,39 @@ fn image_cmd(cmd: ImageCmd) -> Result<i32> {
             for i in imgs {
                 println!("imported {} {}", i.id, i.names.join(" "));
             }
+            Ok(0)
+        }
+        ImageCmd::Pull {
+            reference,
+            data_dir,
+            insecure_registry,
+        } => {
+            let store = orc_image::Store::new(data_dir.join("images"));
+            let o = orc_image::registry::Options {
+                insecure: insecure_registry,
+                ..Default::default()
+            };
+            let i = store
+                .pull(&reference, &o)
+                .with_context(|| format!("pulling {reference}"))?;
+            println!("pulled {} {}", i.id, i.names.join(" "));
+            Ok(0)
+        }
+        ImageCmd::Push {
+            local,
+            target,
+            data_dir,
+            insecure_registry,
+        } => {
+            let store = orc_image::Store::new(data_dir.join("images"));
+            let o = orc_image::registry::Options {
+                insecure: insecure_registry,
+                ..Default::default()
+            };
+            let d = store
+                .push(&local, &target, &o)
+                .with_context(|| format!("pushing {local} to {target}"))?;
+            println!("pushed {target}@{d}");
             Ok(0)
         }
         ImageCmd::Ls { data_dir } => {
@@ -311,8 +379,24 @@ enum SnapshotCmd {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ORC_LOG")
-        .unwrap_or_else(|_| "warn,orc=info,orc_apiserver=info".into());
+    // Silent: its standard streams are the command's (no tracing output).
+    if let Cmd::ShimExec {
+        state_root,
+        id,
+        tty,
+        args,
+    } = &cli.cmd
+    {
+        std::process::exit(orc_container::shim::exec(
+            state_root,
+            id,
+            args.clone(),
+            *tty,
+        ));
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ORC_LOG").unwrap_or_else(|_| {
+        "warn,libcgroups=error,libcontainer=error,orc=info,orc_apiserver=info".into()
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -519,7 +603,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Up(a) => local::up(a).await,
-        Cmd::Down(a) => local::down(a),
+        Cmd::Down(a) => local::down(a).await,
         Cmd::Node(a) => sim::run(a).await,
         Cmd::Image { cmd } => image_cmd(cmd),
         Cmd::Debug {
@@ -732,6 +816,8 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
             }
         }
         Cmd::Cluster { cmd } => cluster(client, cmd).await,
+        Cmd::Logs(a) => podio::logs(client, ns.unwrap_or("default"), a).await,
+        Cmd::Exec(a) => podio::exec(client, ns.unwrap_or("default"), a).await,
         Cmd::Rollout { cmd } => rollout::rollout(client, ns.unwrap_or("default"), cmd).await,
         Cmd::Scale {
             target,
@@ -752,6 +838,7 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
         | Cmd::Down(_)
         | Cmd::Node(_)
         | Cmd::Shim { .. }
+        | Cmd::ShimExec { .. }
         | Cmd::Image { .. }
         | Cmd::Debug { .. } => {
             unreachable!()

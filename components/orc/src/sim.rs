@@ -70,6 +70,12 @@ pub struct SimArgs {
     /// The pod bridge.
     #[arg(long, default_value = "orc0")]
     pub bridge: String,
+    /// Registries (HOST[:PORT]) to pull from over plain HTTP, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub insecure_registry: Vec<String>,
+    /// Port of the agent's logs and exec service (on the node address).
+    #[arg(long, default_value_t = 10250)]
+    pub listen_port: u16,
     /// Remove everything the agent with this --data-dir made (containers,
     /// mounts, cgroups, pod namespaces, state; not images), then exit.
     #[arg(long)]
@@ -450,6 +456,8 @@ async fn agent(a: SimArgs) -> Result<i32> {
         status_every: Duration::from_secs_f64(a.status_every.max(0.1)),
         labels,
         bridge: a.bridge,
+        port: a.listen_port,
+        insecure_registries: a.insecure_registry,
     };
     tokio::select! {
         r = orc_agent::run(api, cfg) => r?,

@@ -9,6 +9,8 @@
 //! cluster only through the `Api` trait; it must not depend on the apiserver.
 pub mod node;
 pub mod pod;
+pub mod probe;
+pub mod server;
 pub mod worker;
 
 pub use node::{run, Config};

@@ -29,6 +29,10 @@ pub struct Config {
     pub status_every: Duration,
     pub labels: Vec<(String, String)>,
     pub bridge: String,
+    /// The port of the agent's `orc.Node` service (logs, exec) on the node address.
+    pub port: u16,
+    /// Registries (HOST[:PORT]) pulled from over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +123,7 @@ pub fn node_status(cfg: &Config, images: &[orc_image::Image]) -> Value {
             {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure", "lastHeartbeatTime": now, "lastTransitionTime": now},
             {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID", "lastHeartbeatTime": now, "lastTransitionTime": now}],
         "images": images,
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": cfg.port}},
         "nodeInfo": {"kubeletVersion": concat!("orc-", env!("CARGO_PKG_VERSION")), "containerRuntimeVersion": "orc://libcontainer",
                      "operatingSystem": "linux", "architecture": "amd64"}})
 }
@@ -286,6 +291,18 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
     let _ = renew_lease(&api, &s.cfg.name).await;
     if let Ok(node) = report_status(&api, &s).await {
         network(&s, &node).await?;
+    }
+    {
+        let addr = std::net::SocketAddr::from((
+            s.cfg.node_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            s.cfg.port,
+        ));
+        let s2 = s.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::server::serve(s2, addr).await {
+                tracing::error!("serving logs and exec on {addr}: {e}");
+            }
+        });
     }
     tracing::info!(
         "node {} registered ({})",

@@ -3,6 +3,7 @@
 //! teardown. What it started is recorded under the pod's directory.
 use crate::node::{Config, Ipam};
 use crate::pod::{self, Record, Sources};
+use crate::probe::{self, Prober};
 use orc_api::request::Request;
 use orc_api::Reason;
 use orc_container::State;
@@ -70,6 +71,15 @@ pub fn recorded_ips(pods: &Path) -> Vec<Ipv4Addr> {
         .collect()
 }
 
+/// The id of container `name` of pod `p` if it is running now.
+pub fn running_container(s: &Shared, p: &Value, name: &str) -> Option<String> {
+    let dir = pod_dir(&s.pods_dir(), util::uid(p));
+    let records: BTreeMap<String, Record> =
+        serde_json::from_slice(&std::fs::read(dir.join("containers.json")).ok()?).ok()?;
+    let r = records.get(name)?;
+    running(s, r).then(|| r.id.clone())
+}
+
 /// The state of one pod worker (records persisted in `containers.json`).
 #[derive(Default)]
 struct PodState {
@@ -82,6 +92,17 @@ struct PodState {
     /// The pod reached Succeeded or Failed: its sandbox is gone.
     done: bool,
     volumes_at: f64,
+    /// Probe state per container, for its current instance.
+    probes: BTreeMap<String, Probes>,
+}
+
+#[derive(Default)]
+struct Probes {
+    /// The container instance these results belong to.
+    id: String,
+    startup: Prober,
+    liveness: Prober,
+    readiness: Prober,
 }
 
 impl PodState {
@@ -354,14 +375,17 @@ fn data_files(obj: &Value, secret: bool, src: &Value) -> BTreeMap<String, Vec<u8
         data.insert(
             k.clone(),
             if secret {
-                base64_decode(s)
+                orc_image::base64_decode(s)
             } else {
                 s.as_bytes().to_vec()
             },
         );
     }
     for (k, v) in obj["binaryData"].as_object().into_iter().flatten() {
-        data.insert(k.clone(), base64_decode(v.as_str().unwrap_or("")));
+        data.insert(
+            k.clone(),
+            orc_image::base64_decode(v.as_str().unwrap_or("")),
+        );
     }
     for (k, v) in obj["stringData"].as_object().into_iter().flatten() {
         data.insert(k.clone(), v.as_str().unwrap_or("").as_bytes().to_vec());
@@ -379,30 +403,6 @@ fn data_files(obj: &Value, secret: bool, src: &Value) -> BTreeMap<String, Vec<u8
             .collect(),
         None => data,
     }
-}
-
-pub fn base64_decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let mut out = vec![];
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.bytes().filter_map(val) {
-        acc = (acc << 6) | c;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
 }
 
 /// Replace a volume's files atomically: write a new timestamped directory,
@@ -536,6 +536,11 @@ async fn containers(
             start_if_due(s, p, c, st, ip, netns, volumes).await;
         }
     }
+    if inits_done && !failed {
+        for c in apps {
+            probe_container(s, p, c, st, ip).await;
+        }
+    }
     st.save();
     if failed {
         return "Failed";
@@ -556,6 +561,153 @@ async fn containers(
     pod::phase(&policy, inits_done, &refs)
 }
 
+/// Run the due probes of a running app container: startup first; then
+/// liveness (failure restarts the container) and readiness (drives Ready).
+async fn probe_container(s: &Arc<Shared>, p: &Value, c: &Value, st: &mut PodState, ip: Ipv4Addr) {
+    let name = c["name"].as_str().unwrap_or("").to_string();
+    let Some(r) = st.records.get(&name).cloned() else {
+        return;
+    };
+    if !running(s, &r) {
+        return;
+    }
+    let probes = st.probes.entry(name.clone()).or_default();
+    if probes.id != r.id {
+        *probes = Probes {
+            id: r.id.clone(),
+            ..Default::default()
+        };
+    }
+    let started = util::parse_time(&r.started_at).unwrap_or_else(now);
+    let mut kill = None;
+    let mut ready = false;
+    let startup_done = match probe::Spec::from(&c["startupProbe"]) {
+        Some(spec) if probes.startup.verdict != Some(true) => {
+            if probes.startup.due(&spec, started, now()) {
+                let ok = run_probe(s, &c["startupProbe"], c, &r.id, ip, spec.timeout).await;
+                if probes.startup.record(&spec, ok, now()) == Some(false) {
+                    kill = Some("startup probe failed");
+                }
+            }
+            probes.startup.verdict == Some(true)
+        }
+        _ => true,
+    };
+    if startup_done {
+        if let Some(spec) = probe::Spec::from(&c["livenessProbe"]) {
+            if probes.liveness.due(&spec, started, now()) {
+                let ok = run_probe(s, &c["livenessProbe"], c, &r.id, ip, spec.timeout).await;
+                if probes.liveness.record(&spec, ok, now()) == Some(false) {
+                    kill = Some("liveness probe failed");
+                }
+            }
+        }
+        ready = match probe::Spec::from(&c["readinessProbe"]) {
+            Some(spec) => {
+                if probes.readiness.due(&spec, started, now()) {
+                    let ok = run_probe(s, &c["readinessProbe"], c, &r.id, ip, spec.timeout).await;
+                    probes.readiness.record(&spec, ok, now());
+                }
+                probes.readiness.verdict == Some(true)
+            }
+            None => true,
+        };
+    }
+    if let Some(rec) = st.records.get_mut(&name) {
+        rec.ready = ready && kill.is_none();
+    }
+    if let Some(why) = kill {
+        tracing::info!(
+            "pod {}/{} container {name}: {why}, restarting it",
+            util::namespace(p),
+            util::name(p)
+        );
+        let grace = c["livenessProbe"]["terminationGracePeriodSeconds"]
+            .as_f64()
+            .or(p["spec"]["terminationGracePeriodSeconds"].as_f64())
+            .unwrap_or(30.0);
+        let _ = s.runtime.kill(&r.id, libc::SIGTERM);
+        let (s2, id) = (s.clone(), r.id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(grace)).await;
+            let _ = s2.runtime.kill(&id, libc::SIGKILL);
+        });
+    }
+}
+
+/// One probe run: true on success.
+async fn run_probe(
+    s: &Arc<Shared>,
+    spec: &Value,
+    c: &Value,
+    id: &str,
+    ip: Ipv4Addr,
+    timeout: f64,
+) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let action = match probe::action(spec, c) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!("probe: {e}");
+            return false;
+        }
+    };
+    let work = async {
+        match action {
+            probe::Action::Tcp { port } => tokio::net::TcpStream::connect((ip, port)).await.is_ok(),
+            // HTTPS probes check that the port accepts connections (the
+            // kubelet does not verify certificates either).
+            probe::Action::Http {
+                https: true, port, ..
+            } => tokio::net::TcpStream::connect((ip, port)).await.is_ok(),
+            probe::Action::Http {
+                port,
+                path,
+                headers,
+                ..
+            } => {
+                let Ok(mut conn) = tokio::net::TcpStream::connect((ip, port)).await else {
+                    return false;
+                };
+                let mut req = format!(
+                    "GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nUser-Agent: kube-probe/orc\r\nAccept: */*\r\nConnection: close\r\n"
+                );
+                for (k, v) in headers {
+                    req.push_str(&format!("{k}: {v}\r\n"));
+                }
+                req.push_str("\r\n");
+                if conn.write_all(req.as_bytes()).await.is_err() {
+                    return false;
+                }
+                let mut head = vec![0u8; 256];
+                let mut n = 0;
+                while n < head.len() {
+                    match conn.read(&mut head[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if head[..n].contains(&b'\n') {
+                        break;
+                    }
+                }
+                probe::http_ok(&String::from_utf8_lossy(&head[..n]))
+            }
+            probe::Action::Exec { command } => {
+                let mut cmd =
+                    tokio::process::Command::from(s.runtime.exec_command(id, &command, false));
+                cmd.stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true);
+                cmd.status().await.map(|st| st.success()).unwrap_or(false)
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs_f64(timeout), work)
+        .await
+        .unwrap_or(false)
+}
+
 /// Start (or restart) container `c` unless its back-off has not run out.
 async fn start_if_due(
     s: &Arc<Shared>,
@@ -567,12 +719,10 @@ async fn start_if_due(
     volumes: &pod::VolumePaths,
 ) {
     let name = c["name"].as_str().unwrap_or("").to_string();
-    let uid = util::uid(p).to_string();
     let mut r = st.records.get(&name).cloned().unwrap_or_default();
     let t = now();
     if t < r.not_before {
         if r.exited.is_some() {
-            let wait = r.not_before - t;
             r.waiting = Some((
                 "CrashLoopBackOff".into(),
                 format!(
@@ -581,7 +731,6 @@ async fn start_if_due(
                     util::name(p)
                 ),
             ));
-            let _ = wait;
         } else if let Some((reason, _)) = &mut r.waiting {
             if reason == "ErrImagePull" {
                 *reason = "ImagePullBackOff".into();
@@ -606,7 +755,7 @@ async fn start_if_due(
             r.image_id = image_id;
             r.exited = None;
             r.waiting = None;
-            r.ready = c["readinessProbe"].is_null();
+            r.ready = c["readinessProbe"].is_null() && c["startupProbe"].is_null();
             r.started_at = orc_api::now_rfc3339();
             // The back-off the next crash waits for.
             r.not_before = 0.0;
@@ -622,7 +771,6 @@ async fn start_if_due(
             r.not_before = t + pod::backoff(s.cfg.backoff_base, n);
         }
     }
-    let _ = uid;
     st.records.insert(name, r);
 }
 
@@ -661,15 +809,27 @@ async fn start(
     let name = c["name"].as_str().unwrap_or("");
     let image = c["image"].as_str().unwrap_or("");
     let pull = c["imagePullPolicy"].as_str().unwrap_or("IfNotPresent");
-    let Some(img) = s.images.resolve(image) else {
-        return Err(if pull == "Never" {
-            (
+    let img = match (pull, s.images.resolve(image)) {
+        ("Never", None) => {
+            return Err((
                 "ErrImageNeverPull".into(),
                 format!("Container image \"{image}\" is not present with pull policy of Never"),
-            )
-        } else {
-            ("ErrImagePull".into(), format!("image \"{image}\" is not present on node {} (import it with `orc image import`)", s.cfg.name))
-        });
+            ))
+        }
+        ("Never" | "IfNotPresent", Some(img)) => img,
+        _ => {
+            let opts = pull_options(s, p).await;
+            let (s2, image2) = (s.clone(), image.to_string());
+            tokio::task::spawn_blocking(move || s2.images.pull(&image2, &opts))
+                .await
+                .map_err(|e| ("ErrImagePull".to_string(), e.to_string()))?
+                .map_err(|e| {
+                    (
+                        "ErrImagePull".to_string(),
+                        format!("failed to pull image \"{image}\": {e}"),
+                    )
+                })?
+        }
     };
     let config = s
         .images
@@ -713,6 +873,39 @@ async fn start(
     // A failed bundle stays for inspection until the next attempt or teardown.
     .map_err(|e| ("RunContainerError".to_string(), e))?;
     Ok((id, img.id))
+}
+
+/// Insecure registries from the flags, credentials from the pod's
+/// imagePullSecrets (`kubernetes.io/dockerconfigjson`).
+async fn pull_options(s: &Arc<Shared>, p: &Value) -> orc_image::registry::Options {
+    let mut o = orc_image::registry::Options {
+        insecure: s.cfg.insecure_registries.clone(),
+        ..Default::default()
+    };
+    for r in p["spec"]["imagePullSecrets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let Some(name) = r["name"].as_str() else {
+            continue;
+        };
+        let req = Request::Get {
+            resource: "secrets".into(),
+            namespace: util::namespace(p).into(),
+            name: name.into(),
+        };
+        if let Ok(secret) = s.api.call(req).await {
+            let cfg = secret["data"][".dockerconfigjson"]
+                .as_str()
+                .or(secret["data"][".dockercfg"].as_str())
+                .unwrap_or("");
+            o.auths.extend(orc_image::registry::docker_config_auths(
+                &orc_image::base64_decode(cfg),
+            ));
+        }
+    }
+    o
 }
 
 /// `logs/NS_NAME_UID/CONTAINER/N.log`, as the kubelet lays them out.
@@ -974,12 +1167,6 @@ pub fn remove_cgroups(uid: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64() {
-        assert_eq!(base64_decode("aGVsbG8="), b"hello");
-        assert_eq!(base64_decode("aGk"), b"hi");
-    }
 
     #[test]
     fn volume_files_swap_atomically() {

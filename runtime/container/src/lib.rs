@@ -232,6 +232,22 @@ impl Runtime {
         ids.len()
     }
 
+    /// The command that runs `args` inside running container `id`
+    /// (`orc shim-exec`), for the caller to wire and wait for.
+    pub fn exec_command(&self, id: &str, args: &[String], tty: bool) -> Command {
+        let mut c = Command::new(&self.exe);
+        c.arg("shim-exec")
+            .arg("--state-root")
+            .arg(&self.state_root)
+            .arg("--id")
+            .arg(id);
+        if tty {
+            c.arg("--tty");
+        }
+        c.arg("--").args(args);
+        c
+    }
+
     /// Ids of every container with a bundle.
     pub fn ids(&self) -> Vec<String> {
         std::fs::read_dir(&self.dir)

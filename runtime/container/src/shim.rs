@@ -237,6 +237,135 @@ fn supervise(a: &ShimArgs, pid: i32, out: File, err: File, cgroup: &str, started
     0
 }
 
+/// Run `args` inside running container `id` (its namespaces, cgroup,
+/// user, capabilities and seccomp) with this process's standard streams;
+/// returns its exit code (128+N for a signal, 126 when it cannot start).
+/// With `tty` the command gets a terminal made inside the container (its
+/// devpts), whose other end this process relays to its own streams.
+/// Like `run`, it must be called before any other thread exists.
+pub fn exec(state_root: &Path, id: &str, args: Vec<String>, tty: bool) -> i32 {
+    match exec_inner(state_root, id, args, tty) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("exec in {id}: {e}");
+            126
+        }
+    }
+}
+
+fn exec_inner(state_root: &Path, id: &str, args: Vec<String>, tty: bool) -> Result<i32> {
+    let mut b =
+        ContainerBuilder::new(id.to_string(), SyscallType::default()).with_root_path(state_root)?;
+    let work = std::env::temp_dir().join(format!("orc-exec-{}", std::process::id()));
+    let mut listener = None;
+    let mut process = None;
+    if tty {
+        // The init's process with a terminal and our command.
+        let c = Container::load(state_root.join(id))?;
+        let spec: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(c.bundle().join("config.json"))
+                .map_err(|e| crate::Error::Io("config.json".into(), e))?,
+        )
+        .map_err(|e| crate::Error::Spec(e.to_string()))?;
+        let mut p = spec["process"].clone();
+        p["terminal"] = serde_json::json!(true);
+        p["args"] = serde_json::json!(args);
+        if !p["env"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|v| v.as_str().is_some_and(|v| v.starts_with("TERM=")))
+        }) {
+            if let Some(env) = p["env"].as_array_mut() {
+                env.push(serde_json::json!("TERM=xterm"));
+            }
+        }
+        std::fs::create_dir_all(&work).map_err(|e| crate::Error::Io("exec dir".into(), e))?;
+        let pj = work.join("process.json");
+        std::fs::write(&pj, p.to_string())
+            .map_err(|e| crate::Error::Io("process.json".into(), e))?;
+        let sock = work.join("console.sock");
+        listener = Some(
+            std::os::unix::net::UnixListener::bind(&sock)
+                .map_err(|e| crate::Error::Io("console socket".into(), e))?,
+        );
+        b = b.with_console_socket(Some(&sock));
+        process = Some(pj);
+    }
+    let tenant = b.as_tenant().with_detach(tty);
+    let tenant = match &process {
+        Some(pj) => tenant.with_process(Some(pj)),
+        None => tenant.with_container_args(args),
+    };
+    let built = tenant.build();
+    let pid = match built {
+        Ok(pid) => pid,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(e.into());
+        }
+    };
+    if let Some(l) = listener {
+        let master = receive_fd(&l);
+        let _ = std::fs::remove_dir_all(&work);
+        let master = master?;
+        let mut to = master
+            .try_clone()
+            .map_err(|e| crate::Error::Io("pty".into(), e))?;
+        // Input to the terminal; output from it until it closes.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut to);
+        });
+        let mut from = master;
+        let mut out = std::io::stdout();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let _ = out.flush();
+        }
+    }
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, c)) => return Ok(c),
+            Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+            Err(nix::errno::Errno::EINTR) | Ok(_) => continue,
+            Err(_) => return Ok(255),
+        }
+    }
+}
+
+/// The terminal's master end, sent by libcontainer over the console socket.
+fn receive_fd(l: &std::os::unix::net::UnixListener) -> Result<File> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let (conn, _) = l
+        .accept()
+        .map_err(|e| crate::Error::Io("console socket".into(), e))?;
+    let mut name = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut name)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .map_err(|e| crate::Error::Sys("recvmsg".into(), e))?;
+    for c in msg
+        .cmsgs()
+        .map_err(|e| crate::Error::Sys("cmsgs".into(), e))?
+    {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(fd) = fds.first() {
+                return Ok(unsafe { File::from_raw_fd(*fd) });
+            }
+        }
+    }
+    Err(crate::Error::Start(
+        "no terminal came over the console socket".into(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,12 +12,16 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
+pub mod registry;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Registry(String),
     #[error("image {0} is not present on this node")]
     NotFound(String),
     #[error("digest mismatch for {what}: expected {expected}, got {got}")]
@@ -30,7 +34,7 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
     let context = context.into();
     move |source| Error::Io { context, source }
 }
@@ -77,6 +81,9 @@ pub struct Image {
     pub layers: Vec<String>,
     /// Unpacked size in bytes.
     pub size: u64,
+    /// The layer archives as stored (digest, media type), for pushing.
+    #[serde(default)]
+    pub layer_blobs: Vec<(String, String)>,
 }
 
 /// The parts of an image config a container needs.
@@ -109,7 +116,7 @@ pub fn run_config(config: &Value) -> RunConfig {
 
 /// A node's image store rooted at a directory.
 pub struct Store {
-    root: PathBuf,
+    pub(crate) root: PathBuf,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -117,7 +124,7 @@ struct Index {
     images: BTreeMap<String, Image>,
 }
 
-fn hex_of(digest: &str) -> Result<&str> {
+pub(crate) fn hex_of(digest: &str) -> Result<&str> {
     digest
         .strip_prefix("sha256:")
         .filter(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
@@ -138,7 +145,7 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-fn digest_of(h: Sha256) -> String {
+pub(crate) fn digest_of(h: Sha256) -> String {
     format!("sha256:{:x}", h.finalize())
 }
 
@@ -308,7 +315,7 @@ impl Store {
         Ok(self.root.join("layers").join(hex_of(diff_id)?))
     }
 
-    fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+    pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf> {
         Ok(self.root.join("blobs/sha256").join(hex_of(digest)?))
     }
 
@@ -405,6 +412,7 @@ impl Store {
                 digests: vec![],
                 layers: layers.clone(),
                 size,
+                layer_blobs: vec![],
             });
         for n in names {
             if !img.names.contains(n) {
@@ -419,6 +427,13 @@ impl Store {
         let img = img.clone();
         self.save(&idx)?;
         Ok(img)
+    }
+
+    /// Replace an image's record.
+    pub fn update(&self, img: &Image) -> Result<()> {
+        let mut idx = self.load();
+        idx.images.insert(img.id.clone(), img.clone());
+        self.save(&idx)
     }
 
     pub fn list(&self) -> Vec<Image> {
@@ -439,9 +454,32 @@ impl Store {
             .find(|i| i.names.contains(&norm) || i.id == reference)
     }
 
+    /// Run `f` holding the store's lock (an flock on `ROOT/.lock`), so pulls
+    /// and imports, of this process or another, never interleave; like the
+    /// kubelet's default, pulls are serialized.
+    pub(crate) fn locked<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        use std::os::fd::AsRawFd;
+        fs::create_dir_all(&self.root).map_err(io_err("mkdir image store"))?;
+        let lock = fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(".lock"))
+            .map_err(io_err("image store lock"))?;
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_err("image store lock")(io::Error::last_os_error()));
+        }
+        // Released when `lock` closes.
+        f()
+    }
+
     /// Import an OCI image layout or a `docker save` tarball (plain or
     /// gzip). Returns the images it held.
     pub fn import(&self, file: &Path) -> Result<Vec<Image>> {
+        self.locked(|| self.import_unlocked(file))
+    }
+
+    fn import_unlocked(&self, file: &Path) -> Result<Vec<Image>> {
         let files = read_archive(file)?;
         if files.contains_key("index.json") && files.contains_key("oci-layout") {
             self.import_oci(&files)
@@ -496,6 +534,8 @@ impl Store {
                     .get(*l)
                     .ok_or_else(|| Error::Invalid(format!("layer {l} missing from the archive")))?;
                 self.add_layer(d, &bytes[..])?;
+                // The plain tar is the layer archive (its digest is the diff ID).
+                self.put_blob(d, bytes)?;
             }
             let names: Vec<String> = m["RepoTags"]
                 .as_array()
@@ -504,7 +544,13 @@ impl Store {
                 .filter_map(Value::as_str)
                 .map(normalize)
                 .collect();
-            out.push(self.record(&config_digest, &names, None)?);
+            let mut img = self.record(&config_digest, &names, None)?;
+            img.layer_blobs = diff_ids
+                .iter()
+                .map(|d| (d.to_string(), registry::OCI_LAYER.to_string()))
+                .collect();
+            self.update(&img)?;
+            out.push(img);
         }
         Ok(out)
     }
@@ -590,9 +636,26 @@ impl Store {
                     });
                 }
                 self.add_layer(d, &bytes[..])?;
+                self.put_blob(l, bytes)?;
             }
             let names: Vec<String> = name.into_iter().collect();
-            out.push(self.record(&cfg_digest, &names, Some(&digest))?);
+            let mut img = self.record(&cfg_digest, &names, Some(&digest))?;
+            img.layer_blobs = doc["layers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|l| {
+                    (
+                        l["digest"].as_str().unwrap_or("").to_string(),
+                        l["mediaType"]
+                            .as_str()
+                            .unwrap_or(registry::OCI_LAYER)
+                            .to_string(),
+                    )
+                })
+                .collect();
+            self.update(&img)?;
+            out.push(img);
         }
         Ok(out)
     }
@@ -631,6 +694,141 @@ impl Store {
         )
         .map_err(|e| io_err(format!("mount overlay on {}", target.display()))(e.into()))
     }
+}
+
+/// A `docker save` archive of a one-layer image holding a static busybox
+/// (`busybox`, its applets as links, /etc/passwd and group), tagged `tag`.
+/// For machines without a registry: `orc up` makes its demo image with it.
+pub fn busybox_archive(busybox: &Path, applets: &[String], tag: &str) -> Result<Vec<u8>> {
+    let bin = fs::read(busybox).map_err(io_err(format!("read {}", busybox.display())))?;
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut add = |path: &str,
+                   kind: tar::EntryType,
+                   mode: u32,
+                   data: &[u8],
+                   link: Option<&str>|
+     -> Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        if let Some(l) = link {
+            h.set_link_name(l).map_err(io_err("link"))?;
+        }
+        h.set_cksum();
+        layer
+            .append_data(&mut h, path, data)
+            .map_err(io_err("layer"))
+    };
+    for d in [
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "root", "home", "var", "var/www",
+        "proc", "sys", "dev",
+    ] {
+        add(d, tar::EntryType::Directory, 0o755, &[], None)?;
+    }
+    add("tmp", tar::EntryType::Directory, 0o1777, &[], None)?;
+    add("bin/busybox", tar::EntryType::Regular, 0o755, &bin, None)?;
+    for a in applets {
+        let a = a.trim().trim_start_matches('/');
+        if a.is_empty() || a == "bin/busybox" || !a.contains('/') {
+            continue;
+        }
+        add(a, tar::EntryType::Symlink, 0o777, &[], Some("/bin/busybox"))?;
+    }
+    add(
+        "etc/passwd",
+        tar::EntryType::Regular,
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n",
+        None,
+    )?;
+    add(
+        "etc/group",
+        tar::EntryType::Regular,
+        0o644,
+        b"root:x:0:\nnogroup:x:65534:\n",
+        None,
+    )?;
+    for f in ["etc/hosts", "etc/resolv.conf", "etc/hostname"] {
+        add(f, tar::EntryType::Regular, 0o644, b"", None)?;
+    }
+    let layer = layer.into_inner().map_err(io_err("layer"))?;
+    let diff = digest_of(Sha256::new_with_prefix(&layer));
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "created": "1970-01-01T00:00:00Z",
+        "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": [diff]}}))
+    .expect("config serializes");
+    let cfg_name = format!(
+        "{}.json",
+        hex_of(&digest_of(Sha256::new_with_prefix(&config)))?
+    );
+    let manifest = serde_json::to_vec(&serde_json::json!([{"Config": cfg_name, "RepoTags": [tag], "Layers": ["layer/layer.tar"]}]))
+        .expect("manifest serializes");
+    let mut out = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", &manifest),
+        (cfg_name.as_str(), &config),
+        ("layer/layer.tar", &layer),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        out.append_data(&mut h, name, &data[..])
+            .map_err(io_err("archive"))?;
+    }
+    out.into_inner().map_err(io_err("archive"))
+}
+
+/// Standard base64 (padding optional; the URL-safe alphabet is accepted too).
+pub fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = vec![];
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter_map(val) {
+        acc = (acc << 6) | c;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+pub fn base64_encode(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &x)| acc | (x as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn dir_size(d: &Path) -> u64 {
@@ -704,6 +902,14 @@ mod tests {
         assert_eq!(normalize("localhost/x:1"), "localhost/x:1");
         let d = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
         assert_eq!(normalize(&format!("reg.io/a@{d}")), format!("reg.io/a@{d}"));
+    }
+
+    #[test]
+    fn base64_round_trips() {
+        for s in [&b""[..], b"a", b"ab", b"abc", b"user:pass"] {
+            assert_eq!(base64_decode(&base64_encode(s)), s);
+        }
+        assert_eq!(base64_encode(b"user:pass"), "dXNlcjpwYXNz");
     }
 
     #[test]
