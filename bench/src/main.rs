@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod pods;
+mod startup;
 
 #[derive(Parser)]
 #[command(about = "orc benchmarks")]
@@ -68,6 +69,26 @@ enum Cmd {
         orc_args: Vec<String>,
         #[arg(long)]
         keep: bool,
+    },
+    /// Pod startup: create -> Running of N pods on one real node agent
+    /// (`orc up --nodes 1`), and create/start/delete of a busybox container
+    /// through orc's libcontainer path against runc. Needs root.
+    Startup {
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        /// Pods created at once.
+        #[arg(long, default_value_t = 10)]
+        concurrency: usize,
+        /// Pods created per second (0: as fast as the API answers).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Runtime-path runs per runtime.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        #[arg(long)]
+        orc_bin: Option<PathBuf>,
+        #[arg(long, default_value = "/usr/sbin/runc")]
+        runc: PathBuf,
     },
 }
 
@@ -393,6 +414,14 @@ async fn main() -> Result<()> {
             orc_args,
             keep,
         } => pods::run(nodes, pods, deployments, orc_bin, orc_args, keep).await,
+        Cmd::Startup {
+            pods,
+            concurrency,
+            rate,
+            runs,
+            orc_bin,
+            runc,
+        } => startup::run(pods, concurrency, rate, runs, orc_bin, runc).await,
     }
 }
 

@@ -480,6 +480,44 @@ spec:
             .then_some(())
     });
 
+    // Lifecycle: a preStop hook runs, then SIGTERM reaches the container, on
+    // deletion; a memory-backed emptyDir is a tmpfs.
+    let host_dir = dir.path().join("hostpath");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    apply(
+        &c,
+        &single_pod(
+            "graceful",
+            "node-1",
+            "Always",
+            &format!("  volumes: [{{name: host, hostPath: {{path: '{}'}}}}, {{name: mem, emptyDir: {{medium: Memory}}}}]\n", host_dir.display()),
+            "  - name: c
+    image: busybox:1.35
+    volumeMounts: [{name: host, mountPath: /host}, {name: mem, mountPath: /mem}]
+    lifecycle: {preStop: {exec: {command: [sh, -c, 'echo bye > /host/prestop']}}}
+    command: [sh, -c, 'grep \" /mem \" /proc/mounts > /host/mounts; trap \"echo term > /host/term; exit 0\" TERM; while true; do sleep 0.2; done']
+",
+        ),
+    );
+    wait_phase(&c, "graceful", "Running", &lab);
+    wait_for("the mount table", MIN, || {
+        std::fs::read_to_string(host_dir.join("mounts"))
+            .ok()
+            .filter(|m| !m.is_empty())
+    });
+    assert!(
+        std::fs::read_to_string(host_dir.join("mounts"))
+            .unwrap()
+            .contains("tmpfs"),
+        "medium: Memory is a tmpfs"
+    );
+    assert!(c.orc(&servers, &["delete", "pod", "graceful"]).ok());
+    wait_for("preStop and SIGTERM", MIN, || {
+        (std::fs::read_to_string(host_dir.join("prestop")).ok()? == "bye\n"
+            && std::fs::read_to_string(host_dir.join("term")).ok()? == "term\n")
+            .then_some(())
+    });
+
     // g. Security defaults.
     apply(
         &c,

@@ -103,7 +103,7 @@ pub async fn start(api: Arc<dyn Api>, settings: Settings) -> Result<Controllers,
         ),
         Child::controller(gc::GarbageCollector, a.clone(), s.clone(), st.clone()),
         Child::controller(gc::Namespaces, a.clone(), s.clone(), st.clone()),
-        Child::controller(nodes::NodeLifecycle, a, s, st),
+        Child::controller(nodes::NodeLifecycle::default(), a, s, st),
     ];
     let (sup, _) = Supervisor::spawn(
         None,

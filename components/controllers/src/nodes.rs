@@ -100,7 +100,13 @@ pub fn wanted_taints(node: &Value, alive: bool) -> Vec<&'static str> {
     }
 }
 
-pub struct NodeLifecycle;
+/// Node lifecycle and IPAM. `assigned` holds the podCIDRs this controller
+/// handed out that its cache may not show yet: nodes registering together
+/// are decided in one batch, before the cache has the first one's update.
+#[derive(Default)]
+pub struct NodeLifecycle {
+    assigned: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
 
 impl NodeLifecycle {
     async fn sync(&self, ctx: &Ctx, key: &str) -> Outcome {
@@ -119,17 +125,36 @@ impl NodeLifecycle {
         let mut n = (*node).clone();
         // IPAM.
         if n["spec"]["podCIDR"].as_str().is_none_or(str::is_empty) {
-            let used: HashSet<String> = ctx
-                .store
-                .list("nodes")
+            let nodes = ctx.store.list("nodes");
+            let mut used: HashSet<String> = nodes
                 .iter()
                 .filter_map(|x| x["spec"]["podCIDR"].as_str().map(String::from))
                 .collect();
+            {
+                let mut assigned = self.assigned.lock().unwrap();
+                // Forget what the cache shows now, or what belonged to nodes since gone.
+                assigned.retain(|node, _| {
+                    nodes.iter().any(|x| {
+                        util::name(x) == node
+                            && x["spec"]["podCIDR"].as_str().is_none_or(str::is_empty)
+                    })
+                });
+                used.extend(
+                    assigned
+                        .iter()
+                        .filter(|(node, _)| *node != name)
+                        .map(|(_, c)| c.clone()),
+                );
+            }
             match next_cidr(&s.cluster_cidr, s.node_cidr_mask, &used) {
                 Some(c) => {
                     n["spec"]["podCIDR"] = json!(c);
                     n["spec"]["podCIDRs"] = json!([c]);
                     ctx.update(n).await?;
+                    self.assigned
+                        .lock()
+                        .unwrap()
+                        .insert(name.to_string(), c.clone());
                     ctx.event(
                         &node,
                         "Normal",

@@ -241,7 +241,7 @@ spec:
       containers:
       - name: httpd
         image: busybox
-        command: ["httpd", "-f", "-p", "80"]
+        command: ["sh", "-c", "mkdir -p /var/www; echo hello from $(hostname) > /var/www/index.html; exec httpd -f -p 80 -h /var/www"]
 "#;
 
 pub async fn up(a: UpArgs) -> Result<i32> {
@@ -428,6 +428,9 @@ pub async fn down(a: DownArgs) -> Result<i32> {
     }
     if !nodes.is_empty() {
         if let Ok(h) = orc_netlink::connect() {
+            for i in &nodes {
+                let _ = orc_netlink::detach(&h, &format!("orcupn{i}")).await;
+            }
             let _ = orc_netlink::detach(&h, UP_BRIDGE).await;
         }
     }

@@ -27,6 +27,7 @@ pub fn reset(data_dir: &Path, exe: &Path) -> usize {
     let pods = data_dir.join("pods");
     for (uid, _) in worker::recorded_pods(&pods) {
         worker::remove_cgroups(&uid);
+        worker::unmount_under(&worker::pod_dir(&pods, &uid));
     }
     if let Ok(rd) = std::fs::read_dir(data_dir.join("netns")) {
         for e in rd.flatten() {

@@ -94,6 +94,13 @@ struct PodState {
     volumes_at: f64,
     /// Probe state per container, for its current instance.
     probes: BTreeMap<String, Probes>,
+    /// Container instances running as of this sync (one runtime look per
+    /// container and sync).
+    live: std::collections::BTreeSet<String>,
+    /// The resourceVersion of the pod object last written to `pod.json`.
+    saved_rv: String,
+    /// The DNS and hosts files as last written.
+    files: BTreeMap<&'static str, String>,
 }
 
 #[derive(Default)]
@@ -155,16 +162,18 @@ pub async fn run(s: Arc<Shared>, uid: String, mut rx: watch::Receiver<Option<Val
                     .as_ref()
                     .and_then(|p| p["spec"]["terminationGracePeriodSeconds"].as_f64())
                     .unwrap_or(30.0);
-                teardown(&s, &uid, &mut st, grace).await;
+                teardown(&s, last_pod.as_ref(), &uid, &mut st, grace).await;
                 let _ = std::fs::remove_dir_all(&dir);
                 return;
             }
             Some(p) => {
-                if std::fs::create_dir_all(&dir).is_ok() {
+                let rv = p["metadata"]["resourceVersion"].as_str().unwrap_or("");
+                if st.saved_rv != rv && std::fs::create_dir_all(&dir).is_ok() {
                     let _ = std::fs::write(
                         dir.join("pod.json"),
                         serde_json::to_vec(&p).unwrap_or_default(),
                     );
+                    st.saved_rv = rv.to_string();
                 }
                 if let Err(e) = sync(&s, &p, &mut st).await {
                     tracing::warn!("pod {}/{}: {e}", util::namespace(&p), util::name(&p));
@@ -174,7 +183,8 @@ pub async fn run(s: Arc<Shared>, uid: String, mut rx: watch::Receiver<Option<Val
         }
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            // Like the kubelet's relist: ends are noticed within a second.
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
@@ -234,9 +244,9 @@ async fn sync(s: &Arc<Shared>, p: &Value, st: &mut PodState) -> Result<(), Strin
         ),
     ];
     for (f, content) in files {
-        let path = st.dir.join(f);
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(content.as_str()) {
-            std::fs::write(&path, content).map_err(|e| e.to_string())?;
+        if st.files.get(f) != Some(&content) {
+            std::fs::write(st.dir.join(f), &content).map_err(|e| e.to_string())?;
+            st.files.insert(f, content);
         }
     }
     let volumes = volumes(s, p, st).await?;
@@ -244,7 +254,7 @@ async fn sync(s: &Arc<Shared>, p: &Value, st: &mut PodState) -> Result<(), Strin
     write_status(s, p, st, true, phase).await?;
     if matches!(phase, "Succeeded" | "Failed") {
         // Nothing will run again: free the sandbox, keep records and logs.
-        teardown_sandbox(s, &uid, st, 0.0).await;
+        teardown_sandbox(s, Some(p), &uid, st, 0.0).await;
         st.done = true;
         let _ = std::fs::write(st.dir.join("done"), b"");
     }
@@ -353,7 +363,24 @@ async fn volumes(
             }
             Some(files)
         } else {
-            None // emptyDir (and anything else): a directory of the pod.
+            // emptyDir (and anything else): a directory of the pod; with
+            // medium Memory a tmpfs (sizeLimit is its size).
+            if v["emptyDir"]["medium"] == "Memory" && !is_mountpoint(&dir) {
+                let size = v["emptyDir"]["sizeLimit"]
+                    .as_str()
+                    .and_then(pod::bytes)
+                    .map(|b| format!(",size={b}"))
+                    .unwrap_or_default();
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &dir,
+                    Some("tmpfs"),
+                    nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                    Some(format!("mode=1777{size}").as_str()),
+                )
+                .map_err(|e| format!("volume {name}: tmpfs: {e}"))?;
+            }
+            None
         };
         if let Some(files) = items {
             write_files(&dir, &files).map_err(|e| format!("volume {name}: {e}"))?;
@@ -471,12 +498,15 @@ async fn containers(
         .unwrap_or("Always")
         .to_string();
     // Collect ends.
+    st.live.clear();
     for r in st.records.values_mut() {
         if r.id.is_empty() || r.exited.is_some() {
             continue;
         }
         match s.runtime.state(&r.id) {
-            State::Running { .. } => {}
+            State::Running { .. } => {
+                st.live.insert(r.id.clone());
+            }
             State::Exited(info) => {
                 r.exited = Some(info);
                 r.ready = false;
@@ -508,7 +538,7 @@ async fn containers(
             continue;
         }
         inits_done = false;
-        if running(s, &r) {
+        if st.live.contains(&r.id) {
             break;
         }
         if let Some(e) = &r.exited {
@@ -525,7 +555,7 @@ async fn containers(
         for c in apps {
             let name = c["name"].as_str().unwrap_or("").to_string();
             let r = st.records.entry(name.clone()).or_default().clone();
-            if running(s, &r) {
+            if st.live.contains(&r.id) {
                 continue;
             }
             if let Some(e) = &r.exited {
@@ -553,7 +583,7 @@ async fn containers(
                 .get(c["name"].as_str().unwrap_or(""))
                 .cloned()
                 .unwrap_or_default();
-            let run = running(s, &r);
+            let run = st.live.contains(&r.id);
             (r, run)
         })
         .collect();
@@ -568,7 +598,7 @@ async fn probe_container(s: &Arc<Shared>, p: &Value, c: &Value, st: &mut PodStat
     let Some(r) = st.records.get(&name).cloned() else {
         return;
     };
-    if !running(s, &r) {
+    if !st.live.contains(&r.id) {
         return;
     }
     let probes = st.probes.entry(name.clone()).or_default();
@@ -751,6 +781,7 @@ async fn start_if_due(
                 r.last = r.exited.take();
                 r.restart_count = attempt;
             }
+            st.live.insert(id.clone());
             r.id = id;
             r.image_id = image_id;
             r.exited = None;
@@ -992,7 +1023,7 @@ async fn write_status(
                     .get(c["name"].as_str().unwrap_or(""))
                     .cloned()
                     .unwrap_or_default();
-                pod::container_status(c, &r, sandbox && running(s, &r))
+                pod::container_status(c, &r, sandbox && st.live.contains(&r.id))
             })
             .collect()
     };
@@ -1078,17 +1109,49 @@ fn qos(p: &Value) -> &'static str {
 
 /// Stop every container of the pod (SIGTERM, then SIGKILL after `grace`
 /// seconds), then remove containers, network and cgroups.
-async fn teardown_sandbox(s: &Arc<Shared>, uid: &str, st: &mut PodState, grace: f64) {
+async fn teardown_sandbox(
+    s: &Arc<Shared>,
+    pod: Option<&Value>,
+    uid: &str,
+    st: &mut PodState,
+    grace: f64,
+) {
     let ids: Vec<String> = s
         .runtime
         .ids()
         .into_iter()
         .filter(|id| id.starts_with(uid))
         .collect();
+    let deadline = now() + grace;
+    // preStop hooks first, within the grace period.
+    if let Some(p) = pod {
+        let hooks = p["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                let name = c["name"].as_str()?;
+                let hook = &c["lifecycle"]["preStop"];
+                let r = st.records.get(name)?;
+                (hook.is_object() && running(s, r)).then(|| (c.clone(), hook.clone(), r.id.clone()))
+            });
+        let ip = st.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let runs = hooks.map(|(c, hook, id)| {
+            let s = s.clone();
+            async move {
+                let ok = run_probe(&s, &hook, &c, &id, ip, grace.max(1.0)).await;
+                if !ok {
+                    tracing::warn!("pod {uid}: preStop hook of {} failed", c["name"]);
+                }
+            }
+        });
+        futures::future::join_all(runs).await;
+    }
     for id in &ids {
         let _ = s.runtime.kill(id, libc::SIGTERM);
     }
-    let deadline = now() + grace;
+    // As the kubelet does, a hook that used up the grace period leaves 2 s.
+    let deadline = deadline.max(now() + 2.0_f64.min(grace));
     while now() < deadline
         && ids
             .iter()
@@ -1118,6 +1181,7 @@ async fn teardown_sandbox(s: &Arc<Shared>, uid: &str, st: &mut PodState, grace: 
         tracing::warn!("pod {uid}: {e}");
     }
     remove_cgroups(uid);
+    unmount_under(&st.dir);
     let _ = std::fs::remove_file(st.dir.join("net.done"));
     if let Some(ip) = st.ip.take() {
         if let Some(i) = s.ipam.lock().unwrap().as_mut() {
@@ -1127,8 +1191,8 @@ async fn teardown_sandbox(s: &Arc<Shared>, uid: &str, st: &mut PodState, grace: 
     }
 }
 
-async fn teardown(s: &Arc<Shared>, uid: &str, st: &mut PodState, grace: f64) {
-    teardown_sandbox(s, uid, st, grace).await;
+async fn teardown(s: &Arc<Shared>, pod: Option<&Value>, uid: &str, st: &mut PodState, grace: f64) {
+    teardown_sandbox(s, pod, uid, st, grace).await;
     // Logs go with the pod.
     if let Ok(rd) = std::fs::read_dir(s.cfg.data_dir.join("logs")) {
         for e in rd.flatten() {
@@ -1136,6 +1200,30 @@ async fn teardown(s: &Arc<Shared>, uid: &str, st: &mut PodState, grace: f64) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+}
+
+fn mount_points() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+        .collect()
+}
+
+fn is_mountpoint(p: &Path) -> bool {
+    mount_points().iter().any(|m| m == p)
+}
+
+/// Unmount everything mounted under `dir` (memory-backed emptyDirs), deepest first.
+pub fn unmount_under(dir: &Path) {
+    let mut mine: Vec<PathBuf> = mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    mine.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in mine {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

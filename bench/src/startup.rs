@@ -1,0 +1,364 @@
+//! Pod startup. End to end: a local cluster with one real node agent
+//! (`orc up --nodes 1`, image present on the node), N pods created through
+//! the API, time from each create to Running as a watch sees it. And the
+//! runtime alone: create, start, wait and delete of a busybox container
+//! through orc's libcontainer path (`orc shim`) against Debian's runc, on the
+//! same bundle, in the same run.
+use crate::orc_bin_or_default;
+use anyhow::{bail, Context, Result};
+use orc_api::request::{Request, WatchRequest};
+use orc_api::EventType;
+use orc_client::Client;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (p50, p99, mean) = (
+        pct(&v, 0.5),
+        pct(&v, 0.99),
+        v.iter().sum::<f64>() / v.len().max(1) as f64,
+    );
+    println!(
+        "| {name} | {} | {:.1} | {:.1} | {:.1} |",
+        v.len(),
+        p50 * 1e3,
+        p99 * 1e3,
+        mean * 1e3
+    );
+    (p50, p99, mean)
+}
+
+/// The cluster of `orc up --nodes 1` in a directory of its own, brought
+/// down (and purged) on drop.
+struct Up {
+    bin: PathBuf,
+    home: tempfile::TempDir,
+}
+
+impl Up {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args)
+            .env("HOME", self.home.path())
+            .env_remove("ORC_SERVER");
+        c
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self
+            .cmd(&["down", "--purge"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+pub async fn run(
+    pods: usize,
+    concurrency: usize,
+    rate: f64,
+    runs: usize,
+    orc_bin: Option<PathBuf>,
+    runc: PathBuf,
+) -> Result<()> {
+    let bin = orc_bin_or_default(orc_bin)?;
+    println!(
+        "pod startup, orc {}; runtime path vs {}",
+        bin.display(),
+        runc.display()
+    );
+    println!();
+    if runs > 0 {
+        runtime_path(&bin, &runc, runs)?;
+        println!();
+    }
+    end_to_end(&bin, pods, concurrency, rate).await
+}
+
+/// A read-only busybox root filesystem for the runtime comparison.
+fn busybox_rootfs(dir: &Path) -> Result<()> {
+    let applets = Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .context("busybox-static")?;
+    let applets: Vec<String> = String::from_utf8_lossy(&applets.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    let archive = orc_image::busybox_archive(Path::new("/bin/busybox"), &applets, "busybox:bench")?;
+    let store = orc_image::Store::new(dir.join("images"));
+    let tar = dir.join("busybox.tar");
+    std::fs::write(&tar, archive)?;
+    let img = store.import(&tar)?.pop().context("imported image")?;
+    // Copy the one layer into a plain directory (no overlay: the same rootfs for both runtimes).
+    let layer = store.layer_dir(&img.layers[0])?;
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", layer.display()))
+        .arg(dir.join("rootfs"))
+        .status()?;
+    if !ok.success() {
+        bail!("copying the rootfs");
+    }
+    Ok(())
+}
+
+fn runtime_path(bin: &Path, runc: &Path, runs: usize) -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("orc-bench-rt-").tempdir()?;
+    std::fs::create_dir_all(dir.path().join("rootfs"))?;
+    busybox_rootfs(dir.path())?;
+    let rt =
+        orc_container::Runtime::new(dir.path().join("containers"), dir.path().join("state"), bin);
+    let cfg = orc_container::ContainerConfig {
+        args: vec!["/bin/true".into()],
+        env: vec!["PATH=/bin".into()],
+        hostname: "bench".into(),
+        readonly_rootfs: true,
+        ..Default::default()
+    };
+    let mut orc_t = vec![];
+    let mut runc_t = vec![];
+    let runc_root = dir.path().join("runc-state");
+    for i in 0..runs {
+        // orc: bundle, shim start through libcontainer, exit, delete.
+        let id = format!("orcbench{i}");
+        let mut c = cfg.clone();
+        c.cgroup_path = format!("/orc-bench/{id}");
+        let t = Instant::now();
+        let b = rt.write_spec(&id, &c)?;
+        std::os::unix::fs::symlink(dir.path().join("rootfs"), b.join("rootfs"))?;
+        rt.start(&id, &dir.path().join("logs").join(format!("{id}.log")))?;
+        while !matches!(rt.state(&id), orc_container::State::Exited(_)) {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        std::fs::remove_file(b.join("rootfs"))?;
+        rt.remove(&id)?;
+        orc_t.push(t.elapsed().as_secs_f64());
+        // runc: the same config.json and rootfs; `runc run` creates, starts, waits and deletes.
+        let id = format!("runcbench{i}");
+        let rb = dir.path().join("runc").join(&id);
+        std::fs::create_dir_all(&rb)?;
+        let mut spec = orc_container::spec::oci_spec(&orc_container::ContainerConfig {
+            cgroup_path: format!("/orc-bench/{id}"),
+            ..cfg.clone()
+        });
+        spec["root"]["path"] = json!(dir.path().join("rootfs"));
+        std::fs::write(rb.join("config.json"), serde_json::to_vec(&spec)?)?;
+        let t = Instant::now();
+        let st = Command::new(runc)
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["run", "--bundle"])
+            .arg(&rb)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()?;
+        if !st.status.success() {
+            bail!("runc run: {}", String::from_utf8_lossy(&st.stderr));
+        }
+        runc_t.push(t.elapsed().as_secs_f64());
+    }
+    for d in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::remove_dir(d.path().join("orc-bench"));
+    }
+    println!("runtime path: create, start, wait for exit and delete a busybox `true` container, {runs} runs each, alternating");
+    println!();
+    println!("| runtime | runs | p50 ms | p99 ms | mean ms |");
+    println!("|---|---:|---:|---:|---:|");
+    let (o50, _, _) = summary("orc (libcontainer in `orc shim`)", orc_t);
+    let (r50, _, _) = summary("runc (Debian)", runc_t);
+    println!();
+    println!("orc/runc median time: {:.2}x", o50 / r50);
+    Ok(())
+}
+
+/// The image `orc up` pushes to its registry (`--port 7400`: registry on 7410).
+const IMAGE: &str = "198.18.253.254:7410/busybox:latest";
+
+fn pod_object(name: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "default", "labels": {"bench": "startup"}},
+           "spec": {"terminationGracePeriodSeconds": 0, "containers": [{"name": "c", "image": IMAGE,
+                    "imagePullPolicy": "IfNotPresent", "command": ["sleep", "3600"]}]}})
+}
+
+async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> Result<()> {
+    let up = Up {
+        bin: bin.to_path_buf(),
+        home: tempfile::Builder::new().prefix("orc-bench-up-").tempdir()?,
+    };
+    let out = up
+        .cmd(&["up", "--nodes", "1", "--no-demo", "--port", "7400"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "orc up --nodes 1: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let servers: Vec<String> = (1..=3)
+        .map(|i| format!("198.18.253.254:{}", 7400 + i))
+        .collect();
+    let client = Client::new(servers);
+    // Wait for the node, then pull the image once with a warm-up pod.
+    let start = Instant::now();
+    loop {
+        let nodes = client
+            .call(&Request::List {
+                resource: "nodes".into(),
+                namespace: None,
+                label_selector: String::new(),
+                field_selector: String::new(),
+            })
+            .await?;
+        if nodes["items"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["spec"]["podCIDR"].is_string()))
+        {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the node did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    client
+        .call(&Request::Create {
+            object: pod_object("warmup"),
+            namespace: None,
+        })
+        .await?;
+    loop {
+        let p = client
+            .call(&Request::Get {
+                resource: "pods".into(),
+                namespace: "default".into(),
+                name: "warmup".into(),
+            })
+            .await?;
+        if p["status"]["phase"] == "Running" {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("the warm-up pod did not run: {}", p["status"]);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut rx = client
+        .watch(WatchRequest {
+            resource: "pods".into(),
+            namespace: Some("default".into()),
+            label_selector: "bench=startup".into(),
+            field_selector: String::new(),
+            resource_version: None,
+            bookmarks: false,
+        })
+        .await;
+    let created: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
+    let t0 = Instant::now();
+    let creator = {
+        let (client, created) = (
+            Client::new(
+                (1..=3)
+                    .map(|i| format!("198.18.253.254:{}", 7400 + i))
+                    .collect(),
+            ),
+            created.clone(),
+        );
+        tokio::spawn(async move {
+            let names: Vec<String> = (0..pods).map(|i| format!("p{i}")).collect();
+            let gap = Duration::from_secs_f64(if rate > 0.0 {
+                concurrency.max(1) as f64 / rate
+            } else {
+                0.0
+            });
+            let mut next = Instant::now();
+            for chunk in names.chunks(concurrency.max(1)) {
+                tokio::time::sleep_until(next.into()).await;
+                next += gap;
+                let reqs = chunk.iter().map(|n| {
+                    let created = created.clone();
+                    let client = &client;
+                    let obj = pod_object(n);
+                    async move {
+                        created.lock().unwrap().insert(n.clone(), Instant::now());
+                        client
+                            .call(&Request::Create {
+                                object: obj,
+                                namespace: None,
+                            })
+                            .await
+                    }
+                });
+                for r in futures::future::join_all(reqs).await {
+                    r?;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut running: HashMap<String, f64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while running.len() < pods {
+        let ev = tokio::time::timeout_at(deadline.into(), rx.recv())
+            .await
+            .context("pods did not all run within 600 s")?;
+        let Some(Ok(ev)) = ev else {
+            bail!("the watch ended")
+        };
+        if ev.event_type == EventType::Error {
+            bail!("watch error: {}", ev.object);
+        }
+        let name = ev.object["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if ev.object["status"]["phase"] == "Running"
+            && name != "warmup"
+            && !running.contains_key(&name)
+        {
+            if let Some(t) = created.lock().unwrap().get(&name) {
+                running.insert(name, t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let total = t0.elapsed().as_secs_f64();
+    creator.await??;
+    let pace = if rate > 0.0 {
+        format!("{rate} pods/s")
+    } else {
+        "as fast as they are answered".to_string()
+    };
+    println!("end to end: {pods} busybox pods (`sleep 3600`, image present) created through the API, {concurrency} at a time, {pace}, onto one real node agent; time from create to Running on a watch");
+    println!();
+    println!("| measure | pods | p50 ms | p99 ms | mean ms |");
+    println!("|---|---:|---:|---:|---:|");
+    summary("create -> Running", running.into_values().collect());
+    println!();
+    println!(
+        "all {pods} Running after {total:.1} s ({:.1} pods/s)",
+        pods as f64 / total
+    );
+    Ok(())
+}
