@@ -125,6 +125,8 @@ fn real_pods_on_two_nodes() {
         "2",
         "--insecure-registry",
         &reg,
+        "--cluster-cidr",
+        "198.18.0.0/17",
     ];
     for i in 0..2 {
         lab.start_agent(i, &servers, &agent_flags);
@@ -192,6 +194,20 @@ spec:
         "wget across nodes: {}",
         log_of(&lab, &p, "c")
     );
+
+    // a. Traffic leaving the cluster is masqueraded: a pod reaches an address
+    // outside it (the registry, in the lab's host namespace) and gets answers.
+    apply(
+        &c,
+        &single_pod(
+            "egress",
+            "node-1",
+            "Never",
+            "",
+            &format!("  - {{name: c, image: busybox:1.35, command: [wget, -q, -O-, 'http://{reg}/v2/']}}\n"),
+        ),
+    );
+    wait_phase(&c, "egress", "Succeeded", &lab);
 
     // b (part). The hostname is the pod name; /etc/resolv.conf names the cluster DNS.
     apply(&c, &single_pod("names", "node-2", "Never", "", "  - {name: c, image: busybox:1.35, command: [sh, -c, 'cat /etc/hostname; cat /etc/resolv.conf']}\n"));
@@ -448,7 +464,7 @@ spec:
             "IfNotPresent",
         ),
     );
-    for name in ["bytag", "bydigest"] {
+    for name in ["egress", "bytag", "bydigest"] {
         let p = wait_phase(&c, name, "Succeeded", &lab);
         assert_eq!(log_of(&lab, &p, "c"), "pulled\n");
     }

@@ -162,6 +162,8 @@ async fn start_nodes(
                 &up_node_ip(i).to_string(),
                 "--insecure-registry",
                 registry,
+                "--cluster-cidr",
+                "198.18.0.0/17",
             ])
             .arg("--data-dir")
             .arg(dir.join(&name))

@@ -73,6 +73,10 @@ pub struct SimArgs {
     /// Registries (HOST[:PORT]) to pull from over plain HTTP, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub insecure_registry: Vec<String>,
+    /// The cluster's pod CIDR (as given to the masters): pod traffic to
+    /// anything outside it is masqueraded behind the node address.
+    #[arg(long, default_value = "198.18.0.0/16")]
+    pub cluster_cidr: String,
     /// Port of the agent's logs and exec service (on the node address).
     #[arg(long, default_value_t = 10250)]
     pub listen_port: u16,
@@ -458,6 +462,7 @@ async fn agent(a: SimArgs) -> Result<i32> {
         bridge: a.bridge,
         port: a.listen_port,
         insecure_registries: a.insecure_registry,
+        cluster_cidr: a.cluster_cidr,
     };
     tokio::select! {
         r = orc_agent::run(api, cfg) => r?,

@@ -7,6 +7,7 @@
 //! Everything it starts is recorded under its data directory, so a restarted
 //! agent adopts running containers instead of restarting them. It talks to the
 //! cluster only through the `Api` trait; it must not depend on the apiserver.
+pub mod nat;
 pub mod node;
 pub mod pod;
 pub mod probe;
@@ -35,6 +36,7 @@ pub fn reset(data_dir: &Path, exe: &Path) -> usize {
             worker::remove_cgroups(&e.file_name().to_string_lossy());
         }
     }
+    nat::remove();
     for d in ["pods", "containers", "state", "logs", "netns"] {
         let _ = std::fs::remove_dir_all(data_dir.join(d));
     }

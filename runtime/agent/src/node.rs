@@ -33,6 +33,8 @@ pub struct Config {
     pub port: u16,
     /// Registries (HOST[:PORT]) pulled from over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// The cluster's pod CIDR: traffic from pods to outside it is masqueraded.
+    pub cluster_cidr: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +208,8 @@ async fn network(s: &Arc<Shared>, node: &Value) -> Result<(), Error> {
     let mut ipam = Ipam::new(base, bits);
     orc_netlink::enable_forwarding()?;
     orc_netlink::ensure_bridge(&s.host, &s.cfg.bridge, ipam.gateway(), bits).await?;
+    let pod_cidr = format!("{}/{bits}", Ipv4Addr::from(base));
+    crate::nat::apply(&pod_cidr, &s.cfg.cluster_cidr, &s.cfg.bridge).map_err(Error::Other)?;
     // Addresses of pods this agent already runs.
     for ip in worker::recorded_ips(&s.pods_dir()) {
         ipam.claim(ip);
