@@ -13,10 +13,15 @@ fn ready(p: &Value) -> bool {
     })
 }
 
+/// Running and Ready pods, not counting those being deleted (Terminating).
 fn running_ready(c: &Cluster, selector: &str) -> Vec<Value> {
     c.items(&["pods", "-l", selector])
         .into_iter()
-        .filter(|p| p["status"]["phase"] == "Running" && ready(p))
+        .filter(|p| {
+            p["status"]["phase"] == "Running"
+                && ready(p)
+                && p["metadata"]["deletionTimestamp"].is_null()
+        })
         .collect()
 }
 

@@ -464,7 +464,7 @@ spec:
             "IfNotPresent",
         ),
     );
-    for name in ["egress", "bytag", "bydigest"] {
+    for name in ["bytag", "bydigest"] {
         let p = wait_phase(&c, name, "Succeeded", &lab);
         assert_eq!(log_of(&lab, &p, "c"), "pulled\n");
     }
@@ -533,6 +533,39 @@ spec:
             && std::fs::read_to_string(host_dir.join("term")).ok()? == "term\n")
             .then_some(())
     });
+
+    // Graceful deletion through the API: the pod is Terminating while its
+    // node stops it (a shell as PID 1 ignores SIGTERM: SIGKILL after the
+    // 2 s grace period), then it is gone.
+    apply(
+        &c,
+        &single_pod(
+            "slow",
+            "node-2",
+            "Always",
+            "",
+            "  - {name: c, image: busybox:1.35, command: [sleep, '3600']}\n",
+        ),
+    );
+    wait_phase(&c, "slow", "Running", &lab);
+    let t = std::time::Instant::now();
+    assert!(c.orc(&servers, &["delete", "pod", "slow"]).ok());
+    let p = pod(&c, "slow").expect("still there while its node stops it");
+    assert!(
+        p["metadata"]["deletionTimestamp"].is_string(),
+        "{}",
+        p["metadata"]
+    );
+    assert_eq!(p["metadata"]["deletionGracePeriodSeconds"], 2);
+    assert!(c
+        .orc(&servers, &["get", "pods"])
+        .stdout
+        .contains("Terminating"));
+    wait_for("slow gone", MIN, || pod(&c, "slow").is_none().then_some(()));
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "the grace period was given"
+    );
 
     // g. Security defaults.
     apply(
@@ -663,6 +696,7 @@ spec:
     assert!(c.orc(&servers, &["delete", "deployment", "web"]).ok());
     assert!(c.orc(&servers, &["delete", "job", "job"]).ok());
     for name in [
+        "egress",
         "bytag",
         "bydigest",
         "wrongdigest",

@@ -134,12 +134,15 @@ pub enum Command {
         object: Value,
         status: bool,
     },
-    /// Delete, or mark for deletion while finalizers remain.
+    /// Delete, or mark for deletion while finalizers remain (or, for a pod
+    /// on a node, while its node stops it: graceful deletion).
     Delete {
         key: ObjectKey,
         preconditions: Preconditions,
         propagation: Option<String>,
         now: String,
+        #[serde(default)]
+        grace: Option<i64>,
     },
     /// Nothing: a no-op entry, used to prove leadership and to test the log.
     Noop,
@@ -386,6 +389,7 @@ pub fn apply(
             preconditions,
             propagation,
             now,
+            grace,
         } => {
             let k = key.encode();
             let current = get(&k)
@@ -419,7 +423,35 @@ pub fn apply(
                 )))
                 }
             };
-            if meta_field(&current, "deletionTimestamp").is_some() {
+            // Graceful deletion: a pod on a node stays, marked, until its node
+            // has stopped it and deletes it with grace 0 (or someone forces it).
+            let on_node = key.resource == "pods"
+                && current["spec"]["nodeName"]
+                    .as_str()
+                    .is_some_and(|n| !n.is_empty())
+                && !matches!(
+                    current["status"]["phase"].as_str(),
+                    Some("Succeeded" | "Failed")
+                );
+            let grace = grace
+                .or_else(|| current["spec"]["terminationGracePeriodSeconds"].as_i64())
+                .unwrap_or(30)
+                .max(0);
+            let marked = meta_field(&current, "deletionTimestamp").is_some();
+            if on_node && !marked && grace > 0 && extra.is_none() {
+                let mut obj = current.clone();
+                set_meta(&mut obj, "resourceVersion", rv);
+                set_meta(&mut obj, "deletionTimestamp", Value::String(now.clone()));
+                set_meta(&mut obj, "deletionGracePeriodSeconds", Value::from(grace));
+                return Ok(Change::Put {
+                    key: k,
+                    object: obj,
+                    event: EventType::Modified,
+                    previous: Some(crate::selector::selector_view(&current)),
+                });
+            }
+            let pod_done = key.resource == "pods" && marked && grace == 0;
+            if marked && !(pod_done && fins.is_empty() && all_finalizers(&current).is_empty()) {
                 return Ok(Change::Unchanged { object: current });
             }
             if let Some(f) = extra {
@@ -634,6 +666,70 @@ mod tests {
     }
 
     #[test]
+    fn pods_on_nodes_are_deleted_gracefully() {
+        let mut s = Store::new();
+        let pk = ObjectKey::new("pods", "default", "p");
+        let pod = |node: &str| {
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "default", "uid": "u"},
+                   "spec": {"nodeName": node, "terminationGracePeriodSeconds": 7, "containers": [{"name": "c", "image": "i"}]}})
+        };
+        s.run(
+            &Command::Create {
+                key: pk.clone(),
+                object: pod("n1"),
+            },
+            2,
+        )
+        .unwrap();
+        let del = |grace| Command::Delete {
+            key: pk.clone(),
+            preconditions: Preconditions::default(),
+            propagation: None,
+            now: "T".into(),
+            grace,
+        };
+        // Marked, with the pod's grace period; a second delete changes nothing.
+        let ch = s.run(&del(None), 3).unwrap();
+        assert!(matches!(ch, Change::Put { .. }));
+        assert_eq!(ch.object()["metadata"]["deletionTimestamp"], "T");
+        assert_eq!(ch.object()["metadata"]["deletionGracePeriodSeconds"], 7);
+        assert!(matches!(
+            s.run(&del(None), 4).unwrap(),
+            Change::Unchanged { .. }
+        ));
+        // The node is done: grace 0 removes it.
+        assert!(matches!(
+            s.run(&del(Some(0)), 5).unwrap(),
+            Change::Remove { .. }
+        ));
+        // Unbound pods, and forced deletes, go at once.
+        s.run(
+            &Command::Create {
+                key: pk.clone(),
+                object: pod(""),
+            },
+            6,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.run(&del(None), 7).unwrap(),
+            Change::Remove { .. }
+        ));
+        s.run(
+            &Command::Create {
+                key: pk.clone(),
+                object: pod("n1"),
+            },
+            8,
+        )
+        .unwrap();
+        assert!(matches!(
+            s.run(&del(Some(0)), 9).unwrap(),
+            Change::Remove { .. }
+        ));
+    }
+
+    #[test]
     fn delete_with_finalizers_marks_then_removes() {
         let mut s = Store::new();
         let mut d = deploy(1);
@@ -651,6 +747,7 @@ mod tests {
             preconditions: Preconditions::default(),
             propagation: None,
             now: "T".into(),
+            grace: None,
         };
         let ch = s.run(&del, 3).unwrap();
         assert!(matches!(ch, Change::Put { .. }));
@@ -691,6 +788,7 @@ mod tests {
             },
             propagation: None,
             now: "T".into(),
+            grace: None,
         };
         assert_eq!(
             s.run(&bad_uid, 3).unwrap_err().reason,
@@ -704,6 +802,7 @@ mod tests {
             },
             propagation: None,
             now: "T".into(),
+            grace: None,
         };
         assert_eq!(
             s.run(&bad_rv, 3).unwrap_err().reason,
@@ -714,6 +813,7 @@ mod tests {
             preconditions: Preconditions::default(),
             propagation: Some("Foreground".into()),
             now: "T".into(),
+            grace: None,
         };
         let ch = s.run(&fg, 4).unwrap();
         assert_eq!(
@@ -725,6 +825,7 @@ mod tests {
             preconditions: Preconditions::default(),
             propagation: None,
             now: "T".into(),
+            grace: None,
         };
         assert_eq!(s.run(&bg, 5).unwrap_err().reason, crate::Reason::NotFound);
     }

@@ -48,6 +48,10 @@ pub enum Request {
         #[serde(default)]
         preconditions: Preconditions,
         propagation_policy: Option<String>,
+        /// Pods bound to a node: seconds the node gets to stop them (None:
+        /// the pod's terminationGracePeriodSeconds; 0: remove now).
+        #[serde(default)]
+        grace_period_seconds: Option<i64>,
     },
     /// The cluster as this master sees it, with every member asked for its state.
     ClusterStatus,

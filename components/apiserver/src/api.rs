@@ -713,6 +713,7 @@ impl Master {
         name: &str,
         pre: orc_api::mutation::Preconditions,
         policy: Option<String>,
+        grace: Option<i64>,
     ) -> Result<Value, ApiError> {
         let info = resource_info(resource)?;
         let key = ObjectKey::new(info.plural, if info.namespaced { ns } else { "" }, name);
@@ -721,6 +722,7 @@ impl Master {
             preconditions: pre,
             propagation: policy,
             now: orc_api::now_rfc3339(),
+            grace,
         };
         Ok(self.propose(cmd).await?.object().clone())
     }
@@ -924,6 +926,7 @@ impl Master {
                 name,
                 preconditions,
                 propagation_policy,
+                grace_period_seconds,
             } => {
                 self.delete(
                     &resource,
@@ -931,6 +934,7 @@ impl Master {
                     &name,
                     preconditions,
                     propagation_policy,
+                    grace_period_seconds,
                 )
                 .await
             }

@@ -112,10 +112,11 @@ impl NodeLifecycle {
     async fn sync(&self, ctx: &Ctx, key: &str) -> Outcome {
         let name = key.trim_start_matches('/');
         let Some(node) = ctx.store.get("nodes", key) else {
-            // Gone: so are its pods (Kubernetes' pod GC).
+            // Gone: so are its pods (Kubernetes' pod GC), at once: no node
+            // is left to stop them.
             for p in ctx.store.list("pods") {
                 if p["spec"]["nodeName"] == name {
-                    ctx.delete("pods", &p, None).await?;
+                    ctx.delete_with_grace("pods", &p, None, Some(0)).await?;
                 }
             }
             return Ok(None);

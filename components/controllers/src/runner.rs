@@ -121,6 +121,17 @@ impl Ctx {
         obj: &Value,
         policy: Option<&str>,
     ) -> Result<Value, ApiError> {
+        self.delete_with_grace(resource, obj, policy, None).await
+    }
+
+    /// `delete` with a grace period for pods on nodes (Some(0): at once).
+    pub async fn delete_with_grace(
+        &self,
+        resource: &str,
+        obj: &Value,
+        policy: Option<&str>,
+        grace: Option<i64>,
+    ) -> Result<Value, ApiError> {
         let r = self
             .api
             .call(Request::Delete {
@@ -132,6 +143,7 @@ impl Ctx {
                     resource_version: None,
                 },
                 propagation_policy: policy.map(String::from),
+                grace_period_seconds: grace,
             })
             .await;
         match r {

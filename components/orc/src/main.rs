@@ -343,6 +343,13 @@ struct DeleteArgs {
     /// Ignore objects that do not exist.
     #[arg(long)]
     ignore_not_found: bool,
+    /// Seconds a pod's node gets to stop it (default: its
+    /// terminationGracePeriodSeconds; 0 with --force removes it at once).
+    #[arg(long)]
+    grace_period: Option<i64>,
+    /// Remove pods from the API at once, without waiting for their node.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -771,6 +778,7 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
                     name: name.clone(),
                     preconditions: Default::default(),
                     propagation_policy: d.cascade.clone(),
+                    grace_period_seconds: if d.force { Some(0) } else { d.grace_period },
                 };
                 match client.call(&req).await {
                     Ok(_) => println!("{}/{} deleted", info.singular, name),

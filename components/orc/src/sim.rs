@@ -572,6 +572,7 @@ pub async fn run(a: SimArgs) -> Result<i32> {
                 if util::deleting(&p) && nodes.contains_key(node) {
                     // Nothing to stop in a hollow node: let the pod go.
                     let api = api.clone();
+                    let uid = util::uid(&p).to_string();
                     let (ns, name) = (util::namespace(&p).to_string(), util::name(&p).to_string());
                     tokio::spawn(async move {
                         let _ = api
@@ -579,8 +580,12 @@ pub async fn run(a: SimArgs) -> Result<i32> {
                                 resource: "pods".into(),
                                 namespace: ns,
                                 name,
-                                preconditions: Default::default(),
+                                preconditions: orc_api::mutation::Preconditions {
+                                    uid: Some(uid),
+                                    resource_version: None,
+                                },
                                 propagation_policy: None,
+                                grace_period_seconds: Some(0),
                             })
                             .await;
                     });

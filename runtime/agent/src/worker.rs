@@ -166,6 +166,36 @@ pub async fn run(s: Arc<Shared>, uid: String, mut rx: watch::Receiver<Option<Val
                 let _ = std::fs::remove_dir_all(&dir);
                 return;
             }
+            // Graceful deletion: stop everything, then let the pod go.
+            Some(p) if util::deleting(&p) => {
+                let grace = p["metadata"]["deletionGracePeriodSeconds"]
+                    .as_f64()
+                    .unwrap_or(30.0);
+                teardown(&s, Some(&p), &uid, &mut st, grace).await;
+                let _ = std::fs::remove_dir_all(&dir);
+                let done = Request::Delete {
+                    resource: "pods".into(),
+                    namespace: util::namespace(&p).into(),
+                    name: util::name(&p).into(),
+                    preconditions: orc_api::mutation::Preconditions {
+                        uid: Some(uid.clone()),
+                        resource_version: None,
+                    },
+                    propagation_policy: None,
+                    grace_period_seconds: Some(0),
+                };
+                let mut wait = Duration::from_millis(100);
+                loop {
+                    match s.api.call(done.clone()).await {
+                        Err(e) if e.reason == Reason::Unavailable => {
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_secs(5));
+                        }
+                        // Done, gone, or a newer pod of that name: either way not ours.
+                        _ => return,
+                    }
+                }
+            }
             Some(p) => {
                 let rv = p["metadata"]["resourceVersion"].as_str().unwrap_or("");
                 if st.saved_rv != rv && std::fs::create_dir_all(&dir).is_ok() {
