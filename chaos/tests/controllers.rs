@@ -65,8 +65,14 @@ fn bounds(path: &std::path::Path, initial: usize) -> (usize, usize, usize) {
         };
         let o = &ev["object"];
         let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+        // Terminating pods (being stopped by their node) count neither toward
+        // the surge nor as ready, as in Kubernetes.
+        let terminating = !o["metadata"]["deletionTimestamp"].is_null();
         match ev["type"].as_str() {
             Some("DELETED") => {
+                pods.remove(&name);
+            }
+            Some("ADDED") | Some("MODIFIED") if terminating => {
                 pods.remove(&name);
             }
             Some("ADDED") | Some("MODIFIED") => {
