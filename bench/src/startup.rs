@@ -91,15 +91,7 @@ pub async fn run(
 
 /// A read-only busybox root filesystem for the runtime comparison.
 fn busybox_rootfs(dir: &Path) -> Result<()> {
-    let applets = Command::new("/bin/busybox")
-        .arg("--list-full")
-        .output()
-        .context("busybox-static")?;
-    let applets: Vec<String> = String::from_utf8_lossy(&applets.stdout)
-        .lines()
-        .map(String::from)
-        .collect();
-    let archive = orc_image::busybox_archive(Path::new("/bin/busybox"), &applets, "busybox:bench")?;
+    let archive = orc_image::busybox_archive(Path::new("/bin/busybox"), "busybox:bench")?;
     let store = orc_image::Store::new(dir.join("images"));
     let tar = dir.join("busybox.tar");
     std::fs::write(&tar, archive)?;

@@ -92,15 +92,14 @@ spec:
 }
 
 fn busybox_image(dir: &Path) -> std::path::PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/busybox.sh");
     let out = dir.join("busybox.tar");
-    let s = std::process::Command::new("bash")
-        .arg(script)
+    let s = std::process::Command::new(orc_chaos::orc_bin())
+        .args(["image", "busybox"])
         .arg(&out)
         // A tag other than latest: the default pull policy is then IfNotPresent.
-        .arg("busybox:1.35")
+        .args(["--tag", "busybox:1.35"])
         .status()
-        .expect("busybox.sh");
+        .expect("orc image busybox");
     assert!(s.success(), "building the busybox image");
     out
 }
@@ -624,18 +623,20 @@ spec:
 
     // e. kill -9 of the agent: containers keep running; the restarted agent
     // adopts them with restartCount unchanged.
-    let before: Vec<(String, i64)> = c
-        .items(&["pods", "-l", "app=web"])
-        .iter()
-        .map(|p| {
-            (
-                p["metadata"]["uid"].as_str().unwrap().to_string(),
-                p["status"]["containerStatuses"][0]["restartCount"]
-                    .as_i64()
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let restarts = |c: &Cluster| -> Vec<(String, i64)> {
+        c.items(&["pods", "-l", "app=web"])
+            .iter()
+            .map(|p| {
+                (
+                    p["metadata"]["uid"].as_str().unwrap().to_string(),
+                    p["status"]["containerStatuses"][0]["restartCount"]
+                        .as_i64()
+                        .unwrap(),
+                )
+            })
+            .collect()
+    };
+    let before = restarts(&c);
     let pids = |lab: &Lab| -> Vec<i32> {
         lab.nodes
             .iter()
@@ -670,18 +671,7 @@ spec:
         lab.start_agent(i, &servers, &agent_flags);
     }
     std::thread::sleep(Duration::from_secs(5));
-    let after: Vec<(String, i64)> = c
-        .items(&["pods", "-l", "app=web"])
-        .iter()
-        .map(|p| {
-            (
-                p["metadata"]["uid"].as_str().unwrap().to_string(),
-                p["status"]["containerStatuses"][0]["restartCount"]
-                    .as_i64()
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let after = restarts(&c);
     assert_eq!(before, after, "same pods, same restart counts");
     assert_eq!(pids(&lab), pids_before, "the same container processes");
     assert_eq!(

@@ -159,6 +159,13 @@ enum ImageCmd {
         #[arg(long, value_delimiter = ',')]
         insecure_registry: Vec<String>,
     },
+    /// Write a busybox image made from busybox-static (/bin/busybox) as a
+    /// `docker save` tarball, for `orc image import` or a registry.
+    Busybox {
+        file: PathBuf,
+        #[arg(long, default_value = "busybox:latest")]
+        tag: String,
+    },
     /// List the images this node holds.
     Ls {
         #[arg(long, default_value = "/var/lib/orc/node")]
@@ -209,6 +216,13 @@ fn image_cmd(cmd: ImageCmd) -> Result<i32> {
                 .push(&local, &target, &o)
                 .with_context(|| format!("pushing {local} to {target}"))?;
             println!("pushed {target}@{d}");
+            Ok(0)
+        }
+        ImageCmd::Busybox { file, tag } => {
+            let archive = orc_image::busybox_archive(Path::new("/bin/busybox"), &tag)?;
+            std::fs::write(&file, archive)
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!("{}: {tag}", file.display());
             Ok(0)
         }
         ImageCmd::Ls { data_dir } => {

@@ -248,35 +248,9 @@ async fn report_status(api: &Arc<dyn Api>, a: &SimArgs, n: &NodeSim) -> Result<(
 }
 
 async fn renew_lease(api: &Arc<dyn Api>, n: &NodeSim) -> Result<()> {
-    let now = util::rfc3339_micro(util::now_secs());
-    let patch =
-        json!({"spec": {"holderIdentity": n.name, "renewTime": now, "leaseDurationSeconds": 40}});
-    let ns = orc_controllers::nodes::LEASE_NAMESPACE;
-    let r = api
-        .call(Request::Patch {
-            resource: "leases".into(),
-            namespace: ns.into(),
-            name: n.name.clone(),
-            patch: patch.clone(),
-            status: false,
-        })
-        .await;
-    match r {
-        Err(e) if e.reason == Reason::NotFound => {
-            let mut lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": n.name, "namespace": ns}});
-            lease["spec"] = patch["spec"].clone();
-            lease["spec"]["acquireTime"] = json!(now);
-            api.call(Request::Create {
-                object: lease,
-                namespace: None,
-            })
-            .await
-            .map(|_| ())
-            .context("lease")
-        }
-        r => r.map(|_| ()).context("lease"),
-    }
+    orc_agent::node::renew_lease(api, &n.name)
+        .await
+        .context("lease")
 }
 
 /// Play one pod on node `n` until it is deleted (the task is aborted then).

@@ -157,7 +157,8 @@ async fn report_status(api: &Arc<dyn Api>, s: &Shared) -> Result<Value, Error> {
         .await?)
 }
 
-async fn renew_lease(api: &Arc<dyn Api>, name: &str) -> Result<(), Error> {
+/// Renew (or create) node `name`'s Lease in kube-node-lease.
+pub async fn renew_lease(api: &Arc<dyn Api>, name: &str) -> Result<(), Error> {
     let now = util::rfc3339_micro(util::now_secs());
     let patch =
         json!({"spec": {"holderIdentity": name, "renewTime": now, "leaseDurationSeconds": 40}});

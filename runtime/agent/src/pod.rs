@@ -1,6 +1,7 @@
 //! Pure decisions of the node agent: what a container runs with, when it
 //! restarts, and what the pod's status says. No I/O, no tokio.
 use orc_container::{ContainerConfig, ExitInfo, Mount};
+use orc_controllers::util;
 use orc_image::RunConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -123,39 +124,6 @@ pub fn phase(policy: &str, inits_done: bool, apps: &[(&Record, bool)]) -> &'stat
     }
 }
 
-/// Quantities: "500m" cpu → millicores; "64Mi" → bytes.
-pub fn millicores(q: &str) -> Option<u64> {
-    let q = q.trim();
-    if let Some(m) = q.strip_suffix('m') {
-        return m.parse().ok();
-    }
-    q.parse::<f64>().ok().map(|c| (c * 1000.0).round() as u64)
-}
-
-pub fn bytes(q: &str) -> Option<i64> {
-    let q = q.trim();
-    let units: [(&str, f64); 12] = [
-        ("Ki", 1024.0),
-        ("Mi", 1024.0 * 1024.0),
-        ("Gi", 1024.0 * 1024.0 * 1024.0),
-        ("Ti", 1024.0f64.powi(4)),
-        ("Pi", 1024.0f64.powi(5)),
-        ("Ei", 1024.0f64.powi(6)),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-    ];
-    for (u, m) in units {
-        if let Some(n) = q.strip_suffix(u) {
-            return n.parse::<f64>().ok().map(|v| (v * m) as i64);
-        }
-    }
-    q.parse::<f64>().ok().map(|v| v as i64)
-}
-
 /// Values that `env` and volumes draw from, fetched by the agent.
 #[derive(Default, Debug, Clone)]
 pub struct Sources {
@@ -257,17 +225,15 @@ pub fn environment(
             }
         } else if let Some(res) = vf["resourceFieldRef"]["resource"].as_str() {
             let (kind, what) = res.split_once('.').unwrap_or(("", res));
-            let q = c["resources"][kind][what]
-                .as_str()
-                .map(String::from)
-                .or_else(|| c["resources"][kind][what].as_f64().map(|f| f.to_string()))
-                .unwrap_or_default();
-            if what == "cpu" {
-                millicores(&q)
-                    .map(|m| m.div_ceil(1000).max(1).to_string())
-                    .unwrap_or_default()
+            let q = &c["resources"][kind][what];
+            if q.is_null() {
+                String::new()
+            } else if what == "cpu" {
+                (util::quantity(q, true).max(1) as u64)
+                    .div_ceil(1000)
+                    .to_string()
             } else {
-                bytes(&q).map(|b| b.to_string()).unwrap_or_default()
+                util::quantity(q, false).to_string()
             }
         } else {
             String::new()
@@ -421,14 +387,13 @@ pub fn container_config(
         });
     }
     let res = &c["resources"];
-    let q = |kind: &str, what: &str| -> Option<String> {
-        res[kind][what]
-            .as_str()
-            .map(String::from)
-            .or_else(|| res[kind][what].as_f64().map(|f| f.to_string()))
+    // Quantities as the controllers read them (util::quantity).
+    let q = |kind: &str, what: &str, milli: bool| -> Option<i64> {
+        let v = &res[kind][what];
+        (!v.is_null()).then(|| util::quantity(v, milli))
     };
-    let cpu_req = q("requests", "cpu").and_then(|v| millicores(&v));
-    let cpu_lim = q("limits", "cpu").and_then(|v| millicores(&v));
+    let cpu_req = q("requests", "cpu", true).map(|m| m as u64);
+    let cpu_lim = q("limits", "cpu", true).map(|m| m as u64);
     // The kubelet's conversion: shares = millicores * 1024 / 1000 (min 2);
     // quota = millicores * period / 1000.
     let cpu_shares = cpu_req
@@ -436,7 +401,7 @@ pub fn container_config(
         .map(|m| (m * 1024 / 1000).max(2))
         .or(Some(2));
     let cpu_quota = cpu_lim.map(|m| (m as i64 * 100_000 / 1000).max(1000));
-    let memory_limit = q("limits", "memory").and_then(|v| bytes(&v));
+    let memory_limit = q("limits", "memory", false);
     let caps = |k: &str| -> Vec<String> {
         sc["capabilities"][k]
             .as_array()

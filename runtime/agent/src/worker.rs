@@ -398,7 +398,7 @@ async fn volumes(
             if v["emptyDir"]["medium"] == "Memory" && !is_mountpoint(&dir) {
                 let size = v["emptyDir"]["sizeLimit"]
                     .as_str()
-                    .and_then(pod::bytes)
+                    .map(|q| util::quantity(&json!(q), false))
                     .map(|b| format!(",size={b}"))
                     .unwrap_or_default();
                 nix::mount::mount(

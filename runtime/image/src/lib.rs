@@ -149,6 +149,26 @@ pub(crate) fn digest_of(h: Sha256) -> String {
     format!("sha256:{:x}", h.finalize())
 }
 
+/// The layer diff IDs an image config lists, bottom first.
+pub(crate) fn diff_ids(config: &Value) -> Vec<String> {
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect()
+}
+
+/// A manifest must list one layer per diff ID of its config.
+pub(crate) fn same_count(what: &str, layers: usize, diff_ids: usize) -> Result<()> {
+    if layers != diff_ids {
+        return Err(Error::Invalid(format!(
+            "{what}: {layers} layers but {diff_ids} diff_ids"
+        )));
+    }
+    Ok(())
+}
+
 /// A path inside an archive, made relative and free of `..`.
 fn safe_relative(p: &Path) -> Option<PathBuf> {
     let mut out = PathBuf::new();
@@ -382,12 +402,7 @@ impl Store {
     ) -> Result<Image> {
         let config: Value = serde_json::from_slice(&self.blob(config_digest)?)
             .map_err(|e| Error::Invalid(format!("image config: {e}")))?;
-        let layers: Vec<String> = config["rootfs"]["diff_ids"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|d| d.as_str().map(String::from))
-            .collect();
+        let layers = diff_ids(&config);
         for l in &layers {
             if !self.has_layer(l) {
                 return Err(Error::Invalid(format!("layer {l} is missing")));
@@ -510,25 +525,14 @@ impl Store {
             self.put_blob(&config_digest, cfg)?;
             let config: Value = serde_json::from_slice(cfg)
                 .map_err(|e| Error::Invalid(format!("{cfg_name}: {e}")))?;
-            let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
+            let diff_ids = diff_ids(&config);
             let layers: Vec<&str> = m["Layers"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(Value::as_str)
                 .collect();
-            if layers.len() != diff_ids.len() {
-                return Err(Error::Invalid(format!(
-                    "{cfg_name}: {} layers but {} diff_ids",
-                    layers.len(),
-                    diff_ids.len()
-                )));
-            }
+            same_count(cfg_name, layers.len(), diff_ids.len())?;
             for (l, d) in layers.iter().zip(&diff_ids) {
                 let bytes = files
                     .get(*l)
@@ -606,25 +610,14 @@ impl Store {
             self.put_blob(&cfg_digest, cfg)?;
             let config: Value = serde_json::from_slice(cfg)
                 .map_err(|e| Error::Invalid(format!("config {cfg_digest}: {e}")))?;
-            let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect();
+            let diff_ids = diff_ids(&config);
             let layers: Vec<String> = doc["layers"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(|l| l["digest"].as_str().map(String::from))
                 .collect();
-            if layers.len() != diff_ids.len() {
-                return Err(Error::Invalid(format!(
-                    "manifest {digest}: {} layers but {} diff_ids",
-                    layers.len(),
-                    diff_ids.len()
-                )));
-            }
+            same_count(&format!("manifest {digest}"), layers.len(), diff_ids.len())?;
             for (l, d) in layers.iter().zip(&diff_ids) {
                 let bytes = blob(l)?;
                 let got = digest_of(Sha256::new_with_prefix(bytes));
@@ -697,10 +690,22 @@ impl Store {
 }
 
 /// A `docker save` archive of a one-layer image holding a static busybox
-/// (`busybox`, its applets as links, /etc/passwd and group), tagged `tag`.
-/// For machines without a registry: `orc up` makes its demo image with it.
-pub fn busybox_archive(busybox: &Path, applets: &[String], tag: &str) -> Result<Vec<u8>> {
-    let bin = fs::read(busybox).map_err(io_err(format!("read {}", busybox.display())))?;
+/// (`busybox`, its applets as links from `busybox --list-full`, /etc/passwd
+/// and group), tagged `tag`. For machines without a registry: `orc image
+/// busybox`, `orc up`'s demo image and the tests use it.
+pub fn busybox_archive(busybox: &Path, tag: &str) -> Result<Vec<u8>> {
+    let bin = fs::read(busybox).map_err(io_err(format!(
+        "read {} (a static busybox: apt-get install busybox-static)",
+        busybox.display()
+    )))?;
+    let list = std::process::Command::new(busybox)
+        .arg("--list-full")
+        .output()
+        .map_err(io_err(format!("{} --list-full", busybox.display())))?;
+    let applets: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
     let mut layer = tar::Builder::new(Vec::new());
     let mut add = |path: &str,
                    kind: tar::EntryType,

@@ -1,7 +1,7 @@
 //! Pulls from (and pushes to) an OCI distribution registry: manifests and
 //! indexes, blobs verified against their digests, bearer-token and basic
 //! authentication, HTTPS (plain HTTP only for registries named insecure).
-use crate::{digest_of, hex_of, normalize, Error, Image, Result, Store};
+use crate::{diff_ids, digest_of, hex_of, normalize, same_count, Error, Image, Result, Store};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -370,20 +370,9 @@ impl Store {
         self.put_blob(&cfg_digest, &cfg)?;
         let config: Value =
             serde_json::from_slice(&cfg).map_err(|e| Error::Registry(format!("config: {e}")))?;
-        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str().map(String::from))
-            .collect();
+        let diff_ids = diff_ids(&config);
         let layers: Vec<&Value> = doc["layers"].as_array().into_iter().flatten().collect();
-        if layers.len() != diff_ids.len() {
-            return Err(Error::Registry(format!(
-                "manifest {digest}: {} layers but {} diff_ids",
-                layers.len(),
-                diff_ids.len()
-            )));
-        }
+        same_count(&format!("manifest {digest}"), layers.len(), diff_ids.len())?;
         for (l, diff) in layers.iter().zip(&diff_ids) {
             if self.has_layer(diff) {
                 continue;
