@@ -77,6 +77,10 @@ pub struct SimArgs {
     /// anything outside it is masqueraded behind the node address.
     #[arg(long, default_value = "198.18.0.0/16")]
     pub cluster_cidr: String,
+    /// The Service proxy rewrites its whole nftables table this often
+    /// (seconds); in between it changes only what changed.
+    #[arg(long, default_value_t = 300.0)]
+    pub proxy_resync: f64,
     /// Port of the agent's logs and exec service (on the node address).
     #[arg(long, default_value_t = 10250)]
     pub listen_port: u16,
@@ -437,6 +441,7 @@ async fn agent(a: SimArgs) -> Result<i32> {
         port: a.listen_port,
         insecure_registries: a.insecure_registry,
         cluster_cidr: a.cluster_cidr,
+        proxy_resync: Duration::from_secs_f64(a.proxy_resync.max(1.0)),
     };
     tokio::select! {
         r = orc_agent::run(api, cfg) => r?,

@@ -217,6 +217,14 @@ pub struct PodLink {
     pub gateway: Ipv4Addr,
 }
 
+/// The pod's MAC address, derived from its IP (`0a:58:` and the four
+/// address bytes, as OVN-Kubernetes does): an address handed to a new pod
+/// keeps its MAC, so neighbours' ARP caches stay right when IPs are reused.
+pub fn pod_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
+}
+
 /// Plug the namespace at `netns` into the bridge: a veth pair whose pod end
 /// becomes `eth0` with the pod's address and a default route via the bridge.
 /// Idempotent: an existing host end is replaced.
@@ -283,6 +291,7 @@ pub async fn attach(host: &Handle, netns: &Path, l: &PodLink) -> Result<()> {
         .set(
             LinkUnspec::new_with_index(pi)
                 .name("eth0".to_string())
+                .address(pod_mac(l.ip).to_vec())
                 .build(),
         )
         .execute()
@@ -395,6 +404,14 @@ pub fn enable_forwarding() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pod_mac_follows_the_ip() {
+        let m = super::pod_mac(std::net::Ipv4Addr::new(198, 18, 1, 7));
+        assert_eq!(m, [0x0a, 0x58, 198, 18, 1, 7]);
+        // Locally administered, unicast.
+        assert_eq!(m[0] & 0b11, 0b10);
+    }
+
     use super::*;
 
     #[test]

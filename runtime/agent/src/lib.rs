@@ -7,11 +7,13 @@
 //! Everything it starts is recorded under its data directory, so a restarted
 //! agent adopts running containers instead of restarting them. It talks to the
 //! cluster only through the `Api` trait; it must not depend on the apiserver.
+pub mod informer;
 pub mod nat;
 pub mod node;
 pub mod pod;
 pub mod probe;
 pub mod server;
+pub mod services;
 pub mod worker;
 
 pub use node::{run, Config};
@@ -37,6 +39,7 @@ pub fn reset(data_dir: &Path, exe: &Path) -> usize {
         }
     }
     nat::remove();
+    orc_proxy::remove();
     for d in ["pods", "containers", "state", "logs", "netns"] {
         let _ = std::fs::remove_dir_all(data_dir.join(d));
     }

@@ -2,8 +2,6 @@
 //! the agent's (`ip orc-nat`), written whole with `nft -f`. Pod-to-pod traffic
 //! (inside the cluster CIDR) keeps its addresses, as the Kubernetes network
 //! model asks.
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 pub const TABLE: &str = "orc-nat";
 
@@ -14,37 +12,13 @@ pub fn ruleset(pod_cidr: &str, cluster_cidr: &str, bridge: &str) -> String {
     )
 }
 
-fn nft(input: &str) -> Result<(), String> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("nft (apt-get install nftables): {e}"))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(input.as_bytes())
-        .map_err(|e| format!("nft: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
 pub fn apply(pod_cidr: &str, cluster_cidr: &str, bridge: &str) -> Result<(), String> {
-    nft(&ruleset(pod_cidr, cluster_cidr, bridge))
+    orc_proxy::nft(&ruleset(pod_cidr, cluster_cidr, bridge)).map_err(|e| e.to_string())
 }
 
 /// Remove the table (a node reset).
 pub fn remove() {
-    let _ = nft(&format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"));
+    let _ = orc_proxy::nft(&format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"));
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// The cluster's pod CIDR: traffic from pods to outside it is masqueraded.
     pub cluster_cidr: String,
+    /// The Service proxy rewrites its whole table this often.
+    pub proxy_resync: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +210,7 @@ async fn network(s: &Arc<Shared>, node: &Value) -> Result<(), Error> {
     }
     let mut ipam = Ipam::new(base, bits);
     orc_netlink::enable_forwarding()?;
+    bridge_netfilter();
     orc_netlink::ensure_bridge(&s.host, &s.cfg.bridge, ipam.gateway(), bits).await?;
     let pod_cidr = format!("{}/{bits}", Ipv4Addr::from(base));
     crate::nat::apply(&pod_cidr, &s.cfg.cluster_cidr, &s.cfg.bridge).map_err(Error::Other)?;
@@ -224,6 +227,20 @@ async fn network(s: &Arc<Shared>, node: &Value) -> Result<(), Error> {
     *s.ipam.lock().unwrap() = Some(ipam);
     s.net_ready.send_replace(true);
     Ok(())
+}
+
+/// Bridged pod-to-pod packets must pass the IP hooks, or a reply from a pod
+/// to a pod on the same bridge skips the Service DNAT's reverse translation.
+fn bridge_netfilter() {
+    let f = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    if !std::path::Path::new(f).exists() {
+        let _ = std::process::Command::new("modprobe")
+            .arg("br_netfilter")
+            .status();
+    }
+    if let Err(e) = std::fs::write(f, "1") {
+        tracing::warn!("{f}: {e} (Services reached from a pod on the same node may not answer)");
+    }
 }
 
 /// Routes to the podCIDRs of the other nodes, through their addresses.
@@ -360,6 +377,19 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
                 }
             }
         });
+    }
+    {
+        let cache = crate::informer::Cache::new();
+        for r in [crate::services::SERVICES, crate::services::SLICES] {
+            tokio::spawn(crate::informer::run(api.clone(), cache.clone(), r));
+        }
+        let cidr = Some(s.cfg.cluster_cidr.clone()).filter(|c| !c.is_empty());
+        tokio::spawn(crate::services::run(
+            cache,
+            s.cfg.name.clone(),
+            cidr,
+            s.cfg.proxy_resync,
+        ));
     }
     pods(api, s).await
 }

@@ -132,6 +132,61 @@ pub struct Sources {
     pub secrets: BTreeMap<String, BTreeMap<String, String>>,
     pub pod_ip: String,
     pub node_ip: String,
+    /// The Services of the pod's namespace when the container starts
+    /// (empty with `enableServiceLinks: false`).
+    pub services: Vec<Value>,
+}
+
+/// Docker-link style variables for Services, as the kubelet makes them:
+/// `{SVC}_SERVICE_HOST`, `{SVC}_SERVICE_PORT[_{PORTNAME}]`, `{SVC}_PORT`,
+/// `{SVC}_PORT_{PORT}_{PROTO}[_PROTO|_PORT|_ADDR]`. Services without a
+/// ClusterIP (headless, ExternalName) have none.
+pub fn service_env(services: &[Value]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut sorted: Vec<&Value> = services.iter().collect();
+    sorted.sort_by_key(|s| s["metadata"]["name"].as_str().unwrap_or(""));
+    for svc in sorted {
+        let ip = svc["spec"]["clusterIP"].as_str().unwrap_or("");
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        let ports = svc["spec"]["ports"].as_array().cloned().unwrap_or_default();
+        let Some(first) = ports.first() else {
+            continue;
+        };
+        let name = svc["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_uppercase()
+            .replace('-', "_");
+        out.push((format!("{name}_SERVICE_HOST"), ip.to_string()));
+        out.push((format!("{name}_SERVICE_PORT"), first["port"].to_string()));
+        for p in &ports {
+            if let Some(pn) = p["name"].as_str().filter(|n| !n.is_empty()) {
+                out.push((
+                    format!(
+                        "{name}_SERVICE_PORT_{}",
+                        pn.to_uppercase().replace('-', "_")
+                    ),
+                    p["port"].to_string(),
+                ));
+            }
+        }
+        let proto = |p: &Value| p["protocol"].as_str().unwrap_or("TCP").to_lowercase();
+        out.push((
+            format!("{name}_PORT"),
+            format!("{}://{ip}:{}", proto(first), first["port"]),
+        ));
+        for p in &ports {
+            let (pr, port) = (proto(p), &p["port"]);
+            let base = format!("{name}_PORT_{port}_{}", pr.to_uppercase());
+            out.push((base.clone(), format!("{pr}://{ip}:{port}")));
+            out.push((format!("{base}_PROTO"), pr.clone()));
+            out.push((format!("{base}_PORT"), port.to_string()));
+            out.push((format!("{base}_ADDR"), ip.to_string()));
+        }
+    }
+    out
 }
 
 fn field_ref(pod: &Value, path: &str, src: &Sources) -> Option<String> {
@@ -178,6 +233,9 @@ pub fn environment(
             env.push((k, v));
         }
     };
+    for (k, v) in service_env(&src.services) {
+        set(&mut env, k, v);
+    }
     for from in c["envFrom"].as_array().into_iter().flatten() {
         let prefix = from["prefix"].as_str().unwrap_or("");
         let (kind, map, r) = if from["configMapRef"].is_object() {
@@ -535,6 +593,39 @@ pub fn resolv_conf(pod: &Value, dns: &str, cluster_domain: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_links_follow_the_kubelet() {
+        let svcs = vec![
+            json!({"metadata": {"name": "redis-master"}, "spec": {"clusterIP": "198.19.0.7",
+                "ports": [{"name": "redis", "port": 6379, "protocol": "TCP"}]}}),
+            json!({"metadata": {"name": "headless"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),
+        ];
+        let env: BTreeMap<String, String> = service_env(&svcs).into_iter().collect();
+        let want = [
+            ("REDIS_MASTER_SERVICE_HOST", "198.19.0.7"),
+            ("REDIS_MASTER_SERVICE_PORT", "6379"),
+            ("REDIS_MASTER_SERVICE_PORT_REDIS", "6379"),
+            ("REDIS_MASTER_PORT", "tcp://198.19.0.7:6379"),
+            ("REDIS_MASTER_PORT_6379_TCP", "tcp://198.19.0.7:6379"),
+            ("REDIS_MASTER_PORT_6379_TCP_PROTO", "tcp"),
+            ("REDIS_MASTER_PORT_6379_TCP_PORT", "6379"),
+            ("REDIS_MASTER_PORT_6379_TCP_ADDR", "198.19.0.7"),
+        ];
+        for (k, v) in want {
+            assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
+        }
+        assert_eq!(env.len(), want.len());
+        // The container's own env wins over a service link.
+        let src = Sources {
+            services: svcs,
+            ..Default::default()
+        };
+        let c = json!({"env": [{"name": "REDIS_MASTER_SERVICE_PORT", "value": "1"}]});
+        let e = environment(&json!({}), &c, &[], &src).unwrap();
+        assert!(e.contains(&"REDIS_MASTER_SERVICE_PORT=1".to_string()));
+        assert!(e.contains(&"REDIS_MASTER_SERVICE_HOST=198.19.0.7".to_string()));
+    }
 
     fn pod() -> Value {
         json!({"metadata": {"name": "web-1", "namespace": "shop", "uid": "u1", "labels": {"app": "web"}},

@@ -990,6 +990,19 @@ async fn sources(s: &Arc<Shared>, p: &Value, c: &Value, ip: Ipv4Addr) -> Result<
         ..Default::default()
     };
     let ns = util::namespace(p);
+    if p["spec"]["enableServiceLinks"] != false {
+        let list = s
+            .api
+            .call(Request::List {
+                resource: "services".into(),
+                namespace: Some(ns.into()),
+                label_selector: String::new(),
+                field_selector: String::new(),
+            })
+            .await
+            .map_err(|e| format!("listing services for their environment variables: {e}"))?;
+        src.services = list["items"].as_array().cloned().unwrap_or_default();
+    }
     let mut wanted: Vec<(bool, String)> = vec![];
     for f in c["envFrom"].as_array().into_iter().flatten() {
         if let Some(n) = f["configMapRef"]["name"].as_str() {

@@ -1,0 +1,506 @@
+//! Acceptance of the Services issue on two real node agents in their own
+//! network namespaces, three real masters, real containers, real nftables
+//! rules and real DNS packets. The test's own (host) namespace is the
+//! "outside world": it sits on the lab bridge but is no node. Needs root.
+use orc_chaos::lab::{Lab, MASTER_IP};
+use orc_chaos::{wait_for, Cluster};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn apply(c: &Cluster, yaml: &str) {
+    let o = c.orc_stdin(&c.servers(), &["apply", "-f", "-"], Some(yaml));
+    assert!(o.ok(), "apply: {}", o.stderr);
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn busybox_image(dir: &std::path::Path) -> std::path::PathBuf {
+    let out = dir.join("busybox.tar");
+    let s = std::process::Command::new(orc_chaos::orc_bin())
+        .args(["image", "busybox"])
+        .arg(&out)
+        .args(["--tag", "busybox:1.35"])
+        .status()
+        .expect("orc image busybox");
+    assert!(s.success(), "building the busybox image");
+    out
+}
+
+/// One HTTP GET from this (outside) namespace; the body, or None when the
+/// connection is refused, reset or times out.
+fn http_get(addr: &str, path: &str, timeout: Duration) -> Option<String> {
+    let sa: std::net::SocketAddr = addr.parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&sa, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    // CGI headers may end lines with a bare newline.
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .or_else(|| out.split_once("\n\n"))?;
+    head.starts_with("HTTP/1.").then(|| body.to_string())
+}
+
+/// Run a shell command in pod `pod` of namespace demo.
+fn exec(c: &Cluster, pod: &str, script: &str) -> (i32, String, String) {
+    let o = c.orc(
+        &c.servers(),
+        &["-n", "demo", "exec", pod, "--", "sh", "-c", script],
+    );
+    (o.code, o.stdout, o.stderr)
+}
+
+fn count(out: &str) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for l in out.lines().filter(|l| !l.trim().is_empty()) {
+        *m.entry(l.trim().to_string()).or_default() += 1;
+    }
+    m
+}
+
+fn web_pods(c: &Cluster) -> Vec<Value> {
+    c.items(&["-n", "demo", "pods", "-l", "app=web"])
+        .into_iter()
+        .filter(|p| {
+            p["metadata"]["deletionTimestamp"].is_null()
+                && p["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+        })
+        .collect()
+}
+
+/// The rules of node `i`'s Service table.
+fn table(lab: &Lab, i: usize) -> String {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.nodes[i].netns,
+            "nft",
+            "list",
+            "table",
+            "ip",
+            "orc-svc",
+        ])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const WEB: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: demo}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  strategy: {rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}
+  template:
+    metadata: {labels: {app: web}, annotations: {v: '1'}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: httpd
+        image: busybox:1.35
+        command: [sh, -c, 'mkdir -p /www/cgi-bin; hostname > /www/index.html; printf \"#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho \\$REMOTE_ADDR\\n\" > /www/cgi-bin/ip; chmod +x /www/cgi-bin/ip; touch /tmp/ready; exec httpd -f -p 8080 -h /www']
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {exec: {command: [test, -e, /tmp/ready]}, periodSeconds: 1, failureThreshold: 1}
+        lifecycle: {preStop: {exec: {command: [sleep, '2']}}}
+";
+
+#[test]
+fn services_on_two_nodes() {
+    let dir = tempfile::Builder::new()
+        .prefix("orc-svc-")
+        .tempdir()
+        .expect("tempdir");
+    let mut lab = Lab::new(dir.path(), 2);
+    let c = Cluster::start_on(MASTER_IP, 3, &["--cluster-cidr", "198.18.0.0/17"]);
+    let image = busybox_image(dir.path());
+    lab.import(0, &image);
+    lab.import(1, &image);
+    let servers = c.servers();
+    let agent_flags = ["--status-every", "2", "--cluster-cidr", "198.18.0.0/17"];
+    for i in 0..2 {
+        lab.start_agent(i, &servers, &agent_flags);
+    }
+    let logs = |lab: &Lab| {
+        format!(
+            "{}\n----\n{}",
+            tail(&lab.agent_log(0)),
+            tail(&lab.agent_log(1))
+        )
+    };
+    wait_for("two Ready nodes", MIN, || {
+        let nodes = c.items(&["nodes"]);
+        (nodes.len() == 2
+            && nodes.iter().all(|n| {
+                n["spec"]["podCIDR"].is_string()
+                    && n["status"]["conditions"].as_array().is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+            }))
+        .then_some(())
+    });
+    apply(
+        &c,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n",
+    );
+    // e. A Service that exists before a pod gives the pod its variables.
+    apply(
+        &c,
+        "apiVersion: v1
+kind: Service
+metadata: {name: redis-master, namespace: demo}
+spec:
+  selector: {app: redis}
+  ports: [{name: redis, port: 6379}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30002}]
+",
+    );
+    apply(&c, WEB);
+    apply(
+        &c,
+        "apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo}
+spec:
+  nodeName: node-1
+  terminationGracePeriodSeconds: 0
+  containers:
+  - {name: c, image: busybox:1.35, command: [sleep, '100000']}
+",
+    );
+    let redis = c
+        .items(&["-n", "demo", "services"])
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "redis-master")
+        .expect("redis-master");
+    let rip = redis["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let web_svc = c
+        .items(&["-n", "demo", "services"])
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "web")
+        .expect("web");
+    let vip = web_svc["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("3 ready web pods and a running client", MIN, || {
+            let ok = web_pods(&c).len() == 3 && exec(&c, "client", "true").0 == 0;
+            ok.then_some(())
+        })
+    }));
+    assert!(r.is_ok(), "pods did not come up:\n{}", logs(&lab));
+    let (_, env, _) = exec(&c, "client", "env | grep ^REDIS_MASTER_ | sort");
+    for want in [
+        format!("REDIS_MASTER_SERVICE_HOST={rip}"),
+        "REDIS_MASTER_SERVICE_PORT=6379".into(),
+        format!("REDIS_MASTER_PORT=tcp://{rip}:6379"),
+        format!("REDIS_MASTER_PORT_6379_TCP=tcp://{rip}:6379"),
+        "REDIS_MASTER_PORT_6379_TCP_PROTO=tcp".into(),
+        "REDIS_MASTER_PORT_6379_TCP_PORT=6379".into(),
+        format!("REDIS_MASTER_PORT_6379_TCP_ADDR={rip}"),
+    ] {
+        assert!(env.lines().any(|l| l == want), "{want} not in:\n{env}");
+    }
+    // A Service without endpoints rejects at once (no timeout).
+    let t = std::time::Instant::now();
+    let (code, _, err) = exec(
+        &c,
+        "client",
+        &format!("timeout 5 wget -q -O- http://{rip}:6379/"),
+    );
+    assert!(
+        code != 0 && t.elapsed() < Duration::from_secs(4),
+        "no endpoints: {code} {err} after {:?}",
+        t.elapsed()
+    );
+
+    // a. 300 requests through the ClusterIP reach each of the 3 pods >= 20 %.
+    let many = |target: &str| {
+        exec(&c, "client", &format!("i=0; while [ $i -lt 300 ]; do timeout 2 wget -q -O- {target} || echo FAIL; i=$((i+1)); done"))
+    };
+    let (_, out, err) = many(&format!("http://{vip}/"));
+    let hits = count(&out);
+    assert_eq!(hits.len(), 3, "3 backends: {hits:?} {err}\n{}", logs(&lab));
+    for (pod, n) in &hits {
+        assert!(*n >= 60, "{pod} got {n} of 300: {hits:?}");
+    }
+    // ... and with sessionAffinity ClientIP they all reach one.
+    apply(
+        &c,
+        "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  type: NodePort
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30002}]
+",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, out, _) = exec(
+        &c,
+        "client",
+        &format!(
+            "i=0; while [ $i -lt 50 ]; do timeout 2 wget -q -O- http://{vip}/; i=$((i+1)); done"
+        ),
+    );
+    let hits = count(&out);
+    assert_eq!(hits.len(), 1, "affinity: {hits:?}");
+    assert_eq!(hits.values().sum::<usize>(), 50);
+
+    // b. NodePort 30002 at every node's address, from outside the cluster.
+    apply(
+        &c,
+        "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30002}]
+",
+    );
+    for n in &lab.nodes {
+        let addr = format!("{}:30002", n.address);
+        let body = wait_for(&format!("NodePort at {addr}"), MIN, || {
+            http_get(&addr, "/", Duration::from_secs(2))
+        });
+        assert!(body.starts_with("web-"), "{addr}: {body}");
+    }
+    // With externalTrafficPolicy Local only nodes with a local endpoint
+    // answer, and the backend sees the client's own address. Scale to one
+    // pod so that one node has none.
+    let o = c.orc(
+        &servers,
+        &["-n", "demo", "scale", "deployment/web", "--replicas", "1"],
+    );
+    assert!(o.ok(), "{}", o.stderr);
+    apply(
+        &c,
+        "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30002}]
+",
+    );
+    let (with, without) = wait_for("one web pod", MIN, || {
+        let pods = c.items(&["-n", "demo", "pods", "-l", "app=web"]);
+        (pods.len() == 1 && web_pods(&c).len() == 1).then(|| {
+            let node = pods[0]["spec"]["nodeName"].as_str().unwrap().to_string();
+            let with = lab
+                .nodes
+                .iter()
+                .find(|n| n.name == node)
+                .unwrap()
+                .address
+                .clone();
+            let without = lab
+                .nodes
+                .iter()
+                .find(|n| n.name != node)
+                .unwrap()
+                .address
+                .clone();
+            (with, without)
+        })
+    });
+    let mut last = None;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("the client address through a Local NodePort", MIN, || {
+            last = http_get(
+                &format!("{with}:30002"),
+                "/cgi-bin/ip",
+                Duration::from_secs(2),
+            );
+            // busybox httpd listens on IPv6 and shows v4-mapped addresses.
+            last.clone().filter(|b| {
+                b.trim()
+                    .trim_start_matches("[::ffff:")
+                    .trim_end_matches(']')
+                    == MASTER_IP
+            })
+        })
+    }));
+    assert!(
+        r.is_ok(),
+        "the backend saw {last:?}, not {MASTER_IP}\n{}\n{}",
+        table(&lab, 0),
+        logs(&lab)
+    );
+    wait_for("no answer from the node without an endpoint", MIN, || {
+        http_get(&format!("{without}:30002"), "/", Duration::from_secs(1))
+            .is_none()
+            .then_some(())
+    });
+    let t = table(&lab, 0);
+    assert!(t.contains("tcp . 30002 : goto ext-"), "{t}");
+
+    // f. A pod failing readiness leaves rotation within 1 s of its status change.
+    let o = c.orc(
+        &servers,
+        &["-n", "demo", "scale", "deployment/web", "--replicas", "3"],
+    );
+    assert!(o.ok(), "{}", o.stderr);
+    apply(
+        &c,
+        "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30002}]
+",
+    );
+    let pods = wait_for("3 ready web pods", MIN, || {
+        let p = web_pods(&c);
+        (p.len() == 3).then_some(p)
+    });
+    let victim = pods[0]["metadata"]["name"].as_str().unwrap().to_string();
+    let o = c.orc(
+        &servers,
+        &["-n", "demo", "exec", &victim, "--", "rm", "/tmp/ready"],
+    );
+    assert!(o.ok(), "{}", o.stderr);
+    wait_for("the victim not ready", MIN, || {
+        (!web_pods(&c)
+            .iter()
+            .any(|p| p["metadata"]["name"] == victim.as_str()))
+        .then_some(())
+    });
+    // Within 1 s of the status change the victim gets no more requests.
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, out, _) = exec(
+        &c,
+        "client",
+        &format!(
+            "i=0; while [ $i -lt 60 ]; do timeout 2 wget -q -O- http://{vip}/; i=$((i+1)); done"
+        ),
+    );
+    let hits = count(&out);
+    assert!(
+        !hits.contains_key(&victim),
+        "{victim} still in rotation: {hits:?}"
+    );
+    assert_eq!(hits.values().sum::<usize>(), 60, "{hits:?}");
+    let o = c.orc(
+        &servers,
+        &["-n", "demo", "exec", &victim, "--", "touch", "/tmp/ready"],
+    );
+    assert!(o.ok(), "{}", o.stderr);
+    wait_for("3 ready web pods again", MIN, || {
+        (web_pods(&c).len() == 3).then_some(())
+    });
+
+    // f. A rolling update of the backends under constant load fails no request.
+    let load = dir.path().join("load.out");
+    let stop = dir.path().join("load.stop");
+    let script = format!(
+        "while [ ! -e /tmp/stop ]; do if o=$(timeout 3 wget -q -O- http://{vip}/ 2>&1); then echo ok; else echo \"FAIL $(date +%T) $o\"; fi; done"
+    );
+    let loader = c.spawn_cli(
+        &["-n", "demo", "exec", "client", "--", "sh", "-c", &script],
+        &load,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    apply(&c, &WEB.replace("v: '1'", "v: '2'"));
+    wait_for("the rollout to finish", Duration::from_secs(120), || {
+        let pods = c.items(&["-n", "demo", "pods", "-l", "app=web"]);
+        let new = pods
+            .iter()
+            .filter(|p| p["metadata"]["annotations"]["v"] == "2")
+            .count();
+        (pods.len() == 3 && new == 3 && web_pods(&c).len() == 3).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = exec(&c, "client", "touch /tmp/stop");
+    drop(loader);
+    let _ = std::fs::write(&stop, "");
+    let out = std::fs::read_to_string(&load).unwrap_or_default();
+    let ok = out.lines().filter(|l| *l == "ok").count();
+    let failed: Vec<&str> = out.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(ok > 20, "the load ran: {ok} ok");
+    assert!(
+        failed.is_empty(),
+        "{} failed requests during the rolling update ({ok} ok): {failed:?}\n{}",
+        failed.len(),
+        logs(&lab)
+    );
+
+    // g. With the agent of node 1 killed, its Services keep answering; after
+    // its restart no stale or duplicate rule remains.
+    lab.kill_agent(0);
+    let addr = format!("{}:30002", lab.nodes[0].address);
+    assert!(
+        http_get(&addr, "/", Duration::from_secs(2)).is_some(),
+        "NodePort with the agent down"
+    );
+    // The client pod is on node 1 (no exec without its agent): ask from the
+    // node's own namespace instead.
+    let o = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.nodes[0].netns,
+            "busybox",
+            "wget",
+            "-q",
+            "-O-",
+        ])
+        .arg(format!("http://{vip}/"))
+        .output()
+        .expect("busybox wget");
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with("web-"),
+        "ClusterIP with the agent down: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A change while it is down: the restarted agent must catch up.
+    let o = c.orc(
+        &servers,
+        &["-n", "demo", "delete", "service", "redis-master"],
+    );
+    assert!(o.ok(), "{}", o.stderr);
+    lab.start_agent(0, &servers, &agent_flags);
+    wait_for(
+        "the restarted agent's table without redis-master",
+        MIN,
+        || {
+            let t = table(&lab, 0);
+            (!t.is_empty() && !t.contains(&format!("{rip} . tcp . 6379"))).then_some(())
+        },
+    );
+    let t0 = table(&lab, 0);
+    let t1 = table(&lab, 1);
+    let n_eps = |t: &str| t.matches("dnat to").count();
+    assert_eq!(
+        n_eps(&t0),
+        n_eps(&t1),
+        "node tables differ:\n{t0}\n----\n{t1}"
+    );
+    assert_eq!(t0.matches("table ip orc-svc").count(), 1);
+    assert!(http_get(&addr, "/", Duration::from_secs(2)).is_some());
+}

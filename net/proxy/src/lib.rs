@@ -1,0 +1,148 @@
+//! orc-proxy: the Service data path of a node, IPVS-style balancing in
+//! nftables. `model` turns a Service and its EndpointSlices into virtual
+//! servers (pure), `rules` turns virtual servers into nftables objects and
+//! the transactions between two states (pure), and `Proxy` applies them with
+//! one `nft -f -` transaction per batch of changes: incremental per Service,
+//! whole-table at start and on every resync. It owns the table `ip orc-svc`
+//! and nothing else; it must not depend on the API server, the agent or any
+//! network I/O beyond running `nft`.
+//!
+//! The kernel here has no IPVS. An IPVS backend would plug in at `Proxy`:
+//! each `VirtualServer` is an IPVS virtual service (ClusterIP, external and
+//! node addresses with the port; scheduler `rr` or a random one; persistence
+//! for sessionAffinity) and each `Backend` a real server, added and removed
+//! through the `ip_vs` generic-netlink family instead of nftables chains,
+//! with the VIPs on a dummy interface and the masquerade rules kept here.
+pub mod model;
+pub mod rules;
+
+pub use model::{virtual_servers, Backend, Scheduler, VirtualServer};
+pub use rules::{Plan, Ruleset, TABLE};
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("nft (apt-get install nftables): {0}")]
+    Spawn(std::io::Error),
+    #[error("nft: {0}")]
+    Nft(String),
+}
+
+/// Run one nftables transaction (`nft -f -`).
+pub fn nft(input: &str) -> Result<(), Error> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(Error::Spawn)?;
+    let wrote = child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(input.as_bytes());
+    let out = child.wait_with_output().map_err(Error::Spawn)?;
+    if !out.status.success() {
+        return Err(Error::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    wrote.map_err(Error::Spawn)
+}
+
+/// The Service proxy of one node: what the kernel holds, per Service.
+pub struct Proxy {
+    cluster_cidr: Option<String>,
+    applied: BTreeMap<String, Ruleset>,
+    /// Set when the kernel may differ from `applied` (a failed transaction).
+    dirty: bool,
+}
+
+impl Proxy {
+    pub fn new(cluster_cidr: Option<String>) -> Self {
+        Proxy {
+            cluster_cidr,
+            applied: BTreeMap::new(),
+            dirty: true,
+        }
+    }
+
+    fn render(&self, servers: &[VirtualServer]) -> Ruleset {
+        let mut r = Ruleset::default();
+        for vs in servers {
+            r.extend(rules::render(vs, self.cluster_cidr.as_deref()));
+        }
+        r
+    }
+
+    /// Bring the given Services (`namespace/name` -> virtual servers; an
+    /// empty list for a Service that is gone) up to date in one transaction.
+    /// Returns the number of nft commands run. After a failure the next
+    /// call rewrites the whole table.
+    pub fn update(&mut self, changed: Vec<(String, Vec<VirtualServer>)>) -> Result<usize, Error> {
+        let mut plan = Plan::default();
+        let mut next = Vec::new();
+        for (key, servers) in changed {
+            let new = self.render(&servers);
+            let old = self.applied.get(&key).cloned().unwrap_or_default();
+            plan.add(&old, &new);
+            next.push((key, new));
+        }
+        for (key, new) in next {
+            if new.is_empty() {
+                self.applied.remove(&key);
+            } else {
+                self.applied.insert(key, new);
+            }
+        }
+        if self.dirty {
+            return self.write_all();
+        }
+        let cmds = plan.commands();
+        if cmds.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = nft(&plan.script()) {
+            self.dirty = true;
+            tracing::warn!("service rules: {e}; rewriting the table");
+            return self.write_all();
+        }
+        Ok(cmds.len())
+    }
+
+    /// Replace everything (start and periodic resync): `all` is every
+    /// Service of the cluster.
+    pub fn resync(&mut self, all: Vec<(String, Vec<VirtualServer>)>) -> Result<usize, Error> {
+        self.applied = all
+            .into_iter()
+            .map(|(k, s)| (k, self.render(&s)))
+            .filter(|(_, r)| !r.is_empty())
+            .collect();
+        self.write_all()
+    }
+
+    fn write_all(&mut self) -> Result<usize, Error> {
+        let mut all = Ruleset::default();
+        for r in self.applied.values() {
+            all.extend(r.clone());
+        }
+        let script = rules::full(&all);
+        nft(&script)?;
+        self.dirty = false;
+        Ok(script.lines().count())
+    }
+
+    /// Number of Services with rules.
+    pub fn services(&self) -> usize {
+        self.applied.len()
+    }
+}
+
+/// Remove the table (a node reset).
+pub fn remove() {
+    let _ = nft(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"));
+}

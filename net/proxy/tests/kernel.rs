@@ -1,0 +1,140 @@
+//! The generated transactions against the real kernel and nft, inside a
+//! network namespace this test makes (and removes, even on failure).
+use orc_proxy::{rules, Backend, Plan, Scheduler, VirtualServer};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+struct Netns(String);
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn nft_in(ns: &str, script: &str) -> Result<(), String> {
+    let mut c = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = c.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn list(ns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "list", "table", "ip", "orc-svc"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn vs(key: &str, ip: &str, backends: &[&str], affinity: Option<u32>) -> VirtualServer {
+    let b: Vec<Backend> = backends
+        .iter()
+        .map(|a| Backend {
+            ip: a.parse().unwrap(),
+            port: 8080,
+        })
+        .collect();
+    VirtualServer {
+        key: key.into(),
+        proto: "tcp",
+        cluster: Some((ip.parse().unwrap(), 80)),
+        external: vec![("198.18.252.1".parse().unwrap(), 80)],
+        node_port: Some(30002),
+        internal_backends: b.clone(),
+        external_backends: b,
+        external_local: false,
+        affinity,
+        scheduler: Scheduler::RoundRobin,
+    }
+}
+
+#[test]
+fn transactions_apply_to_the_kernel() {
+    assert!(
+        nix_is_root(),
+        "this test makes a network namespace: run it as root"
+    );
+    let name = format!("orc-proxy-test-{}", std::process::id());
+    assert!(Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .unwrap()
+        .success());
+    let ns = Netns(name);
+    let a = rules::render(
+        &vs(
+            "demo/web/http",
+            "198.19.0.10",
+            &["198.18.1.2", "198.18.2.2"],
+            Some(30),
+        ),
+        Some("198.18.0.0/16"),
+    );
+    nft_in(&ns.0, &rules::full(&a)).unwrap();
+    let l = list(&ns.0);
+    assert!(l.contains("198.19.0.10 . tcp . 80 : goto svc-"), "{l}");
+    assert!(l.contains("numgen inc mod 2 vmap"), "{l}");
+    assert!(l.contains("flags dynamic,timeout"), "{l}");
+    // One endpoint replaced, then every endpoint gone, then back.
+    let b = rules::render(
+        &vs(
+            "demo/web/http",
+            "198.19.0.10",
+            &["198.18.1.2", "198.18.2.3"],
+            Some(60),
+        ),
+        Some("198.18.0.0/16"),
+    );
+    let c = rules::render(&vs("demo/web/http", "198.19.0.10", &[], None), None);
+    for (old, new) in [(&a, &b), (&b, &c), (&c, &a)] {
+        let mut p = Plan::default();
+        p.add(old, new);
+        nft_in(&ns.0, &p.script()).unwrap();
+        // What the kernel holds is what a full write of `new` holds.
+        let incremental = list(&ns.0);
+        nft_in(&ns.0, &rules::full(new)).unwrap();
+        assert_eq!(blocks(&incremental), blocks(&list(&ns.0)));
+    }
+    assert!(!list(&ns.0).contains(
+        "no-endpoints {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t\telements"
+    ));
+}
+
+/// The table's sets, maps and chains, in name order (the kernel lists them
+/// in the order they were made).
+fn blocks(listing: &str) -> Vec<String> {
+    let body = listing
+        .trim()
+        .trim_start_matches("table ip orc-svc {")
+        .trim_end_matches('}');
+    let mut b: Vec<String> = body.split("\n\n").map(|s| s.trim().to_string()).collect();
+    b.sort();
+    b
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}

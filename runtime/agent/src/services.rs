@@ -1,0 +1,151 @@
+//! The node's Service proxy: Services and EndpointSlices from the watch
+//! cache, turned into virtual servers (`orc_proxy::model`) and programmed
+//! into nftables by `orc_proxy::Proxy`: the whole table at start and every
+//! `resync`, then one transaction per batch of changes, touching only the
+//! Services that changed.
+use crate::informer::{key_of, Cache};
+use orc_controllers::endpoints::SERVICE_NAME_LABEL;
+use orc_controllers::util;
+use orc_proxy::{virtual_servers, Proxy, VirtualServer};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+
+pub const SERVICES: &str = "services";
+pub const SLICES: &str = "endpointslices";
+
+/// EndpointSlices by the Service they belong to.
+#[derive(Default)]
+struct Index {
+    by_service: HashMap<String, BTreeSet<String>>,
+    owner: HashMap<String, String>,
+}
+
+impl Index {
+    fn slice_owner(slice: &serde_json::Value) -> Option<String> {
+        let svc = util::labels(slice).remove(SERVICE_NAME_LABEL)?;
+        Some(format!("{}/{svc}", util::namespace(slice)))
+    }
+
+    /// Note a slice's (new) state; returns the Services it moved between.
+    fn update(&mut self, key: &str, slice: Option<&serde_json::Value>) -> Vec<String> {
+        let mut touched = Vec::new();
+        if let Some(old) = self.owner.remove(key) {
+            if let Some(s) = self.by_service.get_mut(&old) {
+                s.remove(key);
+                if s.is_empty() {
+                    self.by_service.remove(&old);
+                }
+            }
+            touched.push(old);
+        }
+        if let Some(svc) = slice.and_then(Self::slice_owner) {
+            self.by_service
+                .entry(svc.clone())
+                .or_default()
+                .insert(key.to_string());
+            self.owner.insert(key.to_string(), svc.clone());
+            touched.push(svc);
+        }
+        touched
+    }
+
+    fn rebuild(cache: &Cache) -> Self {
+        let mut i = Index::default();
+        for s in cache.list(SLICES) {
+            i.update(&key_of(&s), Some(&s));
+        }
+        i
+    }
+}
+
+fn servers_of(cache: &Cache, idx: &Index, key: &str, node: &str) -> Vec<VirtualServer> {
+    let Some(svc) = cache.get(SERVICES, key) else {
+        return Vec::new();
+    };
+    let slices: Vec<Arc<serde_json::Value>> = idx
+        .by_service
+        .get(key)
+        .into_iter()
+        .flatten()
+        .filter_map(|k| cache.get(SLICES, k))
+        .collect();
+    let refs: Vec<&serde_json::Value> = slices.iter().map(|s| s.as_ref()).collect();
+    virtual_servers(&svc, &refs, node)
+}
+
+/// Run the proxy until the task is dropped. `cache` must watch Services and
+/// EndpointSlices.
+pub async fn run(cache: Arc<Cache>, node: String, cluster_cidr: Option<String>, resync: Duration) {
+    let mut rx = cache.subscribe();
+    cache.wait_synced(2).await;
+    let mut proxy = Proxy::new(cluster_cidr);
+    let mut idx = Index::default();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
+    let mut full = true;
+    loop {
+        if full {
+            idx = Index::rebuild(&cache);
+            let all: Vec<(String, Vec<VirtualServer>)> = cache
+                .list(SERVICES)
+                .iter()
+                .map(|s| {
+                    let k = key_of(s);
+                    let v = servers_of(&cache, &idx, &k, &node);
+                    (k, v)
+                })
+                .collect();
+            match proxy.resync(all) {
+                Ok(n) => tracing::info!(
+                    "service rules written: {} services, {n} commands",
+                    proxy.services()
+                ),
+                Err(e) => tracing::error!("service rules: {e}"),
+            }
+            full = false;
+        }
+        loop {
+            let first = tokio::select! {
+                r = rx.recv() => r,
+                _ = tick.tick() => { full = true; break; }
+            };
+            let mut dirty = BTreeSet::new();
+            let mut note = |r: Result<(&'static str, String), RecvError>,
+                            full: &mut bool,
+                            idx: &mut Index| match r {
+                Ok((SERVICES, k)) => {
+                    dirty.insert(k);
+                }
+                Ok((SLICES, k)) => {
+                    let s = cache.get(SLICES, &k);
+                    dirty.extend(idx.update(&k, s.as_deref()));
+                }
+                Ok(_) => {}
+                Err(_) => *full = true,
+            };
+            note(first, &mut full, &mut idx);
+            // Everything already announced goes into the same transaction.
+            loop {
+                match rx.try_recv() {
+                    Ok(k) => note(Ok(k), &mut full, &mut idx),
+                    Err(TryRecvError::Lagged(_)) => full = true,
+                    Err(_) => break,
+                }
+            }
+            if full {
+                break;
+            }
+            let changed: Vec<(String, Vec<VirtualServer>)> = dirty
+                .into_iter()
+                .map(|k| {
+                    let v = servers_of(&cache, &idx, &k, &node);
+                    (k, v)
+                })
+                .collect();
+            if let Err(e) = proxy.update(changed) {
+                tracing::error!("service rules: {e}");
+            }
+        }
+    }
+}
