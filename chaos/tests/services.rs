@@ -232,11 +232,123 @@ spec:
         t.elapsed()
     );
 
+    // d. DNS from a pod: a ClusterIP Service's A record, a headless one's
+    // ready pod IPs, a StatefulSet pod's own name, SRV for a named port, a
+    // CNAME for an ExternalName; a short name of another namespace fails
+    // while the qualified name works.
+    apply(
+        &c,
+        "apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: demo}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db, namespace: demo}
+spec:
+  serviceName: db
+  replicas: 2
+  podManagementPolicy: Parallel
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      terminationGracePeriodSeconds: 0
+      containers:
+      - {name: c, image: busybox:1.35, command: [sleep, '100000'], ports: [{name: pg, containerPort: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: demo}
+spec: {type: ExternalName, externalName: example.test}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: peer, namespace: default}
+spec: {ports: [{port: 80}]}
+",
+    );
+    let db_ips: Vec<String> = wait_for("2 ready db pods", MIN, || {
+        let pods: Vec<Value> = c
+            .items(&["-n", "demo", "pods", "-l", "app=db"])
+            .into_iter()
+            .filter(|p| {
+                p["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+            .collect();
+        (pods.len() == 2).then(|| {
+            let mut v: Vec<String> = pods
+                .iter()
+                .map(|p| p["status"]["podIP"].as_str().unwrap_or("").to_string())
+                .collect();
+            v.sort();
+            v
+        })
+    });
+    let db0_ip = c
+        .items(&["-n", "demo", "pods"])
+        .into_iter()
+        .find(|p| p["metadata"]["name"] == "db-0")
+        .and_then(|p| p["status"]["podIP"].as_str().map(String::from))
+        .expect("db-0");
+    let lookup = |args: &str| {
+        let (code, out, err) = exec(&c, "client", &format!("nslookup {args}"));
+        (code, format!("{out}{err}"))
+    };
+    let (code, out) = lookup("web.demo.svc.cluster.local");
+    assert!(
+        code == 0 && out.contains(&vip),
+        "A of web: {out}\n{}",
+        logs(&lab)
+    );
+    let (_, out) = wait_for("both db pods in DNS", MIN, || {
+        let r = lookup("db.demo.svc.cluster.local");
+        db_ips
+            .iter()
+            .all(|ip| r.1.contains(ip.as_str()))
+            .then_some(r)
+    });
+    assert!(!out.contains(&vip), "{out}");
+    let (code, out) = lookup("db-0.db.demo.svc.cluster.local");
+    assert!(code == 0 && out.contains(&db0_ip), "db-0: {out}");
+    let (code, out) = lookup("-type=SRV _http._tcp.web.demo.svc.cluster.local");
+    assert!(
+        code == 0 && out.contains(" 80 web.demo.svc.cluster.local"),
+        "SRV: {out}"
+    );
+    let (_, out) = lookup("-type=CNAME ext.demo.svc.cluster.local");
+    assert!(
+        out.contains("canonical name = example.test"),
+        "CNAME: {out}"
+    );
+    let (code, out) = lookup("peer");
+    assert!(
+        code != 0 && !out.contains("198.19."),
+        "short name of another namespace: {out}"
+    );
+    let (code, out) = lookup("peer.default.svc.cluster.local");
+    assert!(
+        code == 0 && out.contains("198.19."),
+        "qualified name: {out}"
+    );
+    let (code, out) = lookup(&vip);
+    assert!(
+        code == 0 && out.contains("web.demo.svc.cluster.local"),
+        "PTR of the ClusterIP: {out}"
+    );
+
     // a. 300 requests through the ClusterIP reach each of the 3 pods >= 20 %.
     let many = |target: &str| {
         exec(&c, "client", &format!("i=0; while [ $i -lt 300 ]; do timeout 2 wget -q -O- {target} || echo FAIL; i=$((i+1)); done"))
     };
-    let (_, out, err) = many(&format!("http://{vip}/"));
+    let (_, out, err) = many("http://web.demo.svc.cluster.local/");
     let hits = count(&out);
     assert_eq!(hits.len(), 3, "3 backends: {hits:?} {err}\n{}", logs(&lab));
     for (pod, n) in &hits {
@@ -452,6 +564,13 @@ spec:
 
     // g. With the agent of node 1 killed, its Services keep answering; after
     // its restart no stale or duplicate rule remains.
+    let (_, resolv, _) = exec(&c, "client", "cat /etc/resolv.conf");
+    let dns_ip = resolv
+        .lines()
+        .find_map(|l| l.strip_prefix("nameserver "))
+        .expect("a nameserver")
+        .trim()
+        .to_string();
     lab.kill_agent(0);
     let addr = format!("{}:30002", lab.nodes[0].address);
     assert!(
@@ -476,6 +595,24 @@ spec:
     assert!(
         o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with("web-"),
         "ClusterIP with the agent down: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.nodes[0].netns,
+            "busybox",
+            "nslookup",
+            "web.demo.svc.cluster.local",
+            &dns_ip,
+        ])
+        .output()
+        .expect("busybox nslookup");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&vip),
+        "DNS with the agent down: {}{}",
+        String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
     // A change while it is down: the restarted agent must catch up.

@@ -113,6 +113,19 @@ enum Cmd {
         #[arg(long)]
         log: PathBuf,
     },
+    /// A node's cluster DNS server (started by the node agent).
+    #[command(hide = true)]
+    NodeDns {
+        #[arg(long)]
+        master: String,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "cluster.local")]
+        cluster_domain: String,
+        /// Resolvers for other names (default: the nameservers of /etc/resolv.conf).
+        #[arg(long, value_delimiter = ',')]
+        upstream: Vec<std::net::SocketAddr>,
+    },
     /// Run a command inside a running container (used by the node agent).
     #[command(hide = true)]
     ShimExec {
@@ -626,6 +639,33 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Up(a) => local::up(a).await,
         Cmd::Down(a) => local::down(a).await,
         Cmd::Node(a) => sim::run(a).await,
+        Cmd::NodeDns {
+            master,
+            listen,
+            cluster_domain,
+            upstream,
+        } => {
+            let masters: Vec<String> = master
+                .split(',')
+                .filter(|m| !m.is_empty())
+                .map(String::from)
+                .collect();
+            let api: std::sync::Arc<dyn orc_controllers::Api> = std::sync::Arc::new(
+                orc_controllers::ClientApi(std::sync::Arc::new(orc_client::Client::new(masters))),
+            );
+            let upstream = if upstream.is_empty() {
+                orc_dns::upstreams_from(
+                    &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                    &[listen.ip()],
+                )
+            } else {
+                upstream
+            };
+            orc_agent::dns::serve(api, listen, cluster_domain, upstream)
+                .await
+                .with_context(|| format!("cluster DNS on {listen}"))?;
+            Ok(0)
+        }
         Cmd::Image { cmd } => image_cmd(cmd),
         Cmd::Debug {
             cmd: DebugCmd::CheckStore { data_dir },
@@ -859,6 +899,7 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
         | Cmd::Up(_)
         | Cmd::Down(_)
         | Cmd::Node(_)
+        | Cmd::NodeDns { .. }
         | Cmd::Shim { .. }
         | Cmd::ShimExec { .. }
         | Cmd::Image { .. }

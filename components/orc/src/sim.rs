@@ -59,8 +59,9 @@ pub struct SimArgs {
     /// e.g. /run/netns/NAME).
     #[arg(long)]
     pub netns: Option<std::path::PathBuf>,
-    /// The cluster DNS server pods are given.
-    #[arg(long, default_value = "198.19.0.10")]
+    /// The DNS server pods are given (default: this node's own cluster DNS,
+    /// which the agent runs on the pod bridge address).
+    #[arg(long, default_value = "")]
     pub cluster_dns: String,
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
@@ -426,12 +427,14 @@ async fn agent(a: SimArgs) -> Result<i32> {
     let api: Arc<dyn Api> = Arc::new(orc_controllers::ClientApi(Arc::new(
         orc_client::Client::new(masters(&a)?),
     )));
+    let master_list = masters(&a)?.join(",");
     let cfg = orc_agent::Config {
         name,
         node_ip: a.node_ip,
         data_dir: a.data_dir,
         exe: std::env::current_exe().context("own executable")?,
         cluster_dns: a.cluster_dns,
+        masters: master_list,
         cluster_domain: a.cluster_domain,
         backoff_base: a.restart_backoff.max(0.1),
         lease_every: Duration::from_secs_f64(a.lease_every.max(0.1)),

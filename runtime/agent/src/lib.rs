@@ -7,6 +7,7 @@
 //! Everything it starts is recorded under its data directory, so a restarted
 //! agent adopts running containers instead of restarting them. It talks to the
 //! cluster only through the `Api` trait; it must not depend on the apiserver.
+pub mod dns;
 pub mod informer;
 pub mod nat;
 pub mod node;
@@ -38,6 +39,7 @@ pub fn reset(data_dir: &Path, exe: &Path) -> usize {
             worker::remove_cgroups(&e.file_name().to_string_lossy());
         }
     }
+    dns::stop(data_dir);
     nat::remove();
     orc_proxy::remove();
     for d in ["pods", "containers", "state", "logs", "netns"] {

@@ -21,7 +21,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The `orc` binary (its `shim` subcommand supervises containers).
     pub exe: PathBuf,
+    /// The DNS server pods are given; empty: this node's own (`orc
+    /// node-dns` on the pod bridge address).
     pub cluster_dns: String,
+    /// The masters (HOST:PORT,...), for the node's DNS process.
+    pub masters: String,
     pub cluster_domain: String,
     /// First restart back-off (10 s in Kubernetes).
     pub backoff_base: f64,
@@ -229,6 +233,34 @@ async fn network(s: &Arc<Shared>, node: &Value) -> Result<(), Error> {
     Ok(())
 }
 
+/// The address pods send DNS questions to.
+pub fn dns_address(s: &Shared) -> Option<String> {
+    if !s.cfg.cluster_dns.is_empty() {
+        return Some(s.cfg.cluster_dns.clone());
+    }
+    let g = s.ipam.lock().unwrap().as_ref().map(|i| i.gateway())?;
+    Some(g.to_string())
+}
+
+/// Keep this node's DNS process running (when pods are given the node's own).
+fn node_dns(s: &Shared) {
+    if !s.cfg.cluster_dns.is_empty() {
+        return;
+    }
+    let Some(g) = s.ipam.lock().unwrap().as_ref().map(|i| i.gateway()) else {
+        return;
+    };
+    if let Err(e) = crate::dns::ensure(
+        &s.cfg.data_dir,
+        &s.cfg.exe,
+        &s.cfg.masters,
+        std::net::SocketAddr::from((g, 53)),
+        &s.cfg.cluster_domain,
+    ) {
+        tracing::warn!("cluster DNS: {e}");
+    }
+}
+
 /// Bridged pod-to-pod packets must pass the IP hooks, or a reply from a pod
 /// to a pod on the same bridge skips the Service DNAT's reverse translation.
 fn bridge_netfilter() {
@@ -313,6 +345,7 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
     let _ = renew_lease(&api, &s.cfg.name).await;
     if let Ok(node) = report_status(&api, &s).await {
         network(&s, &node).await?;
+        node_dns(&s);
     }
     {
         let addr = std::net::SocketAddr::from((
@@ -354,6 +387,7 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
                         if let Err(e) = network(&s, &node).await {
                             tracing::warn!("pod network: {e}");
                         }
+                        node_dns(&s);
                     }
                     Err(e) => tracing::warn!("node status: {e}"),
                 }

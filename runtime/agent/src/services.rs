@@ -17,8 +17,8 @@ pub const SLICES: &str = "endpointslices";
 
 /// EndpointSlices by the Service they belong to.
 #[derive(Default)]
-struct Index {
-    by_service: HashMap<String, BTreeSet<String>>,
+pub(crate) struct Index {
+    pub by_service: HashMap<String, BTreeSet<String>>,
     owner: HashMap<String, String>,
 }
 
@@ -29,7 +29,7 @@ impl Index {
     }
 
     /// Note a slice's (new) state; returns the Services it moved between.
-    fn update(&mut self, key: &str, slice: Option<&serde_json::Value>) -> Vec<String> {
+    pub fn update(&mut self, key: &str, slice: Option<&serde_json::Value>) -> Vec<String> {
         let mut touched = Vec::new();
         if let Some(old) = self.owner.remove(key) {
             if let Some(s) = self.by_service.get_mut(&old) {
@@ -51,26 +51,36 @@ impl Index {
         touched
     }
 
-    fn rebuild(cache: &Cache) -> Self {
+    pub fn rebuild(cache: &Cache) -> Self {
         let mut i = Index::default();
         for s in cache.list(SLICES) {
             i.update(&key_of(&s), Some(&s));
         }
         i
     }
+
+    /// The Service `key` and its slices, from the cache.
+    pub fn service(
+        &self,
+        cache: &Cache,
+        key: &str,
+    ) -> Option<(Arc<serde_json::Value>, Vec<Arc<serde_json::Value>>)> {
+        let svc = cache.get(SERVICES, key)?;
+        let slices = self
+            .by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| cache.get(SLICES, k))
+            .collect();
+        Some((svc, slices))
+    }
 }
 
 fn servers_of(cache: &Cache, idx: &Index, key: &str, node: &str) -> Vec<VirtualServer> {
-    let Some(svc) = cache.get(SERVICES, key) else {
+    let Some((svc, slices)) = idx.service(cache, key) else {
         return Vec::new();
     };
-    let slices: Vec<Arc<serde_json::Value>> = idx
-        .by_service
-        .get(key)
-        .into_iter()
-        .flatten()
-        .filter_map(|k| cache.get(SLICES, k))
-        .collect();
     let refs: Vec<&serde_json::Value> = slices.iter().map(|s| s.as_ref()).collect();
     virtual_servers(&svc, &refs, node)
 }

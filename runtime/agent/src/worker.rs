@@ -270,7 +270,11 @@ async fn sync(s: &Arc<Shared>, p: &Value, st: &mut PodState) -> Result<(), Strin
         ("hostname", format!("{}\n", pod::pod_hostname(p))),
         (
             "resolv.conf",
-            pod::resolv_conf(p, &s.cfg.cluster_dns, &s.cfg.cluster_domain),
+            pod::resolv_conf(
+                p,
+                &crate::node::dns_address(s).unwrap_or_default(),
+                &s.cfg.cluster_domain,
+            ),
         ),
     ];
     for (f, content) in files {
