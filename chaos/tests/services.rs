@@ -124,7 +124,16 @@ fn services_on_two_nodes() {
         .tempdir()
         .expect("tempdir");
     let mut lab = Lab::new(dir.path(), 2);
-    let c = Cluster::start_on(MASTER_IP, 3, &["--cluster-cidr", "198.18.0.0/17"]);
+    let c = Cluster::start_on(
+        MASTER_IP,
+        3,
+        &[
+            "--cluster-cidr",
+            "198.18.0.0/17",
+            "--load-balancer-pool",
+            "198.18.254.200-198.18.254.210",
+        ],
+    );
     let image = busybox_image(dir.path());
     lab.import(0, &image);
     lab.import(1, &image);
@@ -398,6 +407,63 @@ spec:
         });
         assert!(body.starts_with("web-"), "{addr}: {body}");
     }
+    let o = c.orc(&servers, &["-n", "demo", "get", "svc", "web"]);
+    assert!(
+        o.stdout.contains("NodePort") && o.stdout.contains("80:30002/TCP"),
+        "{}",
+        o.stdout
+    );
+    let o = c.orc(&servers, &["-n", "demo", "get", "endpointslices"]);
+    assert!(
+        o.stdout.contains("ENDPOINTS") && o.stdout.matches("(ready)").count() >= 3,
+        "{}",
+        o.stdout
+    );
+    // c. A LoadBalancer Service gets a pool address that answers from outside.
+    apply(
+        &c,
+        "apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  selector: {app: web}
+  ports: [{name: http, port: 8000, targetPort: http}]
+",
+    );
+    let lb_ip = wait_for("a load-balancer address", MIN, || {
+        c.items(&["-n", "demo", "services"])
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == "lb")
+            .and_then(|s| {
+                s["status"]["loadBalancer"]["ingress"][0]["ip"]
+                    .as_str()
+                    .map(String::from)
+            })
+    });
+    assert!(lb_ip.starts_with("198.18.254.2"), "{lb_ip}");
+    let mut last = None;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("the load-balancer address to answer", MIN, || {
+            last = http_get(&format!("{lb_ip}:8000"), "/", Duration::from_secs(2));
+            last.clone().filter(|b| b.starts_with("web-"))
+        })
+    }));
+    assert!(r.is_ok(), "{lb_ip}:8000 answered {last:?}\n{}", logs(&lab));
+    let o = c.orc(&servers, &["-n", "demo", "get", "svc", "lb"]);
+    assert!(
+        o.stdout.contains(&lb_ip) && o.stdout.contains("8000:3"),
+        "{}",
+        o.stdout
+    );
+    let o = c.orc(&servers, &["-n", "demo", "delete", "service", "lb"]);
+    assert!(o.ok(), "{}", o.stderr);
+    wait_for("the load-balancer address withdrawn", MIN, || {
+        http_get(&format!("{lb_ip}:8000"), "/", Duration::from_millis(500))
+            .is_none()
+            .then_some(())
+    });
+
     // With externalTrafficPolicy Local only nodes with a local endpoint
     // answer, and the backend sees the client's own address. Scale to one
     // pod so that one node has none.

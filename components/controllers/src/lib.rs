@@ -14,6 +14,7 @@ pub mod deployment;
 pub mod endpoints;
 pub mod gc;
 pub mod job;
+pub mod loadbalancer;
 pub mod nodes;
 pub mod replicaset;
 pub mod runner;
@@ -42,6 +43,8 @@ pub struct Settings {
     pub node_cidr_mask: u8,
     /// First delay before a failed Job's pod is retried (doubles, at most 6 min).
     pub job_backoff: Duration,
+    /// Addresses handed to LoadBalancer Services (empty: none are).
+    pub lb_pool: Vec<std::net::Ipv4Addr>,
 }
 
 impl Default for Settings {
@@ -52,6 +55,7 @@ impl Default for Settings {
             cluster_cidr: "198.18.0.0/16".into(),
             node_cidr_mask: 24,
             job_backoff: Duration::from_secs(10),
+            lb_pool: Vec::new(),
         }
     }
 }
@@ -95,6 +99,12 @@ pub async fn start(api: Arc<dyn Api>, settings: Settings) -> Result<Controllers,
         Child::controller(statefulset::StatefulSets, a.clone(), s.clone(), st.clone()),
         Child::controller(statefulset::Volumes, a.clone(), s.clone(), st.clone()),
         Child::controller(endpoints::Endpoints, a.clone(), s.clone(), st.clone()),
+        Child::controller(
+            loadbalancer::LoadBalancers,
+            a.clone(),
+            s.clone(),
+            st.clone(),
+        ),
         Child::controller(
             scheduler::Scheduler::default(),
             a.clone(),

@@ -235,6 +235,17 @@ spec:
       - name: httpd
         image: busybox
         command: ["sh", "-c", "mkdir -p /var/www; echo hello from $(hostname) > /var/www/index.html; exec httpd -f -p 80 -h /var/www"]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: demo
+spec:
+  type: LoadBalancer
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, nodePort: 30002}
 "#;
 
 pub async fn up(a: UpArgs) -> Result<i32> {
@@ -277,6 +288,9 @@ pub async fn up(a: UpArgs) -> Result<i32> {
                 &initial.join(","),
                 "--cluster-cidr",
                 "198.18.0.0/17",
+                // LoadBalancer addresses on the node bridge's network.
+                "--load-balancer-pool",
+                "198.18.253.200-198.18.253.250",
             ])
             .arg("--data-dir")
             .arg(dir.join(format!("master-{id}")))
@@ -377,7 +391,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         }
     }
     println!(
-        "\nThe CLI now talks to {} (written to {}). Try:\n  orc cluster status\n  orc get deploy -n demo\n  orc get pods -n demo -o wide\n  orc get nodes\n  orc get cm web-config -n demo -o yaml\n  orc get cm -n demo -w        # then, elsewhere: orc apply -f your.yaml\n  orc down                     # stop (add --purge to delete the data)",
+        "\nThe CLI now talks to {} (written to {}). Try:\n  orc cluster status\n  orc get deploy -n demo\n  orc get pods -n demo -o wide\n  orc get svc -n demo          # then: curl http://EXTERNAL-IP/ or a node address :30002\n  orc get nodes\n  orc get cm web-config -n demo -o yaml\n  orc get cm -n demo -w        # then, elsewhere: orc apply -f your.yaml\n  orc down                     # stop (add --purge to delete the data)",
         addrs.join(","),
         cfg.display()
     );

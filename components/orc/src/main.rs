@@ -313,6 +313,10 @@ struct MasterArgs {
     /// NodePorts come from this range (FIRST-LAST).
     #[arg(long, default_value = "30000-32767")]
     service_node_port_range: String,
+    /// Addresses for LoadBalancer Services: CIDRs or FIRST-LAST ranges,
+    /// comma-separated (as MetalLB's address pools). Empty: none are given.
+    #[arg(long, default_value = "")]
+    load_balancer_pool: String,
     /// First retry delay of a failed Job's pod (seconds; doubles up to 6 minutes).
     #[arg(long, default_value_t = 10.0)]
     job_backoff_seconds: f64,
@@ -629,6 +633,9 @@ async fn run(cli: Cli) -> Result<i32> {
             cfg.controllers.resync = Duration::from_secs_f64(a.controller_resync.max(1.0));
             cfg.defaults.toleration_seconds = a.default_toleration_seconds;
             cfg.controllers.job_backoff = Duration::from_secs_f64(a.job_backoff_seconds.max(0.0));
+            cfg.controllers.lb_pool =
+                orc_controllers::loadbalancer::parse_pool(&a.load_balancer_pool)
+                    .map_err(anyhow::Error::msg)?;
             tokio::select! {
                 r = orc_apiserver::run(cfg) => r?,
                 _ = tokio::signal::ctrl_c() => {}

@@ -60,6 +60,7 @@ fn columns(info: &ResourceInfo, wide: bool) -> Vec<&'static str> {
         "Job" => vec!["COMPLETIONS"],
         "CronJob" => vec!["SCHEDULE", "SUSPEND", "ACTIVE"],
         "Service" => vec!["TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORTS"],
+        "EndpointSlice" => vec!["ADDRESSTYPE", "PORTS", "ENDPOINTS"],
         "ConfigMap" => vec!["DATA"],
         "Secret" => vec!["TYPE", "DATA"],
         "Namespace" => vec!["STATUS"],
@@ -208,6 +209,57 @@ fn cells(info: &ResourceInfo, o: &Value, wide: bool) -> Vec<String> {
                     "<none>".into()
                 } else {
                     ports.join(",")
+                },
+            ]
+        }
+        "EndpointSlice" => {
+            let ports: Vec<String> = o
+                .pointer("/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|p| p["port"].to_string())
+                .collect();
+            // Each address with its conditions (kubectl shows only addresses).
+            let eps: Vec<String> = o
+                .pointer("/endpoints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .flat_map(|e| {
+                    let c = &e["conditions"];
+                    let mut conds: Vec<&str> = vec![];
+                    if c["ready"] != false {
+                        conds.push("ready");
+                    } else if c["serving"] == true {
+                        conds.push("serving");
+                    } else {
+                        conds.push("not-ready");
+                    }
+                    if c["terminating"] == true {
+                        conds.push("terminating");
+                    }
+                    let tag = conds.join(",");
+                    e["addresses"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a.as_str())
+                        .map(move |a| format!("{a}({tag})"))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            vec![
+                s(o, "/addressType").to_string(),
+                if ports.is_empty() {
+                    "<unset>".into()
+                } else {
+                    ports.join(",")
+                },
+                if eps.is_empty() {
+                    "<none>".into()
+                } else {
+                    eps.join(" ")
                 },
             ]
         }

@@ -382,6 +382,80 @@ pub async fn default_address(h: &Handle) -> Result<Option<Ipv4Addr>> {
     }))
 }
 
+/// The index of the interface holding `ip`.
+pub async fn interface_of(h: &Handle, ip: Ipv4Addr) -> Result<Option<u32>> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let addrs: Vec<_> = h
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list addresses"))?;
+    Ok(addrs.iter().find_map(|m| {
+        m.attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip))
+            .then_some(m.header.index)
+    }))
+}
+
+/// The /32 addresses on interface `index` (those a node announces for
+/// LoadBalancer Services).
+pub async fn host_addresses(h: &Handle, index: u32) -> Result<Vec<Ipv4Addr>> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let addrs: Vec<_> = h
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list addresses"))?;
+    Ok(addrs
+        .iter()
+        .filter(|m| m.header.prefix_len == 32)
+        .filter_map(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
+/// Add `ip`/32 to interface `index` (the kernel then answers ARP for it).
+pub async fn add_host_address(h: &Handle, index: u32, ip: Ipv4Addr) -> Result<()> {
+    add_address(h, index, ip, 32).await
+}
+
+/// Remove `ip`/32 from interface `index`.
+pub async fn del_host_address(h: &Handle, index: u32, ip: Ipv4Addr) -> Result<()> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let addrs: Vec<_> = h
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list addresses"))?;
+    for m in addrs {
+        let hit = m.header.prefix_len == 32
+            && m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip));
+        if hit {
+            h.address()
+                .del(m)
+                .execute()
+                .await
+                .map_err(nl(format!("delete address {ip}/32")))?;
+        }
+    }
+    Ok(())
+}
+
 /// Host-side veth name for a pod: `orc` + 11 hex digits of its uid.
 pub fn veth_name(pod_uid: &str) -> String {
     let hex: String = pod_uid

@@ -418,6 +418,12 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
             tokio::spawn(crate::informer::run(api.clone(), cache.clone(), r));
         }
         let cidr = Some(s.cfg.cluster_cidr.clone()).filter(|c| !c.is_empty());
+        tokio::spawn(crate::services::announce(
+            cache.clone(),
+            s.host.clone(),
+            s.cfg.name.clone(),
+            s.cfg.node_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        ));
         tokio::spawn(crate::services::run(
             cache,
             s.cfg.name.clone(),

@@ -159,3 +159,94 @@ pub async fn run(cache: Arc<Cache>, node: String, cluster_cidr: Option<String>, 
         }
     }
 }
+
+/// The LoadBalancer addresses node `node` announces (pure): for each
+/// LoadBalancer Service, the first (by name) of the nodes with a ready
+/// endpoint takes its addresses, as MetalLB's layer-2 mode elects one
+/// speaker per address.
+pub fn announced(
+    services: &[Arc<serde_json::Value>],
+    slices_of: impl Fn(&str) -> Vec<Arc<serde_json::Value>>,
+    node: &str,
+) -> (BTreeSet<std::net::Ipv4Addr>, BTreeSet<std::net::Ipv4Addr>) {
+    let mut mine = BTreeSet::new();
+    let mut all = BTreeSet::new();
+    for svc in services {
+        if svc["spec"]["type"] != "LoadBalancer" {
+            continue;
+        }
+        let ips: Vec<std::net::Ipv4Addr> = svc["status"]["loadBalancer"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["ip"].as_str()?.parse().ok())
+            .collect();
+        all.extend(ips.iter().copied());
+        let nodes: BTreeSet<String> = slices_of(&key_of(svc))
+            .iter()
+            .flat_map(|s| {
+                s["endpoints"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|e| e["conditions"]["ready"] != false)
+                    .filter_map(|e| e["nodeName"].as_str().map(String::from))
+            })
+            .collect();
+        if nodes.iter().next().map(String::as_str) == Some(node) {
+            mine.extend(ips);
+        }
+    }
+    (mine, all)
+}
+
+/// Hold the LoadBalancer addresses this node announces on its own
+/// interface (the kernel answers ARP for them), and only those.
+pub async fn announce(
+    cache: Arc<Cache>,
+    host: rtnetlink::Handle,
+    node: String,
+    node_ip: std::net::Ipv4Addr,
+) {
+    cache.wait_synced(2).await;
+    let mut added: BTreeSet<std::net::Ipv4Addr> = BTreeSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let Ok(Some(ifindex)) = orc_netlink::interface_of(&host, node_ip).await else {
+            continue;
+        };
+        let idx = Index::rebuild(&cache);
+        let (mine, all) = announced(
+            &cache.list(SERVICES),
+            |k| idx.service(&cache, k).map(|(_, s)| s).unwrap_or_default(),
+            &node,
+        );
+        let have: BTreeSet<std::net::Ipv4Addr> = orc_netlink::host_addresses(&host, ifindex)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ip| *ip != node_ip)
+            .collect();
+        for ip in mine.difference(&have) {
+            match orc_netlink::add_host_address(&host, ifindex, *ip).await {
+                Ok(()) => {
+                    tracing::info!("announcing load-balancer address {ip}");
+                    added.insert(*ip);
+                }
+                Err(e) => tracing::warn!("load-balancer address {ip}: {e}"),
+            }
+        }
+        for ip in have.iter() {
+            if !mine.contains(ip) && (all.contains(ip) || added.contains(ip)) {
+                if let Err(e) = orc_netlink::del_host_address(&host, ifindex, *ip).await {
+                    tracing::warn!("load-balancer address {ip}: {e}");
+                } else {
+                    tracing::info!("no longer announcing {ip}");
+                    added.remove(ip);
+                }
+            }
+        }
+    }
+}
