@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod dns;
 mod pods;
+mod services;
 mod startup;
 
 #[derive(Parser)]
@@ -69,6 +71,36 @@ enum Cmd {
         orc_args: Vec<String>,
         #[arg(long)]
         keep: bool,
+    },
+    /// Service data path: req/s and p99 through a ClusterIP and a NodePort
+    /// against the same nginx backends by pod IP (wrk), then programming
+    /// latency and first-request latency at 1,000 and 10,000 Services.
+    /// Needs root, wrk, nginx-light, curl.
+    Services {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Table sizes (Services of 2 endpoints each), comma-separated.
+        #[arg(long, default_value = "1000,10000")]
+        sizes: String,
+        /// Endpoint changes timed per size.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+    },
+    /// Cluster DNS against unbound: QPS and latency with dnsperf. Needs
+    /// dnsperf and unbound.
+    Dns {
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
     },
     /// Pod startup: create -> Running of N pods on one real node agent
     /// (`orc up --nodes 1`), and create/start/delete of a busybox container
@@ -422,6 +454,25 @@ async fn main() -> Result<()> {
             orc_bin,
             runc,
         } => startup::run(pods, concurrency, rate, runs, orc_bin, runc).await,
+        Cmd::Services {
+            seconds,
+            connections,
+            rounds,
+            sizes,
+            changes,
+        } => {
+            let sizes: Vec<usize> = sizes
+                .split(',')
+                .map(|s| s.trim().parse().with_context(|| format!("--sizes: {s}")))
+                .collect::<Result<_>>()?;
+            services::bench(seconds, connections, rounds, &sizes, changes)
+        }
+        Cmd::Dns {
+            services,
+            seconds,
+            clients,
+            rounds,
+        } => dns::bench(services, seconds, clients, rounds).await,
     }
 }
 

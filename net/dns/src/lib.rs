@@ -135,17 +135,15 @@ impl RequestHandler for Handler {
         };
         let owner: Name = info.query.name().into();
         let fq = zone::fqdn(&owner.to_string());
-        let answer = self
-            .zone
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .lookup(&fq, qtype(info.query.query_type()));
-        let domain = self
-            .zone
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .domain()
-            .to_string();
+        let (answer, domain) = {
+            let z = self.zone.read().unwrap_or_else(|e| e.into_inner());
+            let a = z.lookup(&fq, qtype(info.query.query_type()));
+            let d = match a {
+                Answer::NoData | Answer::NxDomain => z.domain().to_string(),
+                _ => String::new(),
+            };
+            (a, d)
+        };
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.recursion_available = true;
         let result = match answer {
@@ -204,17 +202,79 @@ impl RequestHandler for Handler {
     }
 }
 
-/// Serve DNS on `addr` (UDP and TCP) until the process ends.
+/// A UDP socket on `addr` that shares the port with its siblings (SO_REUSEPORT).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+/// One server of the set, sharing the handler.
+struct Shared(Arc<Handler>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Shared {
+    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        self.0.handle_request::<R, T>(request, response).await
+    }
+}
+
+/// Serve DNS on `addr` (UDP and TCP) until the process ends. Thread per
+/// core: each core's thread runs its own single-threaded runtime and
+/// hickory server on its own UDP socket bound to the same port
+/// (SO_REUSEPORT), so the kernel spreads questions over them and no
+/// question crosses threads; TCP is served by the first.
 pub async fn serve(handler: Handler, addr: SocketAddr) -> std::io::Result<()> {
-    let udp = tokio::net::UdpSocket::bind(addr).await?;
-    let tcp = tokio::net::TcpListener::bind(addr).await?;
-    let mut server = hickory_server::Server::new(handler);
-    server.register_socket(udp);
-    server.register_listener(tcp, Duration::from_secs(5), 64);
-    server
-        .block_until_done()
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))
+    let handler = Arc::new(handler);
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tcp = std::net::TcpListener::bind(addr)?;
+    tcp.set_nonblocking(true)?;
+    let mut tcp = Some(tcp);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<std::io::Result<()>>(n);
+    for i in 0..n {
+        let sock = std::net::UdpSocket::from(udp_socket(addr)?);
+        let tcp = tcp.take();
+        let (h, done) = (handler.clone(), done_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("dns-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = done.blocking_send(Err(e));
+                        return;
+                    }
+                };
+                let r = rt.block_on(async move {
+                    let mut server = hickory_server::Server::new(Shared(h));
+                    server.register_socket(tokio::net::UdpSocket::from_std(sock)?);
+                    if let Some(t) = tcp {
+                        server.register_listener(
+                            tokio::net::TcpListener::from_std(t)?,
+                            Duration::from_secs(5),
+                            64,
+                        );
+                    }
+                    server
+                        .block_until_done()
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                });
+                let _ = done.blocking_send(r);
+            })?;
+    }
+    drop(done_tx);
+    done_rx.recv().await.unwrap_or(Ok(()))
 }
 
 #[cfg(test)]

@@ -151,6 +151,8 @@ pub fn service_records(svc: &Value, slices: &[&Value], domain: &str) -> Vec<(Str
 /// Every cluster name, kept up to date one Service at a time.
 pub struct Zone {
     domain: String,
+    /// `.` + domain, for suffix checks without allocating.
+    dot_domain: String,
     names: HashMap<String, Vec<Data>>,
     /// Names with something below them (empty non-terminals), counted.
     parents: HashMap<String, usize>,
@@ -176,6 +178,7 @@ impl Zone {
     pub fn new(domain: &str) -> Self {
         Zone {
             domain: fqdn(domain),
+            dot_domain: format!(".{}", fqdn(domain)),
             names: HashMap::new(),
             parents: HashMap::new(),
             by_service: HashMap::new(),
@@ -226,7 +229,7 @@ impl Zone {
 
     /// The answer to (`name`, `qtype`); `name` as `fqdn` gives it.
     pub fn lookup(&self, name: &str, qtype: QType) -> Answer {
-        let ours = name == self.domain || name.ends_with(&format!(".{}", self.domain));
+        let ours = name == self.domain || name.ends_with(&self.dot_domain);
         let reverse = name.ends_with(".in-addr.arpa.");
         let Some(recs) = self.names.get(name) else {
             if ours {
