@@ -58,6 +58,8 @@ pub fn nft(input: &str) -> Result<(), Error> {
 pub struct Proxy {
     cluster_cidr: Option<String>,
     applied: BTreeMap<String, Ruleset>,
+    /// How many Services hold each hairpin pair.
+    hairpin: BTreeMap<std::net::Ipv4Addr, usize>,
     /// Set when the kernel may differ from `applied` (a failed transaction).
     dirty: bool,
 }
@@ -67,6 +69,7 @@ impl Proxy {
         Proxy {
             cluster_cidr,
             applied: BTreeMap::new(),
+            hairpin: BTreeMap::new(),
             dirty: true,
         }
     }
@@ -90,6 +93,24 @@ impl Proxy {
             let new = self.render(&servers);
             let old = self.applied.get(&key).cloned().unwrap_or_default();
             plan.add(&old, &new);
+            let (mut up, mut down) = (Vec::new(), Vec::new());
+            for ip in new.hairpin.difference(&old.hairpin) {
+                let c = self.hairpin.entry(*ip).or_default();
+                *c += 1;
+                if *c == 1 {
+                    up.push(*ip);
+                }
+            }
+            for ip in old.hairpin.difference(&new.hairpin) {
+                if let Some(c) = self.hairpin.get_mut(ip) {
+                    *c -= 1;
+                    if *c == 0 {
+                        self.hairpin.remove(ip);
+                        down.push(*ip);
+                    }
+                }
+            }
+            plan.hairpin(&up, &down);
             next.push((key, new));
         }
         for (key, new) in next {
@@ -122,6 +143,12 @@ impl Proxy {
             .map(|(k, s)| (k, self.render(&s)))
             .filter(|(_, r)| !r.is_empty())
             .collect();
+        self.hairpin.clear();
+        for r in self.applied.values() {
+            for ip in &r.hairpin {
+                *self.hairpin.entry(*ip).or_default() += 1;
+            }
+        }
         self.write_all()
     }
 
@@ -130,7 +157,7 @@ impl Proxy {
         for r in self.applied.values() {
             all.extend(r.clone());
         }
-        let script = rules::full(&all);
+        let script = rules::full(&all, self.cluster_cidr.as_deref());
         nft(&script)?;
         self.dirty = false;
         Ok(script.lines().count())

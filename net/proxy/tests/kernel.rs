@@ -86,11 +86,13 @@ fn transactions_apply_to_the_kernel() {
         ),
         Some("198.18.0.0/16"),
     );
-    nft_in(&ns.0, &rules::full(&a)).unwrap();
+    nft_in(&ns.0, &rules::full(&a, Some("198.18.0.0/16"))).unwrap();
     let l = list(&ns.0);
     assert!(l.contains("198.19.0.10 . tcp . 80 : goto svc-"), "{l}");
     assert!(l.contains("numgen inc mod 2 vmap"), "{l}");
     assert!(l.contains("flags dynamic,timeout"), "{l}");
+    // The dispatch rule through the bucket map is accepted by this kernel.
+    assert!(l.contains("numgen random mod 720 map @backends"), "{l}");
     // One endpoint replaced, then every endpoint gone, then back.
     let b = rules::render(
         &vs(
@@ -102,13 +104,34 @@ fn transactions_apply_to_the_kernel() {
         Some("198.18.0.0/16"),
     );
     let c = rules::render(&vs("demo/web/http", "198.19.0.10", &[], None), None);
-    for (old, new) in [(&a, &b), (&b, &c), (&c, &a)] {
+    // Random scheduling without affinity: the bucket maps, no chains.
+    let random = |eps: &[&str]| {
+        let mut v = vs("demo/web/http", "198.19.0.10", eps, None);
+        v.scheduler = Scheduler::Random;
+        rules::render(&v, Some("198.18.0.0/16"))
+    };
+    let m1 = random(&["198.18.1.2", "198.18.2.2"]);
+    let m2 = random(&["198.18.1.2", "198.18.2.3", "198.18.2.4"]);
+    for (old, new) in [
+        (&a, &b),
+        (&b, &c),
+        (&c, &a),
+        (&a, &m1),
+        (&m1, &m2),
+        (&m2, &c),
+        (&c, &m1),
+    ] {
         let mut p = Plan::default();
         p.add(old, new);
+        // One Service: its hairpin pairs come and go with it (Proxy counts
+        // them across Services).
+        let up: Vec<_> = new.hairpin.difference(&old.hairpin).copied().collect();
+        let down: Vec<_> = old.hairpin.difference(&new.hairpin).copied().collect();
+        p.hairpin(&up, &down);
         nft_in(&ns.0, &p.script()).unwrap();
         // What the kernel holds is what a full write of `new` holds.
         let incremental = list(&ns.0);
-        nft_in(&ns.0, &rules::full(new)).unwrap();
+        nft_in(&ns.0, &rules::full(new, Some("198.18.0.0/16"))).unwrap();
         assert_eq!(blocks(&incremental), blocks(&list(&ns.0)));
     }
     assert!(!list(&ns.0).contains(
@@ -123,7 +146,26 @@ fn blocks(listing: &str) -> Vec<String> {
         .trim()
         .trim_start_matches("table ip orc-svc {")
         .trim_end_matches('}');
-    let mut b: Vec<String> = body.split("\n\n").map(|s| s.trim().to_string()).collect();
+    let mut b: Vec<String> = body
+        .split("\n\n")
+        .map(|s| {
+            // Elements in sorted order (the kernel lists them as it keeps them).
+            let s = s.trim();
+            match s.split_once("elements = {") {
+                Some((head, rest)) => {
+                    let (els, tail) = rest.split_once('}').unwrap_or((rest, ""));
+                    let mut items: Vec<&str> = els
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|e| !e.is_empty())
+                        .collect();
+                    items.sort();
+                    format!("{head}elements = {{ {} }}{tail}", items.join(", "))
+                }
+                None => s.to_string(),
+            }
+        })
+        .collect();
     b.sort();
     b
 }
