@@ -134,7 +134,11 @@ impl RequestHandler for Handler {
                 .unwrap_or_else(|_| failed(request, ResponseCode::FormErr));
         };
         let owner: Name = info.query.name().into();
-        let fq = zone::fqdn(&owner.to_string());
+        // A LowerName is lower-case already.
+        let mut fq = info.query.name().to_string();
+        if !fq.ends_with('.') {
+            fq.push('.');
+        }
         let (answer, domain) = {
             let z = self.zone.read().unwrap_or_else(|e| e.into_inner());
             let a = z.lookup(&fq, qtype(info.query.query_type()));
