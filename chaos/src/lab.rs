@@ -122,6 +122,8 @@ impl Lab {
             .arg(&n.data_dir)
             .arg("--netns")
             .arg(format!("/run/netns/{}", n.netns))
+            // Names outside the cluster must not leave the machine in tests.
+            .args(["--dns-upstream", "none"])
             .args(extra)
             .env("ORC_LOG", "info,libcgroups=error,libcontainer=error")
             .stdin(Stdio::null())

@@ -421,6 +421,22 @@ impl Cluster {
         Process { child: Some(child) }
     }
 
+    /// Wait until `n` Nodes are Ready and have a podCIDR.
+    pub fn wait_ready_nodes(&self, n: usize, timeout: Duration) {
+        wait_for(&format!("{n} Ready nodes with podCIDRs"), timeout, || {
+            let nodes = self.items(&["nodes"]);
+            (nodes.len() == n
+                && nodes.iter().all(|node| {
+                    node["spec"]["podCIDR"].is_string()
+                        && node["status"]["conditions"].as_array().is_some_and(|cs| {
+                            cs.iter()
+                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        })
+                }))
+            .then_some(())
+        });
+    }
+
     /// `orc get RESOURCE -o json` items (any master), with extra args.
     pub fn items(&self, args: &[&str]) -> Vec<Value> {
         let mut all = vec!["get"];

@@ -130,18 +130,7 @@ fn real_pods_on_two_nodes() {
     for i in 0..2 {
         lab.start_agent(i, &servers, &agent_flags);
     }
-    wait_for("two Ready nodes with podCIDRs", MIN, || {
-        let nodes = c.items(&["nodes"]);
-        (nodes.len() == 2
-            && nodes.iter().all(|n| {
-                n["spec"]["podCIDR"].is_string()
-                    && n["status"]["conditions"].as_array().is_some_and(|cs| {
-                        cs.iter()
-                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                    })
-            }))
-        .then_some(())
-    });
+    c.wait_ready_nodes(2, MIN);
 
     // a. A Deployment of 4 busybox httpd pods runs on both nodes, and a pod on
     // one node reaches a pod on the other by its IP.

@@ -97,6 +97,20 @@ fn table(lab: &Lab, i: usize) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The Service in front of the web pods: NodePort 30002, plus `extra` spec lines.
+fn web_service(extra: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+{extra}  ports: [{{name: http, port: 80, targetPort: http, nodePort: 30002}}]
+"
+    )
+}
+
 const WEB: &str = "apiVersion: apps/v1
 kind: Deployment
 metadata: {name: web, namespace: demo}
@@ -123,6 +137,8 @@ fn services_on_two_nodes() {
         .prefix("orc-svc-")
         .tempdir()
         .expect("tempdir");
+    let t0 = std::time::Instant::now();
+    let stage = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
     let mut lab = Lab::new(dir.path(), 2);
     let c = Cluster::start_on(
         MASTER_IP,
@@ -149,18 +165,8 @@ fn services_on_two_nodes() {
             tail(&lab.agent_log(1))
         )
     };
-    wait_for("two Ready nodes", MIN, || {
-        let nodes = c.items(&["nodes"]);
-        (nodes.len() == 2
-            && nodes.iter().all(|n| {
-                n["spec"]["podCIDR"].is_string()
-                    && n["status"]["conditions"].as_array().is_some_and(|cs| {
-                        cs.iter()
-                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                    })
-            }))
-        .then_some(())
-    });
+    c.wait_ready_nodes(2, MIN);
+    stage("nodes ready");
     apply(
         &c,
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n",
@@ -174,16 +180,9 @@ metadata: {name: redis-master, namespace: demo}
 spec:
   selector: {app: redis}
   ports: [{name: redis, port: 6379}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: http, nodePort: 30002}]
 ",
     );
+    apply(&c, &web_service(""));
     apply(&c, WEB);
     apply(
         &c,
@@ -241,6 +240,17 @@ spec:
         t.elapsed()
     );
 
+    // The pod bridge keeps one MAC whatever pods come and go (the gateway's,
+    // derived from its address like the pods' own).
+    for n in &lab.nodes {
+        let o = std::process::Command::new("ip")
+            .args(["-n", &n.netns, "link", "show", "orc0"])
+            .output()
+            .expect("ip link");
+        let l = String::from_utf8_lossy(&o.stdout);
+        assert!(l.contains("link/ether 0a:58:c6:12:"), "{l}");
+    }
+    stage("pods up, env and reject checked");
     // d. DNS from a pod: a ClusterIP Service's A record, a headless one's
     // ready pod IPs, a StatefulSet pod's own name, SRV for a named port, a
     // CNAME for an ExternalName; a short name of another namespace fails
@@ -316,7 +326,21 @@ spec: {ports: [{port: 80}]}
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_for("the A record of web", MIN, || {
             first = lookup("web.demo.svc.cluster.local");
-            (first.0 == 0 && first.1.contains(&vip)).then_some(())
+            let ok = first.0 == 0 && first.1.contains(&vip);
+            if !ok {
+                stage(&format!("no A record yet: {}", first.1.replace('\n', " ")));
+                let ns = &lab.nodes[0].netns;
+                let o = std::process::Command::new("ip")
+                    .args(["netns", "exec", ns, "sh", "-c", "ip neigh; grep 'port=53 ' /proc/net/nf_conntrack | head -5; nstat -az 2>/dev/null | grep -E 'UdpIn|UdpNoPorts|UdpInErrors|IpInAddrErrors|IpExtInNoRoutes|IpInDiscards|IpOutNoRoutes'"])
+                    .output()
+                    .unwrap();
+                eprintln!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            ok.then_some(())
         })
     }));
     assert!(
@@ -362,6 +386,7 @@ spec: {ports: [{port: 80}]}
         "PTR of the ClusterIP: {out}"
     );
 
+    stage("DNS checked");
     // a. 300 requests through the ClusterIP reach each of the 3 pods >= 20 %.
     let many = |target: &str| {
         exec(&c, "client", &format!("i=0; while [ $i -lt 300 ]; do timeout 2 wget -q -O- {target} || echo FAIL; i=$((i+1)); done"))
@@ -373,18 +398,7 @@ spec: {ports: [{port: 80}]}
         assert!(*n >= 60, "{pod} got {n} of 300: {hits:?}");
     }
     // ... and with sessionAffinity ClientIP they all reach one.
-    apply(
-        &c,
-        "apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  type: NodePort
-  selector: {app: web}
-  sessionAffinity: ClientIP
-  ports: [{name: http, port: 80, targetPort: http, nodePort: 30002}]
-",
-    );
+    apply(&c, &web_service("  sessionAffinity: ClientIP\n"));
     std::thread::sleep(Duration::from_secs(1));
     let (_, out, _) = exec(
         &c,
@@ -397,18 +411,9 @@ spec:
     assert_eq!(hits.len(), 1, "affinity: {hits:?}");
     assert_eq!(hits.values().sum::<usize>(), 50);
 
+    stage("ClusterIP and affinity checked");
     // b. NodePort 30002 at every node's address, from outside the cluster.
-    apply(
-        &c,
-        "apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: http, nodePort: 30002}]
-",
-    );
+    apply(&c, &web_service(""));
     for n in &lab.nodes {
         let addr = format!("{}:30002", n.address);
         let body = wait_for(&format!("NodePort at {addr}"), MIN, || {
@@ -428,6 +433,7 @@ spec:
         "{}",
         o.stdout
     );
+    stage("NodePort checked");
     // c. A LoadBalancer Service gets a pool address that answers from outside.
     apply(
         &c,
@@ -473,6 +479,7 @@ spec:
             .then_some(())
     });
 
+    stage("LoadBalancer checked");
     // With externalTrafficPolicy Local only nodes with a local endpoint
     // answer, and the backend sees the client's own address. Scale to one
     // pod so that one node has none.
@@ -481,18 +488,7 @@ spec:
         &["-n", "demo", "scale", "deployment/web", "--replicas", "1"],
     );
     assert!(o.ok(), "{}", o.stderr);
-    apply(
-        &c,
-        "apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  type: NodePort
-  externalTrafficPolicy: Local
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: http, nodePort: 30002}]
-",
-    );
+    apply(&c, &web_service("  externalTrafficPolicy: Local\n"));
     let (with, without) = wait_for("one web pod", MIN, || {
         let pods = c.items(&["-n", "demo", "pods", "-l", "app=web"]);
         (pods.len() == 1 && web_pods(&c).len() == 1).then(|| {
@@ -549,23 +545,14 @@ spec:
         "{t}"
     );
 
+    stage("Local policy checked");
     // f. A pod failing readiness leaves rotation within 1 s of its status change.
     let o = c.orc(
         &servers,
         &["-n", "demo", "scale", "deployment/web", "--replicas", "3"],
     );
     assert!(o.ok(), "{}", o.stderr);
-    apply(
-        &c,
-        "apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: demo}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: http, nodePort: 30002}]
-",
-    );
+    apply(&c, &web_service(""));
     let pods = wait_for("3 ready web pods", MIN, || {
         let p = web_pods(&c);
         (p.len() == 3).then_some(p)
@@ -606,6 +593,7 @@ spec:
         (web_pods(&c).len() == 3).then_some(())
     });
 
+    stage("readiness checked");
     // f. A rolling update of the backends under constant load fails no request.
     let load = dir.path().join("load.out");
     let stop = dir.path().join("load.stop");
@@ -641,6 +629,7 @@ spec:
         logs(&lab)
     );
 
+    stage("rolling update checked");
     // g. With the agent of node 1 killed, its Services keep answering; after
     // its restart no stale or duplicate rule remains.
     let (_, resolv, _) = exec(&c, "client", "cat /etc/resolv.conf");

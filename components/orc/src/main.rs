@@ -122,9 +122,10 @@ enum Cmd {
         listen: std::net::SocketAddr,
         #[arg(long, default_value = "cluster.local")]
         cluster_domain: String,
-        /// Resolvers for other names (default: the nameservers of /etc/resolv.conf).
+        /// Resolvers for other names, HOST:PORT comma-separated, or `none`
+        /// (default: the nameservers of /etc/resolv.conf).
         #[arg(long, value_delimiter = ',')]
-        upstream: Vec<std::net::SocketAddr>,
+        upstream: Vec<String>,
     },
     /// Run a command inside a running container (used by the node agent).
     #[command(hide = true)]
@@ -660,13 +661,20 @@ async fn run(cli: Cli) -> Result<i32> {
             let api: std::sync::Arc<dyn orc_controllers::Api> = std::sync::Arc::new(
                 orc_controllers::ClientApi(std::sync::Arc::new(orc_client::Client::new(masters))),
             );
-            let upstream = if upstream.is_empty() {
+            let upstream: Vec<std::net::SocketAddr> = if upstream.is_empty() {
                 orc_dns::upstreams_from(
                     &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
                     &[listen.ip()],
                 )
             } else {
                 upstream
+                    .iter()
+                    .filter(|u| u.as_str() != "none")
+                    .map(|u| {
+                        u.parse()
+                            .with_context(|| format!("--upstream: \"{u}\" is not HOST:PORT"))
+                    })
+                    .collect::<Result<_>>()?
             };
             orc_agent::dns::serve(api, listen, cluster_domain, upstream)
                 .await

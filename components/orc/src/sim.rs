@@ -78,6 +78,10 @@ pub struct SimArgs {
     /// anything outside it is masqueraded behind the node address.
     #[arg(long, default_value = "198.18.0.0/16")]
     pub cluster_cidr: String,
+    /// Where the node's DNS sends names outside the cluster: HOST:PORT,
+    /// comma-separated, or `none` (default: the nameservers of /etc/resolv.conf).
+    #[arg(long, default_value = "")]
+    pub dns_upstream: String,
     /// The Service proxy rewrites its whole nftables table this often
     /// (seconds); in between it changes only what changed.
     #[arg(long, default_value_t = 300.0)]
@@ -435,6 +439,7 @@ async fn agent(a: SimArgs) -> Result<i32> {
         exe: std::env::current_exe().context("own executable")?,
         cluster_dns: a.cluster_dns,
         masters: master_list,
+        dns_upstream: a.dns_upstream,
         cluster_domain: a.cluster_domain,
         backoff_base: a.restart_backoff.max(0.1),
         lease_every: Duration::from_secs_f64(a.lease_every.max(0.1)),

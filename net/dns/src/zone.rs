@@ -55,6 +55,28 @@ fn ready(e: &Value) -> bool {
     e["conditions"]["ready"] != false
 }
 
+/// `_PORT._PROTO.BASE` SRV records for the named ports, pointing at `target`.
+fn srv(out: &mut Vec<(String, Data)>, ports: &[Value], base: &str, target: &str) {
+    for p in ports {
+        let (Some(pn), Some(port)) = (
+            p["name"].as_str().filter(|n| !n.is_empty()),
+            p["port"].as_u64().and_then(|v| u16::try_from(v).ok()),
+        ) else {
+            continue;
+        };
+        let proto = p["protocol"].as_str().unwrap_or("TCP");
+        out.push((
+            format!("_{pn}._{proto}.{base}").to_ascii_lowercase(),
+            Data::Srv {
+                priority: 0,
+                weight: 100,
+                port,
+                target: target.to_string(),
+            },
+        ));
+    }
+}
+
 /// The records of one Service in `domain` (e.g. `cluster.local`).
 pub fn service_records(svc: &Value, slices: &[&Value], domain: &str) -> Vec<(String, Data)> {
     let domain = fqdn(domain);
@@ -70,7 +92,6 @@ pub fn service_records(svc: &Value, slices: &[&Value], domain: &str) -> Vec<(Str
         return out;
     }
     let ports = spec["ports"].as_array().cloned().unwrap_or_default();
-    let proto = |p: &Value| p["protocol"].as_str().unwrap_or("TCP").to_ascii_lowercase();
     match spec["clusterIP"].as_str() {
         Some(ip) if ip != "None" && !ip.is_empty() => {
             let Ok(ip) = ip.parse::<Ipv4Addr>() else {
@@ -78,23 +99,7 @@ pub fn service_records(svc: &Value, slices: &[&Value], domain: &str) -> Vec<(Str
             };
             out.push((base.clone(), Data::A(ip)));
             out.push((reverse_name(ip), Data::Ptr(base.clone())));
-            for p in &ports {
-                let (Some(pn), Some(port)) = (
-                    p["name"].as_str().filter(|n| !n.is_empty()),
-                    p["port"].as_u64().and_then(|v| u16::try_from(v).ok()),
-                ) else {
-                    continue;
-                };
-                out.push((
-                    format!("_{pn}._{}.{base}", proto(p)).to_ascii_lowercase(),
-                    Data::Srv {
-                        priority: 0,
-                        weight: 100,
-                        port,
-                        target: base.clone(),
-                    },
-                ));
-            }
+            srv(&mut out, &ports, &base, &base);
         }
         Some("None") => {
             // Headless: the ready endpoints themselves.
@@ -117,23 +122,7 @@ pub fn service_records(svc: &Value, slices: &[&Value], domain: &str) -> Vec<(Str
                         out.push((base.clone(), Data::A(ip)));
                         out.push((host_name.clone(), Data::A(ip)));
                         out.push((reverse_name(ip), Data::Ptr(host_name.clone())));
-                        for p in &sports {
-                            let (Some(pn), Some(port)) = (
-                                p["name"].as_str().filter(|n| !n.is_empty()),
-                                p["port"].as_u64().and_then(|v| u16::try_from(v).ok()),
-                            ) else {
-                                continue;
-                            };
-                            out.push((
-                                format!("_{pn}._{}.{base}", proto(p)).to_ascii_lowercase(),
-                                Data::Srv {
-                                    priority: 0,
-                                    weight: 100,
-                                    port,
-                                    target: host_name.clone(),
-                                },
-                            ));
-                        }
+                        srv(&mut out, &sports, &base, &host_name);
                     }
                 }
             }

@@ -198,8 +198,17 @@ pub async fn ensure_bridge(h: &Handle, name: &str, gateway: Ipv4Addr, prefix: u8
         }
     };
     add_address(h, index, gateway, prefix).await?;
+    // A fixed MAC: a bridge left to itself takes the lowest MAC of its
+    // ports, so adding a pod could change the gateway's MAC under the other
+    // pods' ARP caches (their traffic to it then vanishes until the entries
+    // expire, some 30 s).
     h.link()
-        .set(LinkUnspec::new_with_index(index).up().build())
+        .set(
+            LinkUnspec::new_with_index(index)
+                .address(pod_mac(gateway).to_vec())
+                .up()
+                .build(),
+        )
         .execute()
         .await
         .map_err(nl(format!("up {name}")))?;
@@ -347,7 +356,6 @@ pub async fn ensure_route(h: &Handle, dst: Ipv4Addr, prefix: u8, via: Ipv4Addr) 
 /// The IPv4 address of the interface that carries the default route: the
 /// node's own address.
 pub async fn default_address(h: &Handle) -> Result<Option<Ipv4Addr>> {
-    use rtnetlink::packet_route::address::AddressAttribute;
     use rtnetlink::packet_route::route::RouteAttribute;
     let routes: Vec<_> = h
         .route()
@@ -366,61 +374,50 @@ pub async fn default_address(h: &Handle) -> Result<Option<Ipv4Addr>> {
         })
     });
     let Some(oif) = oif else { return Ok(None) };
-    let addrs: Vec<_> = h
-        .address()
-        .get()
-        .set_link_index_filter(oif)
-        .execute()
+    Ok(address_messages(h, Some(oif)).await?.iter().find_map(v4_of))
+}
+
+/// The address messages of interface `index` (all interfaces: None).
+async fn address_messages(
+    h: &Handle,
+    index: Option<u32>,
+) -> Result<Vec<rtnetlink::packet_route::address::AddressMessage>> {
+    let mut req = h.address().get();
+    if let Some(i) = index {
+        req = req.set_link_index_filter(i);
+    }
+    req.execute()
         .try_collect()
         .await
-        .map_err(nl("list addresses"))?;
-    Ok(addrs.iter().find_map(|m| {
-        m.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-            _ => None,
-        })
-    }))
+        .map_err(nl("list addresses"))
+}
+
+/// The IPv4 address an address message carries.
+fn v4_of(m: &rtnetlink::packet_route::address::AddressMessage) -> Option<Ipv4Addr> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+        _ => None,
+    })
 }
 
 /// The index of the interface holding `ip`.
 pub async fn interface_of(h: &Handle, ip: Ipv4Addr) -> Result<Option<u32>> {
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let addrs: Vec<_> = h
-        .address()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list addresses"))?;
-    Ok(addrs.iter().find_map(|m| {
-        m.attributes
-            .iter()
-            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip))
-            .then_some(m.header.index)
-    }))
+    Ok(address_messages(h, None)
+        .await?
+        .iter()
+        .find(|m| v4_of(m) == Some(ip))
+        .map(|m| m.header.index))
 }
 
 /// The /32 addresses on interface `index` (those a node announces for
 /// LoadBalancer Services).
 pub async fn host_addresses(h: &Handle, index: u32) -> Result<Vec<Ipv4Addr>> {
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let addrs: Vec<_> = h
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list addresses"))?;
-    Ok(addrs
+    Ok(address_messages(h, Some(index))
+        .await?
         .iter()
         .filter(|m| m.header.prefix_len == 32)
-        .filter_map(|m| {
-            m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            })
-        })
+        .filter_map(v4_of)
         .collect())
 }
 
@@ -431,21 +428,8 @@ pub async fn add_host_address(h: &Handle, index: u32, ip: Ipv4Addr) -> Result<()
 
 /// Remove `ip`/32 from interface `index`.
 pub async fn del_host_address(h: &Handle, index: u32, ip: Ipv4Addr) -> Result<()> {
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let addrs: Vec<_> = h
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list addresses"))?;
-    for m in addrs {
-        let hit = m.header.prefix_len == 32
-            && m.attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip));
-        if hit {
+    for m in address_messages(h, Some(index)).await? {
+        if m.header.prefix_len == 32 && v4_of(&m) == Some(ip) {
             h.address()
                 .del(m)
                 .execute()

@@ -8,11 +8,10 @@ use crate::informer::Cache;
 use crate::services::{Index, SERVICES, SLICES};
 use orc_controllers::Api;
 use orc_dns::{service_records, Zone};
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::broadcast::error::RecvError;
 
 fn records(cache: &Cache, idx: &Index, key: &str, domain: &str) -> Vec<(String, orc_dns::Data)> {
     let Some((svc, slices)) = idx.service(cache, key) else {
@@ -44,30 +43,10 @@ async fn feed(cache: Arc<Cache>, zone: Arc<RwLock<Zone>>, domain: String) {
         if first == Err(RecvError::Closed) {
             return;
         }
-        let mut dirty = BTreeSet::new();
-        let mut note =
-            |r: Result<(&'static str, String), ()>, full: &mut bool, idx: &mut Index| match r {
-                Ok((SERVICES, k)) => {
-                    dirty.insert(k);
-                }
-                Ok((SLICES, k)) => {
-                    let s = cache.get(SLICES, &k);
-                    dirty.extend(idx.update(&k, s.as_deref()));
-                }
-                Ok(_) => {}
-                Err(()) => *full = true,
-            };
-        note(first.map_err(|_| ()), &mut full, &mut idx);
-        loop {
-            match rx.try_recv() {
-                Ok(k) => note(Ok(k), &mut full, &mut idx),
-                Err(TryRecvError::Lagged(_)) => full = true,
-                Err(_) => break,
-            }
-        }
-        if full {
+        let Some(dirty) = crate::services::batch(first, &mut rx, &cache, &mut idx) else {
+            full = true;
             continue;
-        }
+        };
         let mut z = zone.write().unwrap_or_else(|e| e.into_inner());
         for k in dirty {
             let r = records(&cache, &idx, &k, &domain);
@@ -111,17 +90,24 @@ fn running(data_dir: &Path, listen: Option<&str>) -> Option<i32> {
         .collect();
     let ours =
         args.iter().any(|a| a == "node-dns") && listen.is_none_or(|l| args.iter().any(|a| a == l));
-    ours.then_some(pid)
+    // Just forked by this agent and not yet exec'd: it shows our command line.
+    let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+        });
+    let our_child = ppid == Some(std::process::id())
+        && std::fs::read("/proc/self/cmdline").ok() == Some(cmdline.clone());
+    (ours || our_child).then_some(pid)
 }
 
 /// Start the DNS process unless one for `listen` already runs.
-pub fn ensure(
-    data_dir: &Path,
-    exe: &Path,
-    masters: &str,
-    listen: SocketAddr,
-    domain: &str,
-) -> std::io::Result<()> {
+pub fn ensure(cfg: &crate::Config, listen: SocketAddr) -> std::io::Result<()> {
+    // One caller at a time: two would both find none running and start two.
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let data_dir = cfg.data_dir.as_path();
     let l = listen.to_string();
     if running(data_dir, Some(&l)).is_some() {
         return Ok(());
@@ -131,19 +117,22 @@ pub fn ensure(
         .create(true)
         .append(true)
         .open(data_dir.join("dns.log"))?;
-    let mut cmd = std::process::Command::new(exe);
+    let mut cmd = std::process::Command::new(&cfg.exe);
     cmd.args([
         "node-dns",
         "--master",
-        masters,
+        &cfg.masters,
         "--listen",
         &l,
         "--cluster-domain",
-        domain,
-    ])
-    .stdin(std::process::Stdio::null())
-    .stdout(log.try_clone()?)
-    .stderr(log);
+        &cfg.cluster_domain,
+    ]);
+    if !cfg.dns_upstream.is_empty() {
+        cmd.args(["--upstream", &cfg.dns_upstream]);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     // Its own session: the agent's death (or its terminal's) leaves it be.
     unsafe {
         use std::os::unix::process::CommandExt;

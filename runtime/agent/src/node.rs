@@ -26,6 +26,8 @@ pub struct Config {
     pub cluster_dns: String,
     /// The masters (HOST:PORT,...), for the node's DNS process.
     pub masters: String,
+    /// The DNS process's upstream resolvers (`--upstream`); empty: the node's.
+    pub dns_upstream: String,
     pub cluster_domain: String,
     /// First restart back-off (10 s in Kubernetes).
     pub backoff_base: f64,
@@ -250,13 +252,7 @@ fn node_dns(s: &Shared) {
     let Some(g) = s.ipam.lock().unwrap().as_ref().map(|i| i.gateway()) else {
         return;
     };
-    if let Err(e) = crate::dns::ensure(
-        &s.cfg.data_dir,
-        &s.cfg.exe,
-        &s.cfg.masters,
-        std::net::SocketAddr::from((g, 53)),
-        &s.cfg.cluster_domain,
-    ) {
+    if let Err(e) = crate::dns::ensure(&s.cfg, std::net::SocketAddr::from((g, 53))) {
         tracing::warn!("cluster DNS: {e}");
     }
 }

@@ -91,12 +91,12 @@ pub async fn run(cache: Arc<Cache>, node: String, cluster_cidr: Option<String>, 
     let mut rx = cache.subscribe();
     cache.wait_synced(2).await;
     let mut proxy = Proxy::new(cluster_cidr);
-    let mut idx = Index::default();
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
-    let mut full = true;
+    // Each round starts with the whole table; it ends when a resync is due
+    // or the change stream lagged.
     loop {
-        if full {
-            idx = Index::rebuild(&cache);
+        let mut idx = Index::rebuild(&cache);
+        {
             let all: Vec<(String, Vec<VirtualServer>)> = cache
                 .list(SERVICES)
                 .iter()
@@ -113,39 +113,16 @@ pub async fn run(cache: Arc<Cache>, node: String, cluster_cidr: Option<String>, 
                 ),
                 Err(e) => tracing::error!("service rules: {e}"),
             }
-            full = false;
         }
         loop {
             let first = tokio::select! {
                 r = rx.recv() => r,
-                _ = tick.tick() => { full = true; break; }
+                _ = tick.tick() => break,
             };
-            let mut dirty = BTreeSet::new();
-            let mut note = |r: Result<(&'static str, String), RecvError>,
-                            full: &mut bool,
-                            idx: &mut Index| match r {
-                Ok((SERVICES, k)) => {
-                    dirty.insert(k);
-                }
-                Ok((SLICES, k)) => {
-                    let s = cache.get(SLICES, &k);
-                    dirty.extend(idx.update(&k, s.as_deref()));
-                }
-                Ok(_) => {}
-                Err(_) => *full = true,
-            };
-            note(first, &mut full, &mut idx);
             // Everything already announced goes into the same transaction.
-            loop {
-                match rx.try_recv() {
-                    Ok(k) => note(Ok(k), &mut full, &mut idx),
-                    Err(TryRecvError::Lagged(_)) => full = true,
-                    Err(_) => break,
-                }
-            }
-            if full {
+            let Some(dirty) = batch(first, &mut rx, &cache, &mut idx) else {
                 break;
-            }
+            };
             let changed: Vec<(String, Vec<VirtualServer>)> = dirty
                 .into_iter()
                 .map(|k| {
@@ -158,6 +135,37 @@ pub async fn run(cache: Arc<Cache>, node: String, cluster_cidr: Option<String>, 
             }
         }
     }
+}
+
+/// The Services touched by the change `first` and by every change already
+/// announced after it; None when the receiver lagged or closed (the
+/// caller starts over from the whole cache).
+pub(crate) fn batch(
+    first: Result<(&'static str, String), RecvError>,
+    rx: &mut tokio::sync::broadcast::Receiver<(&'static str, String)>,
+    cache: &Cache,
+    idx: &mut Index,
+) -> Option<BTreeSet<String>> {
+    let mut dirty = BTreeSet::new();
+    let mut next = Some(first.ok()?);
+    while let Some((resource, k)) = next {
+        match resource {
+            SERVICES => {
+                dirty.insert(k);
+            }
+            SLICES => {
+                let s = cache.get(SLICES, &k);
+                dirty.extend(idx.update(&k, s.as_deref()));
+            }
+            _ => {}
+        }
+        next = match rx.try_recv() {
+            Ok(k) => Some(k),
+            Err(TryRecvError::Empty) => None,
+            Err(_) => return None,
+        };
+    }
+    Some(dirty)
 }
 
 /// The LoadBalancer addresses node `node` announces (pure): for each
@@ -248,5 +256,61 @@ pub async fn announce(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn slice(ns: &str, name: &str, svc: &str, nodes: &[(&str, bool)]) -> serde_json::Value {
+        let eps: Vec<serde_json::Value> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, (n, ready))| json!({"addresses": [format!("198.18.1.{}", i + 2)], "nodeName": n, "conditions": {"ready": ready}}))
+            .collect();
+        json!({"metadata": {"namespace": ns, "name": name, "labels": {SERVICE_NAME_LABEL: svc}}, "endpoints": eps})
+    }
+
+    #[test]
+    fn slices_are_indexed_by_their_service_and_move_with_it() {
+        let mut i = Index::default();
+        let s = slice("demo", "web-a", "web", &[]);
+        assert_eq!(i.update("demo/web-a", Some(&s)), ["demo/web"]);
+        assert!(i.by_service["demo/web"].contains("demo/web-a"));
+        // Relabelled to another Service: both are touched.
+        let s2 = slice("demo", "web-a", "api", &[]);
+        assert_eq!(i.update("demo/web-a", Some(&s2)), ["demo/web", "demo/api"]);
+        assert!(!i.by_service.contains_key("demo/web"));
+        assert_eq!(i.update("demo/web-a", None), ["demo/api"]);
+        assert!(i.by_service.is_empty());
+    }
+
+    #[test]
+    fn the_first_node_with_a_ready_endpoint_announces() {
+        let svc = Arc::new(json!({"metadata": {"namespace": "demo", "name": "lb"},
+            "spec": {"type": "LoadBalancer"},
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.18.253.200"}]}}}));
+        let plain = Arc::new(json!({"metadata": {"namespace": "demo", "name": "web"},
+            "spec": {"type": "ClusterIP"}}));
+        let slices = |nodes: Vec<(&'static str, bool)>| {
+            move |k: &str| {
+                assert_eq!(k, "demo/lb");
+                vec![Arc::new(slice("demo", "lb-x", "lb", &nodes))]
+            }
+        };
+        let all = [svc.clone(), plain];
+        let ip: std::net::Ipv4Addr = "198.18.253.200".parse().unwrap();
+        let (mine, every) = announced(&all, slices(vec![("n2", true), ("n1", false)]), "n2");
+        assert!(mine.contains(&ip) && every.contains(&ip));
+        // n1 is first by name once it is ready.
+        let (mine, _) = announced(&all, slices(vec![("n2", true), ("n1", true)]), "n2");
+        assert!(mine.is_empty());
+        let (mine, _) = announced(&all, slices(vec![("n2", true), ("n1", true)]), "n1");
+        assert!(mine.contains(&ip));
+        // No ready endpoint: nobody.
+        let (mine, every) = announced(&all, slices(vec![("n1", false)]), "n1");
+        assert!(mine.is_empty() && every.contains(&ip));
     }
 }
