@@ -60,6 +60,8 @@ pub struct Proxy {
     applied: BTreeMap<String, Ruleset>,
     /// How many Services hold each hairpin pair.
     hairpin: BTreeMap<std::net::Ipv4Addr, usize>,
+    /// Entry point -> the Service that holds it (`Ruleset::entries`).
+    claims: BTreeMap<String, String>,
     /// Set when the kernel may differ from `applied` (a failed transaction).
     dirty: bool,
 }
@@ -70,6 +72,7 @@ impl Proxy {
             cluster_cidr,
             applied: BTreeMap::new(),
             hairpin: BTreeMap::new(),
+            claims: BTreeMap::new(),
             dirty: true,
         }
     }
@@ -82,6 +85,26 @@ impl Proxy {
         r
     }
 
+    /// The rules of Service `key`, unless another Service holds one of its
+    /// entry points (two Services with the same external IP and port):
+    /// then it gets none, and the table stays valid for everyone else.
+    fn claim(&mut self, key: &str, servers: &[VirtualServer]) -> Ruleset {
+        self.claims.retain(|_, k| k != key);
+        let r = self.render(servers);
+        let entries = r.entries();
+        if let Some((e, other)) = entries
+            .iter()
+            .find_map(|e| self.claims.get(e).map(|o| (e, o)))
+        {
+            tracing::warn!("service {key}: {e} belongs to service {other}; {key} gets no rules");
+            return Ruleset::default();
+        }
+        for e in entries {
+            self.claims.insert(e, key.to_string());
+        }
+        r
+    }
+
     /// Bring the given Services (`namespace/name` -> virtual servers; an
     /// empty list for a Service that is gone) up to date in one transaction.
     /// Returns the number of nft commands run. After a failure the next
@@ -90,7 +113,7 @@ impl Proxy {
         let mut plan = Plan::default();
         let mut next = Vec::new();
         for (key, servers) in changed {
-            let new = self.render(&servers);
+            let new = self.claim(&key, &servers);
             let old = self.applied.get(&key).cloned().unwrap_or_default();
             plan.add(&old, &new);
             let (mut up, mut down) = (Vec::new(), Vec::new());
@@ -138,9 +161,15 @@ impl Proxy {
     /// Replace everything (start and periodic resync): `all` is every
     /// Service of the cluster.
     pub fn resync(&mut self, all: Vec<(String, Vec<VirtualServer>)>) -> Result<usize, Error> {
+        self.claims.clear();
+        let mut all = all;
+        all.sort_by(|a, b| a.0.cmp(&b.0));
         self.applied = all
             .into_iter()
-            .map(|(k, s)| (k, self.render(&s)))
+            .map(|(k, s)| {
+                let r = self.claim(&k, &s);
+                (k, r)
+            })
             .filter(|(_, r)| !r.is_empty())
             .collect();
         self.hairpin.clear();

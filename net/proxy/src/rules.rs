@@ -71,6 +71,30 @@ impl Ruleset {
     fn element(&mut self, map: &'static str, key: String, verdict: String) {
         self.maps.entry(map).or_default().insert(key, verdict);
     }
+    /// The entry points these objects answer for (`vip:ADDR . PROTO . PORT`,
+    /// `np:PROTO . PORT`): two Services must not share one.
+    pub fn entries(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (m, els) in &self.maps {
+            let (kind, bucketed) = match *m {
+                VIPS | NO_EP | DROP_VIPS => ("vip", false),
+                BACKENDS => ("vip", true),
+                NODEPORTS | NO_EP_NODEPORTS | DROP_NODEPORTS => ("np", false),
+                NODEPORT_BACKENDS => ("np", true),
+                _ => continue,
+            };
+            for k in els.keys() {
+                let k = if bucketed {
+                    k.rsplit_once(" . ").map_or(k.as_str(), |(p, _)| p)
+                } else {
+                    k
+                };
+                out.insert(format!("{kind}:{k}"));
+            }
+        }
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.chains.is_empty()
             && self.sets.is_empty()
@@ -655,6 +679,22 @@ mod tests {
         let s = p.script();
         assert!(s.contains("delete element ip orc-svc backends { 198.19.0.10 . tcp . 80 . 0-719 }"));
         assert!(s.contains("add element ip orc-svc no-endpoints { 198.19.0.10 . tcp . 80 }"));
+    }
+
+    #[test]
+    fn entry_points_are_the_same_on_both_paths() {
+        let map = render(&vs(&[("198.18.1.2", 8080)]), None).entries();
+        let mut v = vs(&[("198.18.1.2", 8080)]);
+        v.scheduler = Scheduler::RoundRobin;
+        let chain = render(&v, None).entries();
+        let none = render(&vs(&[]), None).entries();
+        let want: BTreeSet<String> = ["vip:198.19.0.10 . tcp . 80", "np:tcp . 30002"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(map, want);
+        assert_eq!(chain, want);
+        assert_eq!(none, want);
     }
 
     #[test]

@@ -180,3 +180,52 @@ fn nix_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// `Proxy` itself, in a network namespace of this test's thread: two
+/// Services claiming one external address and port must not break the
+/// table for the others, and hairpin pairs shared by two Services stay
+/// until the last one goes.
+#[test]
+fn proxy_keeps_the_table_valid_when_services_collide() {
+    assert!(nix_is_root(), "this test makes a network namespace: run it as root");
+    std::thread::spawn(|| {
+        // A thread's own network namespace, gone when the thread ends.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        let list = || {
+            let o = Command::new("nft")
+                .args(["list", "table", "ip", "orc-svc"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let svc = |key: &str, vip: &str, ext: &str, ep: &str| {
+            let mut v = vs(&format!("{key}/http"), vip, &[ep], None);
+            v.scheduler = Scheduler::Random;
+            v.external = vec![(ext.parse().unwrap(), 80)];
+            v.node_port = None;
+            (key.to_string(), vec![v])
+        };
+        let mut p = orc_proxy::Proxy::new(None);
+        p.resync(vec![
+            svc("demo/a", "198.19.0.1", "198.18.252.9", "198.18.1.2"),
+            svc("demo/b", "198.19.0.2", "198.18.252.9", "198.18.1.2"),
+            svc("demo/c", "198.19.0.3", "198.18.252.10", "198.18.1.3"),
+        ])
+        .expect("a valid table despite the collision");
+        let l = list();
+        assert!(l.contains("198.19.0.1 . tcp . 80 . 0-719"), "{l}");
+        assert!(!l.contains("198.19.0.2 . tcp . 80"), "the loser gets nothing: {l}");
+        assert!(l.contains("198.19.0.3 . tcp . 80 . 0-719"), "{l}");
+        // The winner goes: the other takes the address on its next change.
+        p.update(vec![("demo/a".into(), vec![])]).unwrap();
+        p.update(vec![svc("demo/b", "198.19.0.2", "198.18.252.9", "198.18.1.2")])
+            .unwrap();
+        let l = list();
+        assert!(l.contains("198.19.0.2 . tcp . 80 . 0-719"), "{l}");
+        assert!(l.contains("198.18.1.2 . 198.18.1.2"), "{l}");
+        p.update(vec![("demo/b".into(), vec![])]).unwrap();
+        assert!(!list().contains("198.18.1.2 . 198.18.1.2"));
+    })
+    .join()
+    .unwrap();
+}
