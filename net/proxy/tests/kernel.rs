@@ -187,7 +187,10 @@ fn nix_is_root() -> bool {
 /// until the last one goes.
 #[test]
 fn proxy_keeps_the_table_valid_when_services_collide() {
-    assert!(nix_is_root(), "this test makes a network namespace: run it as root");
+    assert!(
+        nix_is_root(),
+        "this test makes a network namespace: run it as root"
+    );
     std::thread::spawn(|| {
         // A thread's own network namespace, gone when the thread ends.
         assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
@@ -214,12 +217,20 @@ fn proxy_keeps_the_table_valid_when_services_collide() {
         .expect("a valid table despite the collision");
         let l = list();
         assert!(l.contains("198.19.0.1 . tcp . 80 . 0-719"), "{l}");
-        assert!(!l.contains("198.19.0.2 . tcp . 80"), "the loser gets nothing: {l}");
+        assert!(
+            !l.contains("198.19.0.2 . tcp . 80"),
+            "the loser gets nothing: {l}"
+        );
         assert!(l.contains("198.19.0.3 . tcp . 80 . 0-719"), "{l}");
         // The winner goes: the other takes the address on its next change.
         p.update(vec![("demo/a".into(), vec![])]).unwrap();
-        p.update(vec![svc("demo/b", "198.19.0.2", "198.18.252.9", "198.18.1.2")])
-            .unwrap();
+        p.update(vec![svc(
+            "demo/b",
+            "198.19.0.2",
+            "198.18.252.9",
+            "198.18.1.2",
+        )])
+        .unwrap();
         let l = list();
         assert!(l.contains("198.19.0.2 . tcp . 80 . 0-719"), "{l}");
         assert!(l.contains("198.18.1.2 . 198.18.1.2"), "{l}");
