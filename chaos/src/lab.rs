@@ -25,6 +25,21 @@ fn must(args: &[&str]) {
     assert!(ip(args), "ip {}", args.join(" "));
 }
 
+/// A busybox image tarball (`orc image busybox`) in `dir`, tagged
+/// busybox:1.35: a tag other than latest, so the default pull policy is
+/// IfNotPresent.
+pub fn busybox_image(dir: &Path) -> PathBuf {
+    let out = dir.join("busybox.tar");
+    let s = Command::new(orc_bin())
+        .args(["image", "busybox"])
+        .arg(&out)
+        .args(["--tag", "busybox:1.35"])
+        .status()
+        .expect("orc image busybox");
+    assert!(s.success(), "building the busybox image");
+    out
+}
+
 pub struct Node {
     pub name: String,
     pub netns: String,

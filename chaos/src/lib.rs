@@ -421,6 +421,12 @@ impl Cluster {
         Process { child: Some(child) }
     }
 
+    /// `orc apply -f -` of `yaml` through any master; it must succeed.
+    pub fn apply(&self, yaml: &str) {
+        let o = self.orc_stdin(&self.servers(), &["apply", "-f", "-"], Some(yaml));
+        assert!(o.ok(), "apply: {}", o.stderr);
+    }
+
     /// Wait until `n` Nodes are Ready and have a podCIDR.
     pub fn wait_ready_nodes(&self, n: usize, timeout: Duration) {
         wait_for(&format!("{n} Ready nodes with podCIDRs"), timeout, || {
@@ -472,6 +478,12 @@ impl Cluster {
 }
 
 /// Poll `f` every 200 ms until it gives a value; panic with `what` after `timeout`.
+/// The last `n` lines of `s` (for failure messages).
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = std::time::Instant::now();
     loop {

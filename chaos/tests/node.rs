@@ -15,11 +15,6 @@ fn pod(c: &Cluster, name: &str) -> Option<Value> {
         .find(|p| p["metadata"]["name"] == name)
 }
 
-fn apply(c: &Cluster, yaml: &str) {
-    let o = c.orc_stdin(&c.servers(), &["apply", "-f", "-"], Some(yaml));
-    assert!(o.ok(), "apply: {}", o.stderr);
-}
-
 fn wait_phase(c: &Cluster, name: &str, want: &str, lab: &Lab) -> Value {
     let mut last = Value::Null;
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -34,15 +29,10 @@ fn wait_phase(c: &Cluster, name: &str, want: &str, lab: &Lab) -> Value {
         Err(_) => panic!(
             "pod {name} not {want}: {}\nagent logs:\n{}\n{}",
             serde_json::to_string_pretty(&last["status"]).unwrap_or_default(),
-            tail(&lab.agent_log(0)),
-            tail(&lab.agent_log(1))
+            orc_chaos::tail(&lab.agent_log(0), 30),
+            orc_chaos::tail(&lab.agent_log(1), 30)
         ),
     }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// The log of a pod's container through its node's log file.
@@ -91,19 +81,6 @@ spec:
     )
 }
 
-fn busybox_image(dir: &Path) -> std::path::PathBuf {
-    let out = dir.join("busybox.tar");
-    let s = std::process::Command::new(orc_chaos::orc_bin())
-        .args(["image", "busybox"])
-        .arg(&out)
-        // A tag other than latest: the default pull policy is then IfNotPresent.
-        .args(["--tag", "busybox:1.35"])
-        .status()
-        .expect("orc image busybox");
-    assert!(s.success(), "building the busybox image");
-    out
-}
-
 #[test]
 fn real_pods_on_two_nodes() {
     let dir = tempfile::Builder::new()
@@ -112,7 +89,7 @@ fn real_pods_on_two_nodes() {
         .expect("tempdir");
     let mut lab = Lab::new(dir.path(), 2);
     let c = Cluster::start_on(MASTER_IP, 3, &["--cluster-cidr", "198.18.0.0/17"]);
-    let image = busybox_image(dir.path());
+    let image = orc_chaos::lab::busybox_image(dir.path());
     lab.import(0, &image);
     lab.import(1, &image);
     let servers = c.servers();
@@ -134,8 +111,7 @@ fn real_pods_on_two_nodes() {
 
     // a. A Deployment of 4 busybox httpd pods runs on both nodes, and a pod on
     // one node reaches a pod on the other by its IP.
-    apply(
-        &c,
+    c.apply(
         "apiVersion: apps/v1
 kind: Deployment
 metadata: {name: web}
@@ -169,8 +145,7 @@ spec:
         .find(|p| p["spec"]["nodeName"] == "node-2")
         .expect("a pod on node-2");
     let target_ip = target["status"]["podIP"].as_str().unwrap();
-    apply(
-        &c,
+    c.apply(
         &single_pod("wget", "node-1", "Never", "", &format!("  - {{name: c, image: busybox:1.35, command: [wget, -q, -O-, 'http://{target_ip}:8080/']}}\n")),
     );
     let p = wait_phase(&c, "wget", "Succeeded", &lab);
@@ -185,20 +160,19 @@ spec:
 
     // a. Traffic leaving the cluster is masqueraded: a pod reaches an address
     // outside it (the registry, in the lab's host namespace) and gets answers.
-    apply(
-        &c,
-        &single_pod(
-            "egress",
-            "node-1",
-            "Never",
-            "",
-            &format!("  - {{name: c, image: busybox:1.35, command: [wget, -q, -O-, 'http://{reg}/v2/']}}\n"),
+    c.apply(&single_pod(
+        "egress",
+        "node-1",
+        "Never",
+        "",
+        &format!(
+            "  - {{name: c, image: busybox:1.35, command: [wget, -q, -O-, 'http://{reg}/v2/']}}\n"
         ),
-    );
+    ));
     wait_phase(&c, "egress", "Succeeded", &lab);
 
     // b (part). The hostname is the pod name; /etc/resolv.conf names the cluster DNS.
-    apply(&c, &single_pod("names", "node-2", "Never", "", "  - {name: c, image: busybox:1.35, command: [sh, -c, 'cat /etc/hostname; cat /etc/resolv.conf']}\n"));
+    c.apply(&single_pod("names", "node-2", "Never", "", "  - {name: c, image: busybox:1.35, command: [sh, -c, 'cat /etc/hostname; cat /etc/resolv.conf']}\n"));
     let p = wait_phase(&c, "names", "Succeeded", &lab);
     let out = log_of(&lab, &p, "c");
     assert!(out.starts_with("names\n"), "{out}");
@@ -236,8 +210,7 @@ spec:
         "interactive shell on a terminal: {}",
         o.stdout
     );
-    apply(
-        &c,
+    c.apply(
         &single_pod("ticker", "node-1", "Always", "", "  - {name: c, image: busybox:1.35, command: [sh, -c, 'i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done']}\n"),
     );
     wait_phase(&c, "ticker", "Running", &lab);
@@ -261,16 +234,13 @@ spec:
     assert!(!c.orc(&servers, &["logs", "nonexistent"]).ok());
 
     // c. Exit 1 under Always: restartCount rises, CrashLoopBackOff, lastState.
-    apply(
-        &c,
-        &single_pod(
-            "crash",
-            "node-1",
-            "Always",
-            "",
-            "  - {name: c, image: busybox:1.35, command: [sh, -c, 'echo try; exit 1']}\n",
-        ),
-    );
+    c.apply(&single_pod(
+        "crash",
+        "node-1",
+        "Always",
+        "",
+        "  - {name: c, image: busybox:1.35, command: [sh, -c, 'echo try; exit 1']}\n",
+    ));
     let p = wait_for("crash restarted twice and in CrashLoopBackOff", MIN, || {
         let p = pod(&c, "crash")?;
         let s = &p["status"]["containerStatuses"][0];
@@ -284,20 +254,17 @@ spec:
     assert!(log_of(&lab, &p, "c").matches("try").count() >= 2);
 
     // c. Over its memory limit: OOMKilled.
-    apply(
-        &c,
-        &single_pod(
-            "oom",
-            "node-2",
-            "Never",
-            "",
-            "  - name: c
+    c.apply(&single_pod(
+        "oom",
+        "node-2",
+        "Never",
+        "",
+        "  - name: c
     image: busybox:1.35
     resources: {limits: {memory: 16Mi}}
     command: [sh, -c, 'x=$(head -c 67108864 /dev/zero | tr \"\\0\" a); echo survived']
 ",
-        ),
-    );
+    ));
     let p = wait_phase(&c, "oom", "Failed", &lab);
     assert_eq!(
         p["status"]["containerStatuses"][0]["state"]["terminated"]["reason"], "OOMKilled",
@@ -307,26 +274,22 @@ spec:
 
     // c. A failing liveness probe (exec) restarts the container; a failing
     // readiness probe (httpGet) turns the pod NotReady without a restart.
-    apply(
-        &c,
-        &single_pod(
-            "live",
-            "node-1",
-            "Always",
-            "",
-            "  - name: c
+    c.apply(&single_pod(
+        "live",
+        "node-1",
+        "Always",
+        "",
+        "  - name: c
     image: busybox:1.35
     command: [sh, -c, 'touch /tmp/healthy; sleep 3; rm /tmp/healthy; sleep 3600']
     livenessProbe: {exec: {command: [cat, /tmp/healthy]}, periodSeconds: 1, failureThreshold: 1}
 ",
-        ),
-    );
+    ));
     wait_for("a liveness restart", MIN, || {
         let p = pod(&c, "live")?;
         (p["status"]["containerStatuses"][0]["restartCount"].as_i64()? >= 1).then_some(())
     });
-    apply(
-        &c,
+    c.apply(
         &single_pod(
             "ready",
             "node-2",
@@ -357,8 +320,7 @@ spec:
 
     // d. A Job of real containers with an init container completes; an
     // emptyDir carries the init container's work to the app container.
-    apply(
-        &c,
+    c.apply(
         "apiVersion: batch/v1
 kind: Job
 metadata: {name: job}
@@ -387,12 +349,8 @@ spec:
     assert_eq!(log_of(&lab, &jp, "main"), "prepared\n");
 
     // d. A ConfigMap volume follows the ConfigMap.
-    apply(
-        &c,
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {greeting: one}\n",
-    );
-    apply(
-        &c,
+    c.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {greeting: one}\n");
+    c.apply(
         &single_pod(
             "cm",
             "node-1",
@@ -405,10 +363,7 @@ spec:
     wait_for("the first greeting", MIN, || {
         log_of(&lab, &p, "c").contains("one").then_some(())
     });
-    apply(
-        &c,
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {greeting: two}\n",
-    );
+    c.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\ndata: {greeting: two}\n");
     wait_for("the new greeting", MIN, || {
         log_of(&lab, &p, "c").contains("two").then_some(())
     });
@@ -440,28 +395,27 @@ spec:
     let pull_pod = |name: &str, image: &str, policy: &str| {
         single_pod(name, "node-2", "Never", "", &format!("  - {{name: c, image: '{image}', imagePullPolicy: {policy}, command: [echo, pulled]}}\n"))
     };
-    apply(
-        &c,
-        &pull_pod("bytag", &format!("{reg}/tools/busybox:1"), "Always"),
-    );
-    apply(
-        &c,
-        &pull_pod(
-            "bydigest",
-            &format!("{reg}/tools/busybox@{digest}"),
-            "IfNotPresent",
-        ),
-    );
+    c.apply(&pull_pod(
+        "bytag",
+        &format!("{reg}/tools/busybox:1"),
+        "Always",
+    ));
+    c.apply(&pull_pod(
+        "bydigest",
+        &format!("{reg}/tools/busybox@{digest}"),
+        "IfNotPresent",
+    ));
     for name in ["bytag", "bydigest"] {
         let p = wait_phase(&c, name, "Succeeded", &lab);
         assert_eq!(log_of(&lab, &p, "c"), "pulled\n");
     }
     let wrong = format!("{reg}/tools/busybox@sha256:{}", "0".repeat(64));
-    apply(&c, &pull_pod("wrongdigest", &wrong, "IfNotPresent"));
-    apply(
-        &c,
-        &pull_pod("missing", &format!("{reg}/tools/nothing:1"), "IfNotPresent"),
-    );
+    c.apply(&pull_pod("wrongdigest", &wrong, "IfNotPresent"));
+    c.apply(&pull_pod(
+        "missing",
+        &format!("{reg}/tools/nothing:1"),
+        "IfNotPresent",
+    ));
     for (name, words) in [("wrongdigest", "manifest unknown"), ("missing", "unknown")] {
         let p = wait_for(&format!("{name}: ImagePullBackOff"), MIN, || {
             let p = pod(&c, name)?;
@@ -475,9 +429,9 @@ spec:
             .unwrap_or("");
         assert!(msg.contains(words), "{name}: the registry's message: {msg}");
     }
-    apply(&c, &pull_pod("never", "busybox:1.35", "Never"));
+    c.apply(&pull_pod("never", "busybox:1.35", "Never"));
     wait_phase(&c, "never", "Succeeded", &lab);
-    apply(&c, &pull_pod("neverabsent", "nothing:1", "Never"));
+    c.apply(&pull_pod("neverabsent", "nothing:1", "Never"));
     wait_for("ErrImageNeverPull", MIN, || {
         let p = pod(&c, "neverabsent")?;
         (p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ErrImageNeverPull")
@@ -488,8 +442,7 @@ spec:
     // deletion; a memory-backed emptyDir is a tmpfs.
     let host_dir = dir.path().join("hostpath");
     std::fs::create_dir_all(&host_dir).unwrap();
-    apply(
-        &c,
+    c.apply(
         &single_pod(
             "graceful",
             "node-1",
@@ -525,16 +478,13 @@ spec:
     // Graceful deletion through the API: the pod is Terminating while its
     // node stops it (a shell as PID 1 ignores SIGTERM: SIGKILL after the
     // 2 s grace period), then it is gone.
-    apply(
-        &c,
-        &single_pod(
-            "slow",
-            "node-2",
-            "Always",
-            "",
-            "  - {name: c, image: busybox:1.35, command: [sleep, '3600']}\n",
-        ),
-    );
+    c.apply(&single_pod(
+        "slow",
+        "node-2",
+        "Always",
+        "",
+        "  - {name: c, image: busybox:1.35, command: [sleep, '3600']}\n",
+    ));
     wait_phase(&c, "slow", "Running", &lab);
     let t = std::time::Instant::now();
     assert!(c.orc(&servers, &["delete", "pod", "slow"]).ok());
@@ -556,8 +506,7 @@ spec:
     );
 
     // g. Security defaults.
-    apply(
-        &c,
+    c.apply(
         &single_pod(
             "sec",
             "node-2",
@@ -593,8 +542,7 @@ spec:
         .expect("CapEff");
     assert_eq!(cap & (1 << 21), 0, "no CAP_SYS_ADMIN");
     assert_eq!(cap & (1 << 16), 0, "no CAP_SYS_MODULE");
-    apply(
-        &c,
+    c.apply(
         &single_pod(
             "root",
             "node-2",

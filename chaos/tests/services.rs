@@ -11,28 +11,6 @@ use std::time::Duration;
 
 const MIN: Duration = Duration::from_secs(60);
 
-fn apply(c: &Cluster, yaml: &str) {
-    let o = c.orc_stdin(&c.servers(), &["apply", "-f", "-"], Some(yaml));
-    assert!(o.ok(), "apply: {}", o.stderr);
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn busybox_image(dir: &std::path::Path) -> std::path::PathBuf {
-    let out = dir.join("busybox.tar");
-    let s = std::process::Command::new(orc_chaos::orc_bin())
-        .args(["image", "busybox"])
-        .arg(&out)
-        .args(["--tag", "busybox:1.35"])
-        .status()
-        .expect("orc image busybox");
-    assert!(s.success(), "building the busybox image");
-    out
-}
-
 /// One HTTP GET from this (outside) namespace; the body, or None when the
 /// connection is refused, reset or times out.
 fn http_get(addr: &str, path: &str, timeout: Duration) -> Option<String> {
@@ -150,7 +128,7 @@ fn services_on_two_nodes() {
             "198.18.254.200-198.18.254.210",
         ],
     );
-    let image = busybox_image(dir.path());
+    let image = orc_chaos::lab::busybox_image(dir.path());
     lab.import(0, &image);
     lab.import(1, &image);
     let servers = c.servers();
@@ -161,19 +139,15 @@ fn services_on_two_nodes() {
     let logs = |lab: &Lab| {
         format!(
             "{}\n----\n{}",
-            tail(&lab.agent_log(0)),
-            tail(&lab.agent_log(1))
+            orc_chaos::tail(&lab.agent_log(0), 40),
+            orc_chaos::tail(&lab.agent_log(1), 40)
         )
     };
     c.wait_ready_nodes(2, MIN);
     stage("nodes ready");
-    apply(
-        &c,
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n",
-    );
+    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n");
     // e. A Service that exists before a pod gives the pod its variables.
-    apply(
-        &c,
+    c.apply(
         "apiVersion: v1
 kind: Service
 metadata: {name: redis-master, namespace: demo}
@@ -182,10 +156,9 @@ spec:
   ports: [{name: redis, port: 6379}]
 ",
     );
-    apply(&c, &web_service(""));
-    apply(&c, WEB);
-    apply(
-        &c,
+    c.apply(&web_service(""));
+    c.apply(WEB);
+    c.apply(
         "apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: demo}
@@ -255,8 +228,7 @@ spec:
     // ready pod IPs, a StatefulSet pod's own name, SRV for a named port, a
     // CNAME for an ExternalName; a short name of another namespace fails
     // while the qualified name works.
-    apply(
-        &c,
+    c.apply(
         "apiVersion: v1
 kind: Service
 metadata: {name: db, namespace: demo}
@@ -398,7 +370,7 @@ spec: {ports: [{port: 80}]}
         assert!(*n >= 60, "{pod} got {n} of 300: {hits:?}");
     }
     // ... and with sessionAffinity ClientIP they all reach one.
-    apply(&c, &web_service("  sessionAffinity: ClientIP\n"));
+    c.apply(&web_service("  sessionAffinity: ClientIP\n"));
     std::thread::sleep(Duration::from_secs(1));
     let (_, out, _) = exec(
         &c,
@@ -413,7 +385,7 @@ spec: {ports: [{port: 80}]}
 
     stage("ClusterIP and affinity checked");
     // b. NodePort 30002 at every node's address, from outside the cluster.
-    apply(&c, &web_service(""));
+    c.apply(&web_service(""));
     for n in &lab.nodes {
         let addr = format!("{}:30002", n.address);
         let body = wait_for(&format!("NodePort at {addr}"), MIN, || {
@@ -435,8 +407,7 @@ spec: {ports: [{port: 80}]}
     );
     stage("NodePort checked");
     // c. A LoadBalancer Service gets a pool address that answers from outside.
-    apply(
-        &c,
+    c.apply(
         "apiVersion: v1
 kind: Service
 metadata: {name: lb, namespace: demo}
@@ -488,7 +459,7 @@ spec:
         &["-n", "demo", "scale", "deployment/web", "--replicas", "1"],
     );
     assert!(o.ok(), "{}", o.stderr);
-    apply(&c, &web_service("  externalTrafficPolicy: Local\n"));
+    c.apply(&web_service("  externalTrafficPolicy: Local\n"));
     let (with, without) = wait_for("one web pod", MIN, || {
         let pods = c.items(&["-n", "demo", "pods", "-l", "app=web"]);
         (pods.len() == 1 && web_pods(&c).len() == 1).then(|| {
@@ -552,7 +523,7 @@ spec:
         &["-n", "demo", "scale", "deployment/web", "--replicas", "3"],
     );
     assert!(o.ok(), "{}", o.stderr);
-    apply(&c, &web_service(""));
+    c.apply(&web_service(""));
     let pods = wait_for("3 ready web pods", MIN, || {
         let p = web_pods(&c);
         (p.len() == 3).then_some(p)
@@ -605,7 +576,7 @@ spec:
         &load,
     );
     std::thread::sleep(Duration::from_secs(2));
-    apply(&c, &WEB.replace("v: '1'", "v: '2'"));
+    c.apply(&WEB.replace("v: '1'", "v: '2'"));
     wait_for("the rollout to finish", Duration::from_secs(120), || {
         let pods = c.items(&["-n", "demo", "pods", "-l", "app=web"]);
         let new = pods

@@ -287,7 +287,8 @@ mod tests {
 
     #[test]
     fn upstreams_leave_out_ourselves() {
-        let r = "search x\nnameserver 198.18.1.1\nnameserver 127.0.0.53\n# nameserver 9.9.9.9\n";
+        let r =
+            "search x\nnameserver 198.18.1.1\nnameserver 127.0.0.53\n# nameserver 198.18.0.53\n";
         let u = upstreams_from(r, &["198.18.1.1".parse().unwrap()]);
         assert_eq!(u, vec!["127.0.0.53:53".parse().unwrap()]);
     }

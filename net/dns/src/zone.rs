@@ -271,7 +271,7 @@ mod tests {
     fn zone() -> Zone {
         let mut z = Zone::new("cluster.local");
         let web = json!({"metadata": {"namespace": "demo", "name": "web"},
-            "spec": {"clusterIP": "198.19.0.10", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}});
+            "spec": {"clusterIP": "198.19.0.20", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}});
         z.set_service("demo/web", service_records(&web, &[], "cluster.local"));
         let db = json!({"metadata": {"namespace": "demo", "name": "db"},
             "spec": {"clusterIP": "None", "ports": [{"name": "pg", "port": 5432}]}});
@@ -291,7 +291,7 @@ mod tests {
         let z = zone();
         assert_eq!(
             z.lookup("web.demo.svc.cluster.local.", QType::A),
-            Answer::Records(vec![Data::A("198.19.0.10".parse().unwrap())])
+            Answer::Records(vec![Data::A("198.19.0.20".parse().unwrap())])
         );
         assert_eq!(
             z.lookup("_http._tcp.web.demo.svc.cluster.local.", QType::Srv),
@@ -303,7 +303,7 @@ mod tests {
             }])
         );
         assert_eq!(
-            z.lookup("10.0.19.198.in-addr.arpa.", QType::Ptr),
+            z.lookup("20.0.19.198.in-addr.arpa.", QType::Ptr),
             Answer::Records(vec![Data::Ptr("web.demo.svc.cluster.local.".into())])
         );
     }
@@ -355,7 +355,7 @@ mod tests {
         );
         assert_eq!(z.lookup("example.test.", QType::A), Answer::NotOurs);
         assert_eq!(
-            z.lookup("1.1.1.10.in-addr.arpa.", QType::Ptr),
+            z.lookup("9.9.18.198.in-addr.arpa.", QType::Ptr),
             Answer::NotOurs
         );
         // A Service that goes takes its names, and its empty parents, along.

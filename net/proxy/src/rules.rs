@@ -178,9 +178,19 @@ pub fn render(vs: &VirtualServer, cluster_cidr: Option<&str>) -> Ruleset {
         .collect();
     if vs.affinity.is_none() && vs.scheduler == Scheduler::Random {
         r.hairpin = backends.iter().map(|b| b.ip).collect();
-        let buckets = |r: &mut Ruleset, map: &'static str, key: &str, list: &[Backend]| {
+        // One entry point: its real servers as bucket ranges, or a drop
+        // (Local policy, none here); `masq`: the set that marks it.
+        let entry = |r: &mut Ruleset,
+                     (map, drop): (&'static str, &'static str),
+                     key: String,
+                     list: &[Backend],
+                     masq: Option<&'static str>| {
+            if list.is_empty() {
+                r.element(drop, key, String::new());
+                return;
+            }
+            let n = list.len().min(BUCKETS);
             for (i, b) in list.iter().take(BUCKETS).enumerate() {
-                let n = list.len().min(BUCKETS);
                 let (lo, hi) = (i * BUCKETS / n, (i + 1) * BUCKETS / n - 1);
                 let range = if lo == hi {
                     lo.to_string()
@@ -193,39 +203,32 @@ pub fn render(vs: &VirtualServer, cluster_cidr: Option<&str>) -> Ruleset {
                     format!("{} . {}", b.ip, b.port),
                 );
             }
-        };
-        if let Some((ip, port)) = vs.cluster {
-            let key = format!("{ip} . {p} . {port}");
-            if vs.internal_backends.is_empty() {
-                r.element(DROP_VIPS, key, String::new());
-            } else {
-                buckets(&mut r, BACKENDS, &key, &vs.internal_backends);
-                if cluster_cidr.is_some() {
-                    r.element(CLUSTER_VIPS, key, String::new());
-                }
+            if let Some(set) = masq {
+                r.element(set, key, String::new());
             }
+        };
+        let vips = (BACKENDS, DROP_VIPS);
+        if let Some((ip, port)) = vs.cluster {
+            let masq = cluster_cidr.map(|_| CLUSTER_VIPS);
+            let key = format!("{ip} . {p} . {port}");
+            entry(&mut r, vips, key, &vs.internal_backends, masq);
         }
+        let ext_masq = |set| (!vs.external_local).then_some(set);
         for (ip, port) in &vs.external {
             let key = format!("{ip} . {p} . {port}");
-            if vs.external_backends.is_empty() {
-                r.element(DROP_VIPS, key, String::new());
-            } else {
-                buckets(&mut r, BACKENDS, &key, &vs.external_backends);
-                if !vs.external_local {
-                    r.element(MASQ_EXTERNAL, key, String::new());
-                }
-            }
+            let masq = ext_masq(MASQ_EXTERNAL);
+            entry(&mut r, vips, key, &vs.external_backends, masq);
         }
         if let Some(np) = vs.node_port {
             let key = format!("{p} . {np}");
-            if vs.external_backends.is_empty() {
-                r.element(DROP_NODEPORTS, key, String::new());
-            } else {
-                buckets(&mut r, NODEPORT_BACKENDS, &key, &vs.external_backends);
-                if !vs.external_local {
-                    r.element(MASQ_NODEPORTS, key, String::new());
-                }
-            }
+            let masq = ext_masq(MASQ_NODEPORTS);
+            entry(
+                &mut r,
+                (NODEPORT_BACKENDS, DROP_NODEPORTS),
+                key,
+                &vs.external_backends,
+                masq,
+            );
         }
         return r;
     }

@@ -217,17 +217,54 @@ pub async fn announce(
     node: String,
     node_ip: std::net::Ipv4Addr,
 ) {
+    let mut rx = cache.subscribe();
     cache.wait_synced(2).await;
+    let is_lb = |k: &str| {
+        cache
+            .get(SERVICES, k)
+            .is_some_and(|s| s["spec"]["type"] == "LoadBalancer")
+    };
     let mut added: BTreeSet<std::net::Ipv4Addr> = BTreeSet::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Work only when a LoadBalancer Service or its slices change; the
+    // interface is checked again now and then (someone may remove an address).
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut idx = Index::rebuild(&cache);
+    let mut lbs: BTreeSet<String> = cache
+        .list(SERVICES)
+        .iter()
+        .map(|s| key_of(s))
+        .filter(|k| is_lb(k))
+        .collect();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            r = rx.recv() => match batch(r, &mut rx, &cache, &mut idx) {
+                Some(dirty) => {
+                    let mut touched = false;
+                    for k in dirty {
+                        touched |= lbs.remove(&k);
+                        if is_lb(&k) {
+                            lbs.insert(k);
+                            touched = true;
+                        }
+                    }
+                    if !touched {
+                        continue;
+                    }
+                }
+                None => {
+                    idx = Index::rebuild(&cache);
+                    lbs = cache.list(SERVICES).iter().map(|s| key_of(s)).filter(|k| is_lb(k)).collect();
+                }
+            },
+            _ = tick.tick() => {}
+        }
         let Ok(Some(ifindex)) = orc_netlink::interface_of(&host, node_ip).await else {
             continue;
         };
-        let idx = Index::rebuild(&cache);
+        let services: Vec<Arc<serde_json::Value>> =
+            lbs.iter().filter_map(|k| cache.get(SERVICES, k)).collect();
         let (mine, all) = announced(
-            &cache.list(SERVICES),
+            &services,
             |k| idx.service(&cache, k).map(|(_, s)| s).unwrap_or_default(),
             &node,
         );
