@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod dns;
+mod ingress;
 mod pods;
 mod services;
 mod startup;
@@ -89,6 +90,22 @@ enum Cmd {
         /// Endpoint changes timed per size.
         #[arg(long, default_value_t = 200)]
         changes: usize,
+    },
+    /// L7 ingress against nginx as a reverse proxy to the same backends:
+    /// requests/s and p99 (wrk, keepalive), then failed requests across
+    /// configuration updates under load. Needs wrk, nginx and curl.
+    Ingress {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 100)]
+        updates: usize,
+        /// The orc binary (default: next to this one).
+        #[arg(long)]
+        orc_bin: Option<PathBuf>,
     },
     /// Cluster DNS against unbound: QPS and latency with dnsperf. Needs
     /// dnsperf and unbound.
@@ -473,6 +490,19 @@ async fn main() -> Result<()> {
             clients,
             rounds,
         } => dns::bench(services, seconds, clients, rounds).await,
+        Cmd::Ingress {
+            seconds,
+            connections,
+            rounds,
+            updates,
+            orc_bin,
+        } => ingress::bench(
+            orc_bin_or_default(orc_bin)?,
+            seconds,
+            connections,
+            rounds,
+            updates,
+        ),
     }
 }
 

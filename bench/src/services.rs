@@ -204,7 +204,7 @@ struct Wrk {
     errors: u64,
 }
 
-fn parse_ms(s: &str) -> Option<f64> {
+pub(crate) fn parse_ms(s: &str) -> Option<f64> {
     let s = s.trim();
     for (suffix, mult) in [("us", 0.001), ("ms", 1.0), ("s", 1000.0)] {
         if let Some(n) = s.strip_suffix(suffix) {

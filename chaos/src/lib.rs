@@ -385,6 +385,22 @@ pub struct Process {
 }
 
 impl Process {
+    /// Own a spawned child: it is killed when this is dropped.
+    pub fn from_child(child: Child) -> Process {
+        Process { child: Some(child) }
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether it has exited (and been reaped).
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// SIGKILL now.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -13,6 +13,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
+pub mod informer;
 pub mod job;
 pub mod loadbalancer;
 pub mod nodes;

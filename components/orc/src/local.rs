@@ -166,6 +166,29 @@ async fn start_nodes(
             dir.join(format!("{name}.log")).display()
         );
     }
+    // The ingress runs on node-1, where it reaches every pod directly.
+    let ip = up_node_ip(1);
+    let mut cmd = Command::new(exe);
+    cmd.args(["ingress", "--master", masters])
+        .arg("--netns")
+        .arg(up_netns(1))
+        .args([
+            "--http",
+            &format!("{ip}:80"),
+            "--https",
+            &format!("{ip}:443"),
+            "--metrics",
+            &format!("{ip}:10254"),
+        ])
+        .arg("--pid-file")
+        .arg(dir.join("ingress.pingora.pid"))
+        .arg("--upgrade-sock")
+        .arg(dir.join("ingress-upgrade.sock"));
+    let pid = spawn_logged(dir, "ingress", &mut cmd)?;
+    println!(
+        "ingress started on {ip}:80 and :443, metrics on :10254 (pid {pid}, log {})",
+        dir.join("ingress.log").display()
+    );
     Ok(())
 }
 
@@ -246,6 +269,26 @@ spec:
   selector: {app: web}
   ports:
   - {name: http, port: 80, nodePort: 30002}
+---
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata:
+  name: orc
+  annotations: {ingressclass.kubernetes.io/is-default-class: "true"}
+spec:
+  controller: orc.dev/ingress
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: web
+  namespace: demo
+spec:
+  rules:
+  - host: web.demo.test
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {name: http}}}}
 "#;
 
 pub async fn up(a: UpArgs) -> Result<i32> {
@@ -391,7 +434,7 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         }
     }
     println!(
-        "\nThe CLI now talks to {} (written to {}). Try:\n  orc cluster status\n  orc get deploy -n demo\n  orc get pods -n demo -o wide\n  orc get svc -n demo          # then: curl http://EXTERNAL-IP/ or a node address :30002\n  orc get nodes\n  orc get cm web-config -n demo -o yaml\n  orc get cm -n demo -w        # then, elsewhere: orc apply -f your.yaml\n  orc down                     # stop (add --purge to delete the data)",
+        "\nThe CLI now talks to {} (written to {}). Try:\n  orc cluster status\n  orc get deploy -n demo\n  orc get pods -n demo -o wide\n  orc get svc -n demo          # then: curl http://EXTERNAL-IP/ or a node address :30002\n  orc get ingress -n demo      # then: curl -H 'Host: web.demo.test' http://198.18.253.1/\n  orc get nodes\n  orc get cm web-config -n demo -o yaml\n  orc get cm -n demo -w        # then, elsewhere: orc apply -f your.yaml\n  orc down                     # stop (add --purge to delete the data)",
         addrs.join(","),
         cfg.display()
     );
@@ -405,7 +448,17 @@ pub async fn down(a: DownArgs) -> Result<i32> {
         .filter(|i| dir.join(format!("node-{i}")).exists() || up_netns(*i).exists())
         .collect();
     let mut names: Vec<String> = nodes.iter().map(|i| format!("node-{i}")).collect();
-    names.extend(["registry", "sim-nodes", "master-1", "master-2", "master-3"].map(String::from));
+    names.extend(
+        [
+            "ingress",
+            "registry",
+            "sim-nodes",
+            "master-1",
+            "master-2",
+            "master-3",
+        ]
+        .map(String::from),
+    );
     for name in &names {
         let pidfile = dir.join(format!("{name}.pid"));
         let Some(pid) = read_pid(&pidfile) else {

@@ -113,6 +113,9 @@ enum Cmd {
         #[arg(long)]
         log: PathBuf,
     },
+    /// The L7 ingress: a Pingora proxy routing HTTP(S) by Ingress rules
+    /// straight to the pods behind Services.
+    Ingress(IngressArgs),
     /// A node's cluster DNS server (started by the node agent).
     #[command(hide = true)]
     NodeDns {
@@ -416,6 +419,94 @@ enum SnapshotCmd {
     Restore { file: PathBuf },
 }
 
+#[derive(clap::Args, Debug)]
+struct IngressArgs {
+    /// Masters, HOST:PORT comma-separated.
+    #[arg(long)]
+    master: String,
+    /// Plain HTTP listen address (`none` for no plain HTTP).
+    #[arg(long, default_value = "0.0.0.0:80")]
+    http: String,
+    /// HTTPS listen address (`none` for no HTTPS); certificates come from the
+    /// Ingresses' spec.tls Secrets, chosen by SNI.
+    #[arg(long, default_value = "0.0.0.0:443")]
+    https: String,
+    /// Prometheus metrics listen address (`none` to turn off).
+    #[arg(long, default_value = "127.0.0.1:10254")]
+    metrics: String,
+    /// The IngressClass served: Ingresses naming it, and those naming none
+    /// when it carries ingressclass.kubernetes.io/is-default-class=true.
+    #[arg(long = "class", default_value = "orc")]
+    class: String,
+    /// Addresses written to the Ingresses' status.loadBalancer (IPs or host
+    /// names, comma-separated; default: the listen address when it names one).
+    #[arg(long, value_delimiter = ',')]
+    publish_address: Vec<String>,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Take the listening sockets over from the running ingress (graceful
+    /// binary upgrade); then send that one SIGQUIT.
+    #[arg(long)]
+    upgrade: bool,
+    /// The socket the listening sockets are handed over on.
+    #[arg(long, default_value = "/run/orc-ingress/upgrade.sock")]
+    upgrade_sock: String,
+    #[arg(long, default_value = "/run/orc-ingress/ingress.pid")]
+    pid_file: String,
+    /// On SIGQUIT (upgrade) or SIGTERM: how long open connections
+    /// (websockets, slow responses) may finish before the process exits.
+    #[arg(long, default_value = "60")]
+    drain_seconds: u64,
+    /// Run in this network namespace (a node's, where the pods are reachable).
+    #[arg(long)]
+    netns: Option<PathBuf>,
+}
+
+fn run_ingress(a: &IngressArgs) -> Result<()> {
+    let opt = |s: &str| (s != "none" && !s.is_empty()).then(|| s.to_string());
+    let masters: Vec<String> = a
+        .master
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if masters.is_empty() {
+        anyhow::bail!("--master: give the masters' HOST:PORT addresses, comma-separated");
+    }
+    for f in [&a.upgrade_sock, &a.pid_file] {
+        if let Some(dir) = std::path::Path::new(f).parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+        }
+    }
+    let cfg = orc_ingress::Config {
+        http: opt(&a.http),
+        https: opt(&a.https),
+        metrics: opt(&a.metrics),
+        class: a.class.clone(),
+        publish: a.publish_address.clone(),
+        threads: a.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
+        upgrade: a.upgrade,
+        upgrade_sock: a.upgrade_sock.clone(),
+        pid_file: a.pid_file.clone(),
+        drain: std::time::Duration::from_secs(a.drain_seconds),
+    };
+    if cfg.http.is_none() && cfg.https.is_none() {
+        anyhow::bail!("--http and --https are both none: nothing to serve");
+    }
+    orc_ingress::run(cfg, move || {
+        std::sync::Arc::new(orc_controllers::ClientApi(std::sync::Arc::new(
+            orc_client::Client::new(masters),
+        )))
+    })?;
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     // Silent: its standard streams are the command's (no tracing output).
@@ -454,6 +545,18 @@ fn main() {
             bundle: bundle.clone(),
             log: log.clone(),
         }));
+    }
+    // Pingora makes its own runtimes: it must not start inside ours.
+    if let Cmd::Ingress(a) = &cli.cmd {
+        let entered = match &a.netns {
+            Some(ns) => sim::enter_netns(ns),
+            None => Ok(()),
+        };
+        if let Err(e) = entered.and_then(|_| run_ingress(a)) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
     }
     // setns applies to the calling thread: enter before tokio's threads exist.
     if let Cmd::Node(a) = &cli.cmd {
@@ -915,6 +1018,7 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
         | Cmd::Down(_)
         | Cmd::Node(_)
         | Cmd::NodeDns { .. }
+        | Cmd::Ingress(_)
         | Cmd::Shim { .. }
         | Cmd::ShimExec { .. }
         | Cmd::Image { .. }

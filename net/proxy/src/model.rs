@@ -103,6 +103,48 @@ fn truthy(v: &Value, default: bool) -> bool {
     v.as_bool().unwrap_or(default)
 }
 
+/// The endpoints of one Service port (by name and protocol) in its slices.
+fn slice_endpoints(slices: &[&Value], pname: &str, proto: &str, node: &str) -> Vec<Ep> {
+    let mut eps = Vec::new();
+    for s in slices {
+        if s["addressType"].as_str().is_some_and(|t| t != "IPv4") {
+            continue;
+        }
+        let Some(sp) = s["ports"].as_array().into_iter().flatten().find(|sp| {
+            sp["name"].as_str().unwrap_or("") == pname && proto_of(&sp["protocol"]) == proto
+        }) else {
+            continue;
+        };
+        let Some(target) = sp["port"].as_u64().and_then(|v| u16::try_from(v).ok()) else {
+            continue;
+        };
+        for e in s["endpoints"].as_array().into_iter().flatten() {
+            let c = &e["conditions"];
+            let ready = truthy(&c["ready"], true);
+            for a in e["addresses"].as_array().into_iter().flatten() {
+                if let Some(ip) = a.as_str().and_then(|a| a.parse().ok()) {
+                    eps.push(Ep {
+                        ip,
+                        port: target,
+                        local: e["nodeName"].as_str() == Some(node),
+                        ready,
+                        serving: truthy(&c["serving"], ready),
+                        terminating: truthy(&c["terminating"], false),
+                    });
+                }
+            }
+        }
+    }
+    eps
+}
+
+/// The usable real servers of one Service port (by name; `proto` is `tcp`,
+/// `udp` or `sctp`) on any node: what an L7 proxy balances over.
+pub fn ready_backends(slices: &[&Value], port_name: &str, proto: &str) -> Vec<Backend> {
+    let eps = slice_endpoints(slices, port_name, proto, "");
+    usable(&eps.iter().collect::<Vec<_>>())
+}
+
 /// The virtual servers of `svc` on node `node`, given the Service's
 /// EndpointSlices. ExternalName and headless Services have none.
 pub fn virtual_servers(svc: &Value, slices: &[&Value], node: &str) -> Vec<VirtualServer> {
@@ -155,37 +197,7 @@ pub fn virtual_servers(svc: &Value, slices: &[&Value], node: &str) -> Vec<Virtua
         };
         let pname = p["name"].as_str().unwrap_or("");
         let proto = proto_of(&p["protocol"]);
-        // This port's endpoints: slice ports are matched by name and protocol.
-        let mut eps = Vec::new();
-        for s in slices {
-            if s["addressType"].as_str().is_some_and(|t| t != "IPv4") {
-                continue;
-            }
-            let Some(sp) = s["ports"].as_array().into_iter().flatten().find(|sp| {
-                sp["name"].as_str().unwrap_or("") == pname && proto_of(&sp["protocol"]) == proto
-            }) else {
-                continue;
-            };
-            let Some(target) = sp["port"].as_u64().and_then(|v| u16::try_from(v).ok()) else {
-                continue;
-            };
-            for e in s["endpoints"].as_array().into_iter().flatten() {
-                let c = &e["conditions"];
-                let ready = truthy(&c["ready"], true);
-                for a in e["addresses"].as_array().into_iter().flatten() {
-                    if let Some(ip) = a.as_str().and_then(|a| a.parse().ok()) {
-                        eps.push(Ep {
-                            ip,
-                            port: target,
-                            local: e["nodeName"].as_str() == Some(node),
-                            ready,
-                            serving: truthy(&c["serving"], ready),
-                            terminating: truthy(&c["terminating"], false),
-                        });
-                    }
-                }
-            }
-        }
+        let eps = slice_endpoints(slices, pname, proto, node);
         let all: Vec<&Ep> = eps.iter().collect();
         let local: Vec<&Ep> = eps.iter().filter(|e| e.local).collect();
         let node_port = p["nodePort"]

@@ -8,7 +8,7 @@
 //! agent adopts running containers instead of restarting them. It talks to the
 //! cluster only through the `Api` trait; it must not depend on the apiserver.
 pub mod dns;
-pub mod informer;
+pub use orc_controllers::informer;
 pub mod nat;
 pub mod node;
 pub mod pod;

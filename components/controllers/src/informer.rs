@@ -1,10 +1,11 @@
-//! A watch cache of some resources across all namespaces (list, then watch
+//! A watch cache for processes away from the leader (node agents, DNS,
+//! ingress): some resources across all namespaces (list, then watch
 //! from the list's revision; relist when the watch ends). Each change is
 //! announced as (resource, `namespace/name`); a receiver that lags behind
 //! the announcements resyncs from the cache.
+use crate::{util, Api};
 use orc_api::request::{Request, WatchRequest};
 use orc_api::EventType;
-use orc_controllers::{util, Api};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
