@@ -22,8 +22,7 @@ struct Procs(Vec<Child>);
 impl Drop for Procs {
     fn drop(&mut self) {
         for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
+            crate::stop_child(c);
         }
     }
 }
@@ -49,14 +48,13 @@ fn wait_port(addr: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn nginx_conf(dir: &Path, name: &str, body: &str) -> PathBuf {
+fn nginx_conf(dir: &Path, name: &str, workers: usize, body: &str) -> PathBuf {
     let d = dir.display();
     let conf = dir.join(format!("{name}.conf"));
     let text = format!(
         "worker_processes {workers};\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err;\n\
          events {{ worker_connections 4096; }}\n\
          http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n{body}\n}}\n",
-        workers = if name == "proxy" { "auto" } else { "1" }
     );
     std::fs::write(&conf, text).expect("nginx conf");
     conf
@@ -175,7 +173,18 @@ pub fn bench(
     connections: usize,
     rounds: usize,
     updates: usize,
+    workers: Option<usize>,
 ) -> Result<()> {
+    let workers = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    for addr in [ORC, NGINX, BACKENDS[0], BACKENDS[1], "127.0.0.1:18254"] {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            bail!("{addr} is already in use (a bench left running?): the figures would not be this run's");
+        }
+    }
     let dir = tempfile::Builder::new()
         .prefix("orc-bench-ing-")
         .tempdir()?;
@@ -185,6 +194,7 @@ pub fn bench(
         let conf = nginx_conf(
             d,
             &format!("backend{i}"),
+            1,
             &format!(
                 "server {{ listen {b} backlog=4096; location / {{ return 200 \"ep{i}\\n\"; }} }}"
             ),
@@ -195,7 +205,7 @@ pub fn bench(
             "nginx (apt-get install nginx-light)",
         )?);
     }
-    let proxy_conf = nginx_conf(d, "proxy", &proxy_body(0));
+    let proxy_conf = nginx_conf(d, "proxy", workers, &proxy_body(0));
     procs.0.push(spawn(
         Command::new("nginx").arg("-c").arg(&proxy_conf),
         &d.join("proxy.log"),
@@ -213,9 +223,6 @@ pub fn bench(
         "orc master",
     )?);
     wait_port(&master, "orc master")?;
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
     procs.0.push(spawn(
         Command::new(&orc)
             .args([
@@ -225,7 +232,7 @@ pub fn bench(
                 "--metrics",
                 "127.0.0.1:18254",
                 "--threads",
-                &threads.to_string(),
+                &workers.to_string(),
             ])
             .arg("--pid-file")
             .arg(d.join("ingress.pid"))
@@ -274,7 +281,10 @@ pub fn bench(
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    println!("ingress: wrk -t2 -c{connections} -d{seconds}s, Host: {HOST}, 2 nginx backends, keepalive on both sides");
+    println!(
+        "ingress: wrk -t2 -c{connections} -d{seconds}s, Host: {HOST}, 2 nginx backends, \
+         keepalive on both sides, {workers} nginx workers and {workers} orc threads"
+    );
     println!(
         "{:<8} {:>6} {:>12} {:>10} {:>8}",
         "proxy", "round", "req/s", "p99 ms", "errors"
@@ -312,15 +322,18 @@ pub fn bench(
     let t = Instant::now();
     for i in 0..updates {
         std::thread::sleep(gap);
-        nginx_conf(d, "proxy", &proxy_body(1 + i % 2));
-        let s = Command::new("nginx")
+        nginx_conf(d, "proxy", workers, &proxy_body(1 + i % 2));
+        let o = Command::new("nginx")
             .arg("-c")
             .arg(&proxy_conf)
             .args(["-s", "reload"])
-            .stderr(Stdio::null())
-            .status()?;
-        if !s.success() {
-            bail!("nginx -s reload failed");
+            .output()?;
+        if !o.status.success() {
+            bail!(
+                "nginx -s reload: {}\n{}",
+                String::from_utf8_lossy(&o.stderr),
+                std::fs::read_to_string(d.join("proxy.err")).unwrap_or_default()
+            );
         }
     }
     let nginx_took = t.elapsed();

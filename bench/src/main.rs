@@ -103,6 +103,10 @@ enum Cmd {
         rounds: usize,
         #[arg(long, default_value_t = 100)]
         updates: usize,
+        /// Worker threads of orc's ingress and nginx's worker processes
+        /// (default: one per CPU, both).
+        #[arg(long)]
+        workers: Option<usize>,
         /// The orc binary (default: next to this one).
         #[arg(long)]
         orc_bin: Option<PathBuf>,
@@ -139,6 +143,25 @@ enum Cmd {
         #[arg(long, default_value = "/usr/sbin/runc")]
         runc: PathBuf,
     },
+}
+
+/// Stop a child the way its own tools do (SIGTERM: nginx's master then
+/// stops its workers; SIGKILL would orphan them, still listening), then
+/// SIGKILL after 5 s, and reap it.
+pub(crate) fn stop_child(c: &mut Child) {
+    use nix::sys::signal::{kill, Signal};
+    let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+    if kill(pid, Signal::SIGTERM).is_ok() {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if c.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 fn free_port() -> u16 {
@@ -495,6 +518,7 @@ async fn main() -> Result<()> {
             connections,
             rounds,
             updates,
+            workers,
             orc_bin,
         } => ingress::bench(
             orc_bin_or_default(orc_bin)?,
@@ -502,6 +526,7 @@ async fn main() -> Result<()> {
             connections,
             rounds,
             updates,
+            workers,
         ),
     }
 }

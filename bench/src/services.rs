@@ -51,8 +51,7 @@ struct Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for p in &mut self.procs {
-            let _ = p.kill();
-            let _ = p.wait();
+            crate::stop_child(p);
         }
         for ns in [NODE, OUT, CLI, EPS[0], EPS[1]] {
             let _ = Command::new("ip")

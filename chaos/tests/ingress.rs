@@ -589,6 +589,18 @@ fn ingress_routes_tls_updates_and_failures() {
         let i = c.items(&["-n", "demo", "ingress", "web"]);
         (i.first()?["status"]["loadBalancer"]["ingress"][0]["ip"] == NODE).then_some(())
     });
+    let table = c
+        .orc(&c.servers(), &["-n", "demo", "get", "ingress", "web"])
+        .stdout;
+    for col in [
+        "CLASS",
+        "orc",
+        "foo.example.test,example.test",
+        NODE,
+        "80, 443",
+    ] {
+        assert!(table.contains(col), "orc get ingress lacks {col}:\n{table}");
+    }
     // A default backend catches what no rule matches.
     c.apply(
         "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: fallback, namespace: demo}\n\

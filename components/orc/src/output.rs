@@ -61,6 +61,8 @@ fn columns(info: &ResourceInfo, wide: bool) -> Vec<&'static str> {
         "CronJob" => vec!["SCHEDULE", "SUSPEND", "ACTIVE"],
         "Service" => vec!["TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORTS"],
         "EndpointSlice" => vec!["ADDRESSTYPE", "PORTS", "ENDPOINTS"],
+        "Ingress" => vec!["CLASS", "HOSTS", "ADDRESS", "PORTS"],
+        "IngressClass" => vec!["CONTROLLER"],
         "ConfigMap" => vec!["DATA"],
         "Secret" => vec!["TYPE", "DATA"],
         "Namespace" => vec!["STATUS"],
@@ -263,6 +265,40 @@ fn cells(info: &ResourceInfo, o: &Value, wide: bool) -> Vec<String> {
                 },
             ]
         }
+        "Ingress" => {
+            let list = |p: &str, field: &str| -> Vec<String> {
+                o.pointer(p)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x[field].as_str().map(String::from))
+                    .collect()
+            };
+            let hosts = list("/spec/rules", "host");
+            let mut addrs = list("/status/loadBalancer/ingress", "ip");
+            addrs.extend(list("/status/loadBalancer/ingress", "hostname"));
+            let tls = o
+                .pointer("/spec/tls")
+                .and_then(Value::as_array)
+                .is_some_and(|t| !t.is_empty());
+            let or = |v: Vec<String>, none: &str| {
+                if v.is_empty() {
+                    none.to_string()
+                } else {
+                    v.join(",")
+                }
+            };
+            vec![
+                o.pointer("/spec/ingressClassName")
+                    .and_then(Value::as_str)
+                    .unwrap_or("<none>")
+                    .to_string(),
+                or(hosts, "*"),
+                or(addrs, ""),
+                if tls { "80, 443" } else { "80" }.to_string(),
+            ]
+        }
+        "IngressClass" => vec![s(o, "/spec/controller").to_string()],
         "ConfigMap" => vec![(o
             .pointer("/data")
             .and_then(Value::as_object)
