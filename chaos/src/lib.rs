@@ -459,6 +459,21 @@ impl Cluster {
         });
     }
 
+    /// The pods of namespace `ns` matching `selector` that are Ready and
+    /// not being deleted.
+    pub fn ready_pods(&self, ns: &str, selector: &str) -> Vec<Value> {
+        self.items(&["-n", ns, "pods", "-l", selector])
+            .into_iter()
+            .filter(|p| {
+                p["metadata"]["deletionTimestamp"].is_null()
+                    && p["status"]["conditions"].as_array().is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+            })
+            .collect()
+    }
+
     /// `orc get RESOURCE -o json` items (any master), with extra args.
     pub fn items(&self, args: &[&str]) -> Vec<Value> {
         let mut all = vec!["get"];

@@ -265,7 +265,7 @@ spec:
       containers:
       - name: httpd
         image: busybox:1.35
-        command: [sh, -c, 'mkdir -p /www; hostname > /www/index.html; cp /www/index.html /www/bar; cp /www/index.html /www/exact; touch /tmp/ready; exec httpd -f -p 8080 -h /www']
+        command: [sh, -c, 'mkdir -p /www/cgi-bin; hostname > /www/index.html; cp /www/index.html /www/bar; cp /www/index.html /www/exact; printf \"#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho \\$HTTP_X_FORWARDED_FOR \\$HTTP_X_FORWARDED_PROTO \\$HTTP_X_FORWARDED_HOST\\n\" > /www/cgi-bin/fwd; chmod +x /www/cgi-bin/fwd; touch /tmp/ready; exec httpd -f -p 8080 -h /www']
         ports: [{{name: http, containerPort: 8080}}]
         readinessProbe: {{exec: {{command: [test, -e, /tmp/ready]}}, periodSeconds: 1, failureThreshold: 1}}
         lifecycle: {{preStop: {{exec: {{command: [sleep, '2']}}}}}}
@@ -465,15 +465,8 @@ fn spawn_ingress(lab: &Lab, c: &Cluster, dir: &std::path::Path, upgrade: bool) -
 }
 
 fn ready_pods(c: &Cluster, app: &str) -> Vec<String> {
-    c.items(&["-n", "demo", "pods", "-l", &format!("app={app}")])
-        .into_iter()
-        .filter(|p| {
-            p["metadata"]["deletionTimestamp"].is_null()
-                && p["status"]["conditions"].as_array().is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-        })
+    c.ready_pods("demo", &format!("app={app}"))
+        .iter()
         .map(|p| p["metadata"]["name"].as_str().unwrap_or("").to_string())
         .collect()
 }
@@ -582,8 +575,16 @@ fn ingress_routes_tls_updates_and_failures() {
             r.status, r.body
         );
     }
-    let r = get("foo.example.test", "/").unwrap();
-    assert_eq!(r.status, 200);
+    // The pods see who asked, how and for which host.
+    let r = get("foo.example.test:8080", "/cgi-bin/fwd").unwrap();
+    assert_eq!(
+        (r.status, r.body.trim()),
+        (
+            200,
+            format!("{MASTER_IP} http foo.example.test:8080").as_str()
+        ),
+        "X-Forwarded-For/-Proto/-Host"
+    );
     // Ingress status carries the ingress address.
     wait_for("status.loadBalancer of demo/web", MIN, || {
         let i = c.items(&["-n", "demo", "ingress", "web"]);

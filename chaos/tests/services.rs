@@ -45,16 +45,7 @@ fn count(out: &str) -> BTreeMap<String, usize> {
 }
 
 fn web_pods(c: &Cluster) -> Vec<Value> {
-    c.items(&["-n", "demo", "pods", "-l", "app=web"])
-        .into_iter()
-        .filter(|p| {
-            p["metadata"]["deletionTimestamp"].is_null()
-                && p["status"]["conditions"].as_array().is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-        })
-        .collect()
+    c.ready_pods("demo", "app=web")
 }
 
 /// The rules of node `i`'s Service table.

@@ -465,15 +465,7 @@ struct IngressArgs {
 
 fn run_ingress(a: &IngressArgs) -> Result<()> {
     let opt = |s: &str| (s != "none" && !s.is_empty()).then(|| s.to_string());
-    let masters: Vec<String> = a
-        .master
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
-    if masters.is_empty() {
-        anyhow::bail!("--master: give the masters' HOST:PORT addresses, comma-separated");
-    }
+    let masters = sim::master_list(&a.master)?;
     for f in [&a.upgrade_sock, &a.pid_file] {
         if let Some(dir) = std::path::Path::new(f).parent() {
             std::fs::create_dir_all(dir)
@@ -756,11 +748,7 @@ async fn run(cli: Cli) -> Result<i32> {
             cluster_domain,
             upstream,
         } => {
-            let masters: Vec<String> = master
-                .split(',')
-                .filter(|m| !m.is_empty())
-                .map(String::from)
-                .collect();
+            let masters = sim::master_list(&master)?;
             let api: std::sync::Arc<dyn orc_controllers::Api> = std::sync::Arc::new(
                 orc_controllers::ClientApi(std::sync::Arc::new(orc_client::Client::new(masters))),
             );

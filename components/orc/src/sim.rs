@@ -384,8 +384,12 @@ async fn play(api: Arc<dyn Api>, n: Arc<NodeSim>, pod: Value) {
 }
 
 fn masters(a: &SimArgs) -> Result<Vec<String>> {
-    let m: Vec<String> = a
-        .master
+    master_list(&a.master)
+}
+
+/// `--master A,B,...`: the masters' HOST:PORT addresses.
+pub fn master_list(list: &str) -> Result<Vec<String>> {
+    let m: Vec<String> = list
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
