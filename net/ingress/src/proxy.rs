@@ -138,6 +138,10 @@ async fn respond(
 impl ProxyHttp for Router {
     type CTX = Ctx;
 
+    /// No downstream modules: Pingora's default adds a (disabled)
+    /// compression module to every request.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         Ctx {
             live: None,
