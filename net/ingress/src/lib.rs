@@ -111,7 +111,12 @@ impl routes::Objects for CacheObjects<'_> {
 }
 
 /// Rebuild routes and certificates from the cache and swap them in.
-fn rebuild(cache: &Cache, cfg: &Config, shared: &Shared, resolver: &tls::Resolver) -> Vec<String> {
+fn rebuild(
+    cache: &Cache,
+    cfg: &Config,
+    shared: &Shared,
+    resolver: &tls::Resolver,
+) -> (Vec<String>, routes::References) {
     let default_class = cache
         .get(CLASSES, &format!("/{}", cfg.class))
         .is_some_and(|c| routes::is_default_class(&c));
@@ -121,11 +126,25 @@ fn rebuild(cache: &Cache, cfg: &Config, shared: &Shared, resolver: &tls::Resolve
     warnings.extend(table.warnings.iter().cloned());
     resolver.set(certs);
     let served = table.ingresses.clone();
+    let refs = table.references();
     shared.swap(table);
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    served
+    (served, refs)
+}
+
+/// Whether a watch announcement can change the tables.
+fn affects(cache: &Cache, refs: &routes::References, (resource, key): &informer::Key) -> bool {
+    let slice_service = (*resource == SLICES)
+        .then(|| cache.get(SLICES, key))
+        .flatten()
+        .and_then(|s| {
+            let ns = s["metadata"]["namespace"].as_str()?;
+            let svc = s["metadata"]["labels"]["kubernetes.io/service-name"].as_str()?;
+            Some(format!("{ns}/{svc}"))
+        });
+    refs.affected_by(resource, key, slice_service.as_deref())
 }
 
 /// Write the published addresses into the status of each Ingress served.
@@ -167,16 +186,31 @@ async fn watch(api: Arc<dyn Api>, cfg: Config, shared: Arc<Shared>, resolver: Ar
     }
     cache.wait_synced(resources.len()).await;
     let addrs = publish_addresses(&cfg);
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    while rx.try_recv().is_ok() {}
     loop {
-        while rx.try_recv().is_ok() {}
-        let served = rebuild(&cache, &cfg, &shared, &resolver);
+        let (served, refs) = rebuild(&cache, &cfg, &shared, &resolver);
         tracing::debug!("routes swapped: {} ingresses", served.len());
         publish(api.as_ref(), &cache, &served, &addrs).await;
-        match rx.recv().await {
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            _ => {
-                // Let a burst of changes (a rollout) land as one swap.
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // Wait for a change that can matter (a lagging receiver rebuilds).
+        loop {
+            let mut relevant = match rx.recv().await {
+                Err(RecvError::Closed) => return,
+                Err(RecvError::Lagged(_)) => true,
+                Ok(k) => affects(&cache, &refs, &k),
+            };
+            // Let a burst of changes (a rollout) land as one swap.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            loop {
+                match rx.try_recv() {
+                    Ok(k) => relevant |= affects(&cache, &refs, &k),
+                    Err(TryRecvError::Lagged(_)) => relevant = true,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Closed) => return,
+                }
+            }
+            if relevant {
+                break;
             }
         }
     }

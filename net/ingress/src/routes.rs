@@ -2,7 +2,7 @@
 //! EndpointSlices) to a routing table, and the lookup of a request in it:
 //! pure functions, no I/O.
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -165,6 +165,43 @@ impl Table {
             }
         }
         self.default.map(|i| (i, &self.routes[i]))
+    }
+}
+
+/// The objects besides Ingresses and IngressClasses a table was built from:
+/// a change to any other cannot change it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct References {
+    /// Services, `namespace/name`.
+    pub services: HashSet<String>,
+    /// TLS Secrets, `namespace/name`.
+    pub secrets: HashSet<String>,
+}
+
+impl References {
+    /// Whether a change to `resource`'s object `key` can change the table.
+    /// `slice_service` is the Service (`namespace/name`) of a changed
+    /// EndpointSlice, None when it is gone (then it may have been ours).
+    pub fn affected_by(&self, resource: &str, key: &str, slice_service: Option<&str>) -> bool {
+        match resource {
+            "services" => self.services.contains(key),
+            "secrets" => self.secrets.contains(key),
+            "endpointslices" => slice_service.is_none_or(|s| self.services.contains(s)),
+            _ => true,
+        }
+    }
+}
+
+impl Table {
+    pub fn references(&self) -> References {
+        References {
+            services: self
+                .routes
+                .iter()
+                .map(|r| r.target.service.clone())
+                .collect(),
+            secrets: self.tls.iter().map(|t| t.secret.clone()).collect(),
+        }
     }
 }
 
@@ -688,6 +725,27 @@ mod tests {
                 ("", "default/fallback")
             ]
         );
+    }
+
+    #[test]
+    fn only_referenced_objects_call_for_a_rebuild() {
+        let mut ing = (*ingress("a", "t", json!({"ingressClassName": "orc",
+            "tls": [{"hosts": ["a.test"], "secretName": "ab"}],
+            "defaultBackend": backend("dflt"),
+            "rules": [{"http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": backend("foo")}]}}]})))
+        .clone();
+        ing["metadata"]["namespace"] = json!("default");
+        let r = build("orc", false, &[Arc::new(ing)], &objs()).references();
+        assert!(r.affected_by("services", "default/foo", None));
+        assert!(r.affected_by("services", "default/dflt", None));
+        assert!(!r.affected_by("services", "default/bar", None));
+        assert!(r.affected_by("secrets", "default/ab", None));
+        assert!(!r.affected_by("secrets", "default/other", None));
+        assert!(r.affected_by("endpointslices", "default/foo-x", Some("default/foo")));
+        assert!(!r.affected_by("endpointslices", "default/bar-x", Some("default/bar")));
+        assert!(r.affected_by("endpointslices", "default/gone", None));
+        assert!(r.affected_by("ingresses", "other/any", None));
+        assert!(r.affected_by("ingressclasses", "/orc", None));
     }
 
     #[test]
