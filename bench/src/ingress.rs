@@ -6,7 +6,9 @@
 //! the ingress; the backends are a selector-less Service with its own
 //! EndpointSlice. Everything listens on 127.0.0.0/8 and is stopped at the
 //! end, also on error. Needs wrk and nginx.
+use crate::services::{parse_wrk, Wrk};
 use crate::startup::pct;
+use crate::wait_port;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,18 +36,6 @@ fn spawn(cmd: &mut Command, log: &Path, what: &str) -> Result<Child> {
         .stderr(f)
         .spawn()
         .with_context(|| what.to_string())
-}
-
-fn wait_port(addr: &str, what: &str) -> Result<()> {
-    let sa: std::net::SocketAddr = addr.parse()?;
-    let t = Instant::now();
-    while std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(200)).is_err() {
-        if t.elapsed() > Duration::from_secs(20) {
-            bail!("{what} at {addr} did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 fn nginx_conf(dir: &Path, name: &str, workers: usize, body: &str) -> PathBuf {
@@ -111,13 +101,6 @@ fn orc_apply(orc: &Path, server: &str, yaml: &str) -> Result<()> {
     Ok(())
 }
 
-struct Wrk {
-    rps: f64,
-    p99_ms: f64,
-    requests: u64,
-    errors: u64,
-}
-
 fn wrk_start(url: &str, conns: usize, secs: u64) -> Result<Child> {
     Command::new("wrk")
         .args([
@@ -136,31 +119,7 @@ fn wrk_start(url: &str, conns: usize, secs: u64) -> Result<Child> {
 fn wrk_end(c: Child) -> Result<Wrk> {
     let o = c.wait_with_output()?;
     let text = String::from_utf8_lossy(&o.stdout);
-    let mut w = Wrk {
-        rps: 0.0,
-        p99_ms: 0.0,
-        requests: 0,
-        errors: 0,
-    };
-    for l in text.lines() {
-        let l = l.trim();
-        if let Some(v) = l.strip_prefix("Requests/sec:") {
-            w.rps = v.trim().parse().unwrap_or(0.0);
-        } else if let Some(v) = l.strip_prefix("99%") {
-            w.p99_ms = crate::services::parse_ms(v).unwrap_or(0.0);
-        } else if l.contains("requests in") {
-            w.requests = l
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-        } else if l.starts_with("Non-2xx") || l.starts_with("Socket errors") {
-            w.errors += l
-                .split(|c: char| !c.is_ascii_digit())
-                .filter_map(|n| n.parse::<u64>().ok())
-                .sum::<u64>();
-        }
-    }
+    let w = parse_wrk(&text);
     if w.requests == 0 {
         bail!("wrk made no requests:\n{text}");
     }

@@ -145,6 +145,19 @@ enum Cmd {
     },
 }
 
+/// Wait up to 20 s until something listens on `addr`.
+pub(crate) fn wait_port(addr: &str, what: &str) -> Result<()> {
+    let sa: std::net::SocketAddr = addr.parse()?;
+    let t = Instant::now();
+    while std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(200)).is_err() {
+        if t.elapsed() > Duration::from_secs(20) {
+            anyhow::bail!("{what} at {addr} did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Stop a child the way its own tools do (SIGTERM: nginx's master then
 /// stops its workers; SIGKILL would orphan them, still listening), then
 /// SIGKILL after 5 s, and reap it.

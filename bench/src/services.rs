@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use orc_proxy::{Backend, Proxy, Scheduler, VirtualServer};
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const NODE: &str = "orcb-node";
 const OUT: &str = "orcb-out";
@@ -135,14 +135,7 @@ fn setup() -> Result<Lab> {
     let f = std::fs::File::open(format!("/run/netns/{NODE}"))?;
     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
     for addr in ["198.18.200.2:8080", "198.18.200.3:8080"] {
-        let sa: std::net::SocketAddr = addr.parse()?;
-        let t = Instant::now();
-        while std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(200)).is_err() {
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("nginx at {addr} did not start");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_port(addr, "nginx")?;
     }
     Ok(lab)
 }
@@ -197,10 +190,43 @@ fn dummy(i: usize, gen: usize) -> (String, Vec<VirtualServer>) {
     )
 }
 
-struct Wrk {
-    rps: f64,
-    p99_ms: f64,
-    errors: u64,
+/// What one wrk run printed.
+pub(crate) struct Wrk {
+    pub rps: f64,
+    pub p99_ms: f64,
+    pub requests: u64,
+    /// Non-2xx responses and socket errors.
+    pub errors: u64,
+}
+
+/// Read wrk's `--latency` summary.
+pub(crate) fn parse_wrk(text: &str) -> Wrk {
+    let mut w = Wrk {
+        rps: 0.0,
+        p99_ms: 0.0,
+        requests: 0,
+        errors: 0,
+    };
+    for l in text.lines() {
+        let l = l.trim();
+        if let Some(v) = l.strip_prefix("Requests/sec:") {
+            w.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = l.strip_prefix("99%") {
+            w.p99_ms = parse_ms(v).unwrap_or(0.0);
+        } else if l.contains("requests in") {
+            w.requests = l
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        } else if l.starts_with("Non-2xx") || l.starts_with("Socket errors") {
+            w.errors += l
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|n| n.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    w
 }
 
 pub(crate) fn parse_ms(s: &str) -> Option<f64> {
@@ -232,24 +258,16 @@ fn wrk(ns: &str, urls: [&str; 2], conns: usize, secs: u64) -> Result<Wrk> {
     let mut out = Wrk {
         rps: 0.0,
         p99_ms: 0.0,
+        requests: 0,
         errors: 0,
     };
     for c in children {
         let o = c.wait_with_output()?;
-        let text = String::from_utf8_lossy(&o.stdout);
-        for l in text.lines() {
-            let l = l.trim();
-            if let Some(v) = l.strip_prefix("Requests/sec:") {
-                out.rps += v.trim().parse::<f64>().unwrap_or(0.0);
-            } else if let Some(v) = l.strip_prefix("99%") {
-                out.p99_ms = out.p99_ms.max(parse_ms(v).unwrap_or(0.0));
-            } else if l.starts_with("Non-2xx") || l.starts_with("Socket errors") {
-                out.errors += l
-                    .split(|c: char| !c.is_ascii_digit())
-                    .filter_map(|n| n.parse::<u64>().ok())
-                    .sum::<u64>();
-            }
-        }
+        let w = parse_wrk(&String::from_utf8_lossy(&o.stdout));
+        out.rps += w.rps;
+        out.p99_ms = out.p99_ms.max(w.p99_ms);
+        out.requests += w.requests;
+        out.errors += w.errors;
     }
     Ok(out)
 }

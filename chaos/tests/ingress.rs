@@ -677,21 +677,17 @@ fn ingress_routes_tls_updates_and_failures() {
     let load = Load::start(4);
     std::thread::sleep(Duration::from_secs(2));
     let mut extra = Vec::new();
+    let scale = |n: u32| {
+        let n = n.to_string();
+        c.orc(
+            &c.servers(),
+            &["-n", "demo", "scale", "deployment", "foo", "--replicas", &n],
+        )
+    };
     let mut changes = 0;
     for i in 0..100 {
         match i {
-            10 => c.orc(
-                &c.servers(),
-                &[
-                    "-n",
-                    "demo",
-                    "scale",
-                    "deployment",
-                    "foo",
-                    "--replicas",
-                    "3",
-                ],
-            ),
+            10 => scale(3),
             30 => c.orc(
                 &c.servers(),
                 &[
@@ -704,18 +700,7 @@ fn ingress_routes_tls_updates_and_failures() {
                     r#"{"spec":{"template":{"metadata":{"annotations":{"v":"2"}}}}}"#,
                 ],
             ),
-            60 => c.orc(
-                &c.servers(),
-                &[
-                    "-n",
-                    "demo",
-                    "scale",
-                    "deployment",
-                    "foo",
-                    "--replicas",
-                    "2",
-                ],
-            ),
+            60 => scale(2),
             _ => {
                 if i % 2 == 0 || extra.is_empty() {
                     extra.push(format!("/extra{i}"));
@@ -803,7 +788,6 @@ fn ingress_routes_tls_updates_and_failures() {
         assert!(m.contains(want), "metrics lack {want}:\n{m}");
     }
     drop(new);
-    let _ = &mut ing;
 }
 
 fn retries_total(m: &str) -> u64 {

@@ -58,17 +58,11 @@ impl Cache {
 
     /// Objects of one namespace (keys `ns/...`).
     pub fn list_ns(&self, resource: &str, ns: &str) -> Vec<Arc<Value>> {
-        let prefix = format!("{ns}/");
         self.objects
             .read()
             .unwrap()
             .get(resource)
-            .map(|m| {
-                m.range(prefix.clone()..)
-                    .take_while(|(k, _)| k.starts_with(&prefix))
-                    .map(|(_, v)| v.clone())
-                    .collect()
-            })
+            .map(|m| crate::store::in_namespace(m, ns))
             .unwrap_or_default()
     }
 

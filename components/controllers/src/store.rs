@@ -154,15 +154,9 @@ impl Store {
 
     pub fn list_ns(&self, resource: &str, ns: &str) -> Vec<Arc<Value>> {
         let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        let prefix = format!("{ns}/");
         g.objects
             .get(resource)
-            .map(|m| {
-                m.range(prefix.clone()..)
-                    .take_while(|(k, _)| k.starts_with(&prefix))
-                    .map(|(_, v)| v.clone())
-                    .collect()
-            })
+            .map(|m| in_namespace(m, ns))
             .unwrap_or_default()
     }
 
@@ -407,4 +401,13 @@ pub async fn run(api: Arc<dyn Api>, store: Arc<Store>) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The objects of namespace `ns` in a map keyed `namespace/name`.
+pub(crate) fn in_namespace(m: &BTreeMap<String, Arc<Value>>, ns: &str) -> Vec<Arc<Value>> {
+    let prefix = format!("{ns}/");
+    m.range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
+        .map(|(_, v)| v.clone())
+        .collect()
 }
