@@ -133,9 +133,10 @@ impl PodState {
         }
     }
     fn save(&self) {
-        let _ = std::fs::write(
-            self.dir.join("containers.json"),
-            serde_json::to_vec(&self.records).unwrap_or_default(),
+        // Atomic: `exec` and `logs` read it while the worker writes.
+        let _ = orc_container::shim::write_atomic(
+            &self.dir.join("containers.json"),
+            &serde_json::to_vec(&self.records).unwrap_or_default(),
         );
     }
 }
@@ -199,9 +200,9 @@ pub async fn run(s: Arc<Shared>, uid: String, mut rx: watch::Receiver<Option<Val
             Some(p) => {
                 let rv = p["metadata"]["resourceVersion"].as_str().unwrap_or("");
                 if st.saved_rv != rv && std::fs::create_dir_all(&dir).is_ok() {
-                    let _ = std::fs::write(
-                        dir.join("pod.json"),
-                        serde_json::to_vec(&p).unwrap_or_default(),
+                    let _ = orc_container::shim::write_atomic(
+                        &dir.join("pod.json"),
+                        &serde_json::to_vec(&p).unwrap_or_default(),
                     );
                     st.saved_rv = rv.to_string();
                 }

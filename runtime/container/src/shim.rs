@@ -104,7 +104,9 @@ fn oom_kills(cgroup_path: &str) -> u64 {
     0
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Write `bytes` to `path` through a temporary file and a rename, so a
+/// concurrent reader sees the old content or the new, never a torn file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(tmp, path)
