@@ -120,7 +120,7 @@ enum Cmd {
         seconds: u64,
         #[arg(long, default_value_t = 4)]
         clients: usize,
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
     /// Pod startup: create -> Running of N pods on one real node agent

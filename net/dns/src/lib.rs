@@ -9,11 +9,16 @@ pub mod zone;
 
 pub use zone::{service_records, Answer, Data, QType, Zone};
 
-use hickory_server::proto::op::{Header, HeaderCounts, Message, Metadata, ResponseCode};
+use hickory_server::net::{xfer::Protocol, NetError};
+use hickory_server::proto::op::{
+    Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
+};
 use hickory_server::proto::rr::rdata::{A, CNAME, PTR, SOA, SRV};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
@@ -118,20 +123,31 @@ fn failed(request: &Request, code: ResponseCode) -> ResponseInfo {
     })
 }
 
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
+impl Handler {
+    /// The generation of the zone (see `Zone::generation`).
+    pub fn generation(&self) -> u64 {
+        self.zone
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation()
+    }
+
+    /// Answer `request` through `response`. True when the answer depends on
+    /// the question and the zone alone (the zone answered, or the question
+    /// was malformed), so it may be kept until the zone changes; false when
+    /// it came from an upstream or failed.
+    async fn respond<R: ResponseHandler>(
         &self,
         request: &Request,
         mut response: R,
-    ) -> ResponseInfo {
+    ) -> (ResponseInfo, bool) {
         let builder = MessageResponseBuilder::from_message_request(request);
         let Ok(info) = request.request_info() else {
             let r = builder.error_msg(&request.metadata, ResponseCode::FormErr);
-            return response
-                .send_response(r)
-                .await
-                .unwrap_or_else(|_| failed(request, ResponseCode::FormErr));
+            return match response.send_response(r).await {
+                Ok(info) => (info, true),
+                Err(_) => (failed(request, ResponseCode::FormErr), false),
+            };
         };
         let owner: Name = info.query.name().into();
         // A LowerName is lower-case already.
@@ -150,6 +166,7 @@ impl RequestHandler for Handler {
         };
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.recursion_available = true;
+        let local = answer != Answer::NotOurs;
         let result = match answer {
             Answer::NotOurs => match forward(request.as_slice(), &self.upstreams).await {
                 Some(m) => {
@@ -199,10 +216,195 @@ impl RequestHandler for Handler {
                 response.send_response(r).await
             }
         };
-        result.unwrap_or_else(|e| {
-            tracing::debug!("dns response: {e}");
-            failed(request, ResponseCode::ServFail)
-        })
+        match result {
+            Ok(info) => (info, local),
+            Err(e) => {
+                tracing::debug!("dns response: {e}");
+                (failed(request, ResponseCode::ServFail), false)
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
+        &self,
+        request: &Request,
+        response: R,
+    ) -> ResponseInfo {
+        self.respond(request, response).await.0
+    }
+}
+
+/// How many answers one serving thread keeps.
+const CACHED_ANSWERS: usize = 10_000;
+
+/// Encoded answers of one serving thread, by question: the query's bytes
+/// after its ID (flags, question, EDNS), which are all an answer from the
+/// zone depends on, for one zone generation. Like CoreDNS's cache in front
+/// of its kubernetes plugin, but exact: a change of the zone empties it.
+#[derive(Default)]
+pub struct AnswerCache {
+    generation: u64,
+    answers: HashMap<Box<[u8]>, Box<[u8]>>,
+}
+
+impl AnswerCache {
+    /// The kept answer to `query` (a whole DNS message) under zone
+    /// `generation`, carrying the query's ID.
+    pub fn get(&mut self, generation: u64, query: &[u8]) -> Option<&[u8]> {
+        if generation != self.generation || query.len() < 12 {
+            return None;
+        }
+        let a = self.answers.get_mut(&query[2..])?;
+        a[..2].copy_from_slice(&query[..2]);
+        Some(a)
+    }
+
+    /// Keep `answer` to `query`, computed under zone `generation`.
+    pub fn put(&mut self, generation: u64, query: &[u8], answer: &[u8]) {
+        if generation < self.generation || query.len() < 12 || answer.len() < 12 {
+            return;
+        }
+        if generation > self.generation || self.answers.len() >= CACHED_ANSWERS {
+            self.answers.clear();
+            self.generation = generation;
+        }
+        self.answers.insert(query[2..].into(), answer.into());
+    }
+}
+
+/// The answer to a query that does not parse (at least a header): its ID,
+/// opcode and RD bit, FORMERR, no records.
+fn form_error(query: &[u8]) -> Option<[u8; 12]> {
+    let mut a = [0u8; 12];
+    a[..2].copy_from_slice(query.get(..2)?);
+    a[2] = 0x80 | (query.get(2)? & 0x79);
+    a[3] = 0x01;
+    (query.len() >= 12).then_some(a)
+}
+
+/// A response handler that keeps the encoded answer for its caller (which
+/// sends it, and may cache it), encoding as hickory's own UDP handler does.
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+impl Capture {
+    fn take(&self) -> Option<Vec<u8>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for Capture {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        // Without EDNS a UDP answer is at most 512 bytes (RFC 1035 4.2.1);
+        // what does not fit is left out with TC set.
+        let max = response.edns().map_or(512, |e| e.max_payload());
+        let id = response.metadata().id;
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(max);
+        let info = match response.destructive_emit(&mut encoder) {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!("dns: encoding an answer: {e}");
+                bytes.clear();
+                let mut metadata = Metadata::new(id, MessageType::Response, OpCode::Query);
+                metadata.response_code = ResponseCode::ServFail;
+                let header = Header {
+                    metadata,
+                    counts: HeaderCounts::default(),
+                };
+                header
+                    .emit(&mut BinEncoder::new(&mut bytes))
+                    .map_err(|e| NetError::from(e.to_string()))?;
+                ResponseInfo::from(header)
+            }
+        };
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(bytes);
+        Ok(info)
+    }
+}
+
+/// Serve UDP questions on `sock` until it fails. A question asked before
+/// under the current zone is answered from the thread's cache without
+/// parsing; any other goes to the handler, inline when the zone answers
+/// and as a task of its own when it waits for an upstream.
+async fn serve_udp(sock: tokio::net::UdpSocket, handler: Arc<Handler>) -> std::io::Result<()> {
+    use std::future::Future;
+    use std::task::Poll;
+    let sock = std::rc::Rc::new(sock);
+    let mut cache = AnswerCache::default();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, src) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        let query = &buf[..n];
+        // Too short for a header, or a response: not ours to answer.
+        if n < 12 || query[2] & 0x80 != 0 {
+            continue;
+        }
+        let generation = handler.generation();
+        if let Some(a) = cache.get(generation, query) {
+            let _ = sock.send_to(a, src).await;
+            continue;
+        }
+        let request = match Request::from_bytes(query.to_vec(), src, Protocol::Udp) {
+            Ok(r) => r,
+            Err(_) => {
+                if let Some(a) = form_error(query) {
+                    let _ = sock.send_to(&a, src).await;
+                }
+                continue;
+            }
+        };
+        let capture = Capture::default();
+        let (h, c) = (handler.clone(), capture.clone());
+        let mut answer = Box::pin(async move { h.respond(&request, c).await.1 });
+        match std::future::poll_fn(|cx| Poll::Ready(answer.as_mut().poll(cx))).await {
+            Poll::Ready(cacheable) => {
+                if let Some(a) = capture.take() {
+                    if cacheable {
+                        cache.put(generation, query, &a);
+                    }
+                    let _ = sock.send_to(&a, src).await;
+                }
+            }
+            Poll::Pending => {
+                let sock = sock.clone();
+                tokio::task::spawn_local(async move {
+                    answer.await;
+                    if let Some(a) = capture.take() {
+                        let _ = sock.send_to(&a, src).await;
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -231,10 +433,10 @@ impl RequestHandler for Shared {
 }
 
 /// Serve DNS on `addr` (UDP and TCP) until the process ends. Thread per
-/// core: each core's thread runs its own single-threaded runtime and
-/// hickory server on its own UDP socket bound to the same port
-/// (SO_REUSEPORT), so the kernel spreads questions over them and no
-/// question crosses threads; TCP is served by the first.
+/// core: each core's thread runs its own single-threaded runtime and UDP
+/// loop on its own socket bound to the same port (SO_REUSEPORT), so the
+/// kernel spreads questions over them and no question crosses threads; the
+/// first thread also runs hickory's server for TCP.
 pub async fn serve(handler: Handler, addr: SocketAddr) -> std::io::Result<()> {
     let handler = Arc::new(handler);
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -259,20 +461,23 @@ pub async fn serve(handler: Handler, addr: SocketAddr) -> std::io::Result<()> {
                         return;
                     }
                 };
-                let r = rt.block_on(async move {
+                let r = tokio::task::LocalSet::new().block_on(&rt, async move {
+                    let udp = serve_udp(tokio::net::UdpSocket::from_std(sock)?, h.clone());
+                    let Some(t) = tcp else {
+                        return udp.await;
+                    };
                     let mut server = hickory_server::Server::new(Shared(h));
-                    server.register_socket(tokio::net::UdpSocket::from_std(sock)?);
-                    if let Some(t) = tcp {
-                        server.register_listener(
-                            tokio::net::TcpListener::from_std(t)?,
-                            Duration::from_secs(5),
-                            64,
-                        );
+                    server.register_listener(
+                        tokio::net::TcpListener::from_std(t)?,
+                        Duration::from_secs(5),
+                        64,
+                    );
+                    tokio::select! {
+                        r = udp => r,
+                        r = server.block_until_done() => {
+                            r.map_err(|e| std::io::Error::other(e.to_string()))
+                        }
                     }
-                    server
-                        .block_until_done()
-                        .await
-                        .map_err(|e| std::io::Error::other(e.to_string()))
                 });
                 let _ = done.blocking_send(r);
             })?;
@@ -291,5 +496,50 @@ mod tests {
             "search x\nnameserver 198.18.1.1\nnameserver 127.0.0.53\n# nameserver 198.18.0.53\n";
         let u = upstreams_from(r, &["198.18.1.1".parse().unwrap()]);
         assert_eq!(u, vec!["127.0.0.53:53".parse().unwrap()]);
+    }
+
+    #[test]
+    fn kept_answers_carry_the_query_id_and_die_with_their_generation() {
+        let q1 = [
+            0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'w', b'e', b'b', 0, 0, 1, 0, 1,
+        ];
+        let mut q2 = q1;
+        q2[..2].copy_from_slice(&[0xab, 0xcd]);
+        let answer = [0, 1, 0x85, 0, 0, 1, 0, 1, 0, 0, 0, 0, 42];
+        let mut c = AnswerCache::default();
+        assert_eq!(c.get(5, &q1), None);
+        c.put(5, &q1, &answer);
+        let got = c.get(5, &q2).expect("kept").to_vec();
+        assert_eq!(&got[..2], &[0xab, 0xcd]);
+        assert_eq!(&got[2..], &answer[2..]);
+        // Another question (here: other flags) is another entry.
+        let mut q3 = q1;
+        q3[2] = 0;
+        assert_eq!(c.get(5, &q3), None);
+        // A newer zone: nothing kept is served; an answer computed under an
+        // older one is not kept.
+        assert_eq!(c.get(6, &q1), None);
+        c.put(4, &q3, &answer);
+        assert_eq!(c.get(5, &q3), None);
+        c.put(6, &q3, &answer);
+        assert!(c.get(6, &q3).is_some());
+        assert_eq!(c.get(6, &q1), None, "emptied for generation 6");
+        assert_eq!(c.get(5, &q3), None);
+        // Bounded.
+        for i in 0..CACHED_ANSWERS + 1 {
+            let mut q = q1.to_vec();
+            q.extend_from_slice(&(i as u32).to_be_bytes());
+            c.put(6, &q, &answer);
+        }
+        assert!(c.answers.len() <= CACHED_ANSWERS);
+    }
+
+    #[test]
+    fn form_error_echoes_id_opcode_and_rd() {
+        // ID 0x1234, opcode 2 (STATUS), RD.
+        let q = [0x12, 0x34, 0x11, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff];
+        let a = form_error(&q).unwrap();
+        assert_eq!(a, [0x12, 0x34, 0x91, 0x01, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(form_error(&q[..11]), None);
     }
 }

@@ -146,6 +146,14 @@ pub struct Zone {
     /// Names with something below them (empty non-terminals), counted.
     parents: HashMap<String, usize>,
     by_service: HashMap<String, Vec<(String, Data)>>,
+    /// Changes with every change of any zone of the process (never reused),
+    /// so an answer cached under one generation is never served from another.
+    generation: u64,
+}
+
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn parents_of<'a>(name: &'a str, domain: &str) -> impl Iterator<Item = &'a str> {
@@ -171,7 +179,13 @@ impl Zone {
             names: HashMap::new(),
             parents: HashMap::new(),
             by_service: HashMap::new(),
+            generation: next_generation(),
         }
+    }
+
+    /// This zone's content version: it changes whenever the zone does.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn domain(&self) -> &str {
@@ -180,6 +194,7 @@ impl Zone {
 
     /// Replace the records of Service `key` (none: it is gone).
     pub fn set_service(&mut self, key: &str, records: Vec<(String, Data)>) {
+        self.generation = next_generation();
         if let Some(old) = self.by_service.remove(key) {
             for (n, d) in old {
                 if let Some(v) = self.names.get_mut(&n) {
