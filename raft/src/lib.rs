@@ -23,9 +23,11 @@ pub type NodeId = u64;
 pub type Response = Vec<Result<Change, ApiError>>;
 
 openraft::declare_raft_types!(
-    /// orc's Raft types: log entries carry `orc_api::Command`.
+    /// orc's Raft types: log entries carry an `orc_api::Command`, shared
+    /// (not copied) between the log's cache of recent entries, replication
+    /// and the state machine.
     pub TypeConfig:
-        D = Command,
+        D = std::sync::Arc<Command>,
         R = Response,
         NodeId = NodeId,
         Node = openraft::BasicNode,

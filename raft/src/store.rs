@@ -73,8 +73,19 @@ pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), Store
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = [CF_LOGS, CF_META, CF_SM, CF_OBJECTS]
-        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    // Objects: every create looks its key up first and mostly finds
+    // nothing; bloom filters (in the memtable and in each table file) answer
+    // that without searching.
+    let mut objects = Options::default();
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    objects.set_block_based_table_factory(&table);
+    objects.set_memtable_prefix_bloom_ratio(0.05);
+    objects.set_memtable_whole_key_filtering(true);
+    let cfs = [CF_LOGS, CF_META, CF_SM]
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()))
+        .into_iter()
+        .chain([ColumnFamilyDescriptor::new(CF_OBJECTS, objects)]);
     let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
     let sm = StateMachine {
         db: db.clone(),
@@ -87,7 +98,14 @@ pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), Store
     })?;
     sm.hub.reset(sm.revision());
     let syncer = start_syncer(&db);
-    Ok((LogStore { db, syncer }, sm))
+    Ok((
+        LogStore {
+            db,
+            syncer,
+            recent: Recent::default(),
+        },
+        sm,
+    ))
 }
 
 fn get_json<T: DeserializeOwned>(
@@ -133,6 +151,73 @@ fn put_json<T: Serialize>(
 pub struct LogStore {
     db: Arc<DB>,
     syncer: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    recent: Recent,
+}
+
+/// How many of the last entries the log keeps in memory.
+const RECENT_ENTRIES: usize = 256;
+
+/// The last entries of the log, in memory, shared by the store and its
+/// readers. openraft reads each entry back soon after it is appended: to
+/// apply it, and on the leader to send it to each follower. From here that
+/// costs an `Arc` clone of the command instead of a RocksDB read and a JSON
+/// parse. It holds consecutive indexes ending at the last entry of the log
+/// (or nothing): appends push at the back, a truncation pops the back, a
+/// purge the front; anything else is read from RocksDB.
+#[derive(Clone, Default)]
+struct Recent(Arc<std::sync::Mutex<std::collections::VecDeque<Entry<TypeConfig>>>>);
+
+impl Recent {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Entry<TypeConfig>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, entries: &[Entry<TypeConfig>]) {
+        let mut q = self.lock();
+        for ent in entries {
+            if q.back()
+                .is_some_and(|b| b.log_id.index + 1 != ent.log_id.index)
+            {
+                q.clear();
+            }
+            q.push_back(ent.clone());
+            if q.len() > RECENT_ENTRIES {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// Forget entries from `index` on.
+    fn truncate(&self, index: u64) {
+        let mut q = self.lock();
+        while q.back().is_some_and(|b| b.log_id.index >= index) {
+            q.pop_back();
+        }
+    }
+
+    /// Forget entries up to `index`.
+    fn purge(&self, index: u64) {
+        let mut q = self.lock();
+        while q.front().is_some_and(|f| f.log_id.index <= index) {
+            q.pop_front();
+        }
+    }
+
+    /// Entries `start..end` (`end` None: to the last), if all are here.
+    fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry<TypeConfig>>> {
+        let q = self.lock();
+        let first = q.front()?.log_id.index;
+        let last = q.back()?.log_id.index;
+        let end = end.unwrap_or(last + 1);
+        if start < first || end > last + 1 {
+            return None;
+        }
+        if start >= end {
+            return Some(Vec::new());
+        }
+        let (a, b) = ((start - first) as usize, (end - first) as usize);
+        Some(q.range(a..b).cloned().collect())
+    }
 }
 
 /// Group commit: wait for appends, fsync the WAL once for all of them, acknowledge.
@@ -178,6 +263,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(x) => *x + 1,
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(x) => Some(*x + 1),
+            Bound::Excluded(x) => Some(*x),
+            Bound::Unbounded => None,
+        };
+        if let Some(v) = self.recent.get(start, end) {
+            return Ok(v);
+        }
         let h = self.db.cf_handle(CF_LOGS).expect("cf");
         let mut out = Vec::new();
         for item in self
@@ -255,14 +348,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let h = self.db.cf_handle(CF_LOGS).expect("cf");
         let mut batch = WriteBatch::default();
-        for ent in entries {
-            let b = serde_json::to_vec(&ent)
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        for ent in &entries {
+            let b = serde_json::to_vec(ent)
                 .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
             batch.put_cf(h, idx_key(ent.log_id.index), b);
         }
         self.db
             .write(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        self.recent.push(&entries);
         // Acknowledged by the syncer once the WAL is fsynced.
         self.syncer.send(callback).map_err(|e| {
             io_err(
@@ -274,6 +369,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        self.recent.truncate(log_id.index);
         let h = self.db.cf_handle(CF_LOGS).expect("cf");
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(h, idx_key(log_id.index), idx_key(u64::MAX));
@@ -291,6 +387,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             ErrorSubject::Store,
             true,
         )?;
+        self.recent.purge(log_id.index);
         let h = self.db.cf_handle(CF_LOGS).expect("cf");
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(h, idx_key(0), idx_key(log_id.index + 1));
@@ -603,7 +700,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(cmd) => {
                     let mut results = Vec::new();
-                    for cmd in cmd.into_commands() {
+                    for cmd in cmd.commands() {
                         revision += 1;
                         let db = &self.db;
                         let get = |k: &str| -> Option<Value> {
@@ -615,7 +712,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 .flatten()
                                 .and_then(|b| serde_json::from_slice(&b).ok())
                         };
-                        let res = mutation::apply(&cmd, revision, &get);
+                        let res = mutation::apply(cmd, revision, &get);
                         // The allocation index follows the Services (see
                         // `mutation::allocation_keys`), in the same write.
                         if let Ok(
@@ -790,7 +887,7 @@ mod tests {
     fn entry(index: u64, cmd: orc_api::Command) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(cmd),
+            payload: EntryPayload::Normal(Arc::new(cmd)),
         }
     }
 
@@ -861,6 +958,35 @@ mod tests {
         assert_eq!(other.revision(), 5);
         assert_eq!(other.list("").unwrap().1, sm.list("").unwrap().1);
         assert_eq!(other.hub().floor(), 5);
+    }
+
+    /// The in-memory tail of the log answers only for what it holds in
+    /// full, follows truncations and purges, and stays bounded.
+    #[test]
+    fn recent_entries_follow_the_log() {
+        let r = Recent::default();
+        let ents: Vec<_> = (1..=5).map(|i| entry(i, orc_api::Command::Noop)).collect();
+        r.push(&ents);
+        let idx = |v: Vec<Entry<TypeConfig>>| v.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+        assert_eq!(r.get(2, Some(4)).map(idx), Some(vec![2, 3]));
+        assert_eq!(r.get(3, None).map(idx), Some(vec![3, 4, 5]));
+        assert!(r.get(0, Some(3)).is_none(), "1 is the first held");
+        assert!(r.get(4, Some(7)).is_none(), "5 is the last");
+        r.truncate(4);
+        assert_eq!(r.get(1, None).map(idx), Some(vec![1, 2, 3]));
+        r.push(&[entry(4, orc_api::Command::Noop)]);
+        r.purge(2);
+        assert_eq!(r.get(3, None).map(idx), Some(vec![3, 4]));
+        assert!(r.get(2, None).is_none());
+        // A gap (after a snapshot) starts over.
+        r.push(&[entry(9, orc_api::Command::Noop)]);
+        assert_eq!(r.get(9, None).map(idx), Some(vec![9]));
+        assert!(r.get(4, None).is_none());
+        let many: Vec<_> = (10..10 + RECENT_ENTRIES as u64 + 5)
+            .map(|i| entry(i, orc_api::Command::Noop))
+            .collect();
+        r.push(&many);
+        assert_eq!(r.lock().len(), RECENT_ENTRIES);
     }
 
     #[test]

@@ -153,10 +153,10 @@ pub enum Command {
 
 impl Command {
     /// The commands to apply, in order (a batch is opened, others stand alone).
-    pub fn into_commands(self) -> Vec<Command> {
+    pub fn commands(&self) -> &[Command] {
         match self {
             Command::Batch(cmds) => cmds,
-            other => vec![other],
+            one => std::slice::from_ref(one),
         }
     }
 }
@@ -245,7 +245,7 @@ fn describe(key: &ObjectKey) -> String {
 }
 
 /// Apply `cmd` as store revision `revision` to a store read through `get`.
-/// (A batch is opened with `Command::into_commands` first.)
+/// (A batch is opened with `Command::commands` first.)
 pub fn apply(
     cmd: &Command,
     revision: u64,
