@@ -1,6 +1,7 @@
 //! RocksDB storage: one database with four column families.
 //!
-//! - `logs`: Raft entries by big-endian index (JSON), written with sync.
+//! - `logs`: Raft entries by big-endian index (JSON), written with sync; the
+//!   last ones also kept in memory (`Recent`).
 //! - `meta`: vote, committed, last purged log id, the current snapshot.
 //! - `sm`: the state machine's applied log id and membership.
 //! - `objects`: the API objects, `resource/namespace/name` -> JSON.
