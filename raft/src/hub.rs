@@ -37,7 +37,13 @@ pub enum HubMessage {
 }
 
 struct Inner {
-    window: VecDeque<StoredEvent>,
+    /// The published batches, shared (not copied) with the live watchers
+    /// that received them; the first `skip` events of the front batch have
+    /// left the window.
+    window: VecDeque<Arc<Vec<StoredEvent>>>,
+    skip: usize,
+    /// Events in the window.
+    len: usize,
     /// Sum of `size` over the window.
     bytes: usize,
     floor: u64,
@@ -64,6 +70,8 @@ impl Hub {
         Arc::new(Hub {
             inner: Mutex::new(Inner {
                 window: VecDeque::new(),
+                skip: 0,
+                len: 0,
                 bytes: 0,
                 floor: 0,
                 last: 0,
@@ -78,6 +86,8 @@ impl Hub {
     pub fn reset(&self, index: u64) {
         let mut g = self.inner.lock().unwrap();
         g.window.clear();
+        g.skip = 0;
+        g.len = 0;
         g.bytes = 0;
         g.floor = index;
         g.last = index;
@@ -91,21 +101,29 @@ impl Hub {
     /// Record changes applied up to `last` (in order).
     pub fn publish(&self, events: Vec<StoredEvent>, last: u64) {
         let mut g = self.inner.lock().unwrap();
+        let g = &mut *g;
         g.last = g.last.max(last);
-        for e in &events {
-            g.bytes += e.size;
-            g.window.push_back(e.clone());
-        }
-        while g.window.len() > self.capacity || g.bytes > self.max_bytes {
-            let Some(e) = g.window.pop_front() else { break };
-            g.bytes -= e.size;
-            g.floor = e.index;
-        }
         let msg = if events.is_empty() {
             HubMessage::Progress(last)
         } else {
-            HubMessage::Events(Arc::new(events))
+            let events = Arc::new(events);
+            g.len += events.len();
+            g.bytes += events.iter().map(|e| e.size).sum::<usize>();
+            g.window.push_back(events.clone());
+            HubMessage::Events(events)
         };
+        while g.len > self.capacity || g.bytes > self.max_bytes {
+            let Some(front) = g.window.front() else { break };
+            let e = &front[g.skip];
+            g.bytes -= e.size;
+            g.floor = e.index;
+            g.len -= 1;
+            g.skip += 1;
+            if g.skip == front.len() {
+                g.window.pop_front();
+                g.skip = 0;
+            }
+        }
         let _ = self.tx.send(msg);
     }
 
@@ -118,6 +136,8 @@ impl Hub {
         let backlog = g
             .window
             .iter()
+            .enumerate()
+            .flat_map(|(i, batch)| batch[if i == 0 { g.skip } else { 0 }..].iter())
             .filter(|e| e.index > from)
             .cloned()
             .collect();
@@ -176,6 +196,29 @@ mod tests {
         );
         assert_eq!(hub.floor(), 1);
         assert_eq!(hub.subscribe(1).unwrap().backlog.len(), 2);
+    }
+
+    /// Batches leave the window one event at a time, whatever batches they
+    /// came in.
+    #[test]
+    fn eviction_crosses_batches_event_by_event() {
+        let hub = Hub::new(4, usize::MAX);
+        hub.reset(0);
+        hub.publish(vec![ev(1), ev(2), ev(3)], 3);
+        hub.publish(vec![], 3);
+        hub.publish(vec![ev(4), ev(5)], 5);
+        assert_eq!(hub.floor(), 1);
+        let idx = |s: Subscription| s.backlog.iter().map(|e| e.index).collect::<Vec<_>>();
+        assert_eq!(idx(hub.subscribe(1).unwrap()), vec![2, 3, 4, 5]);
+        hub.publish(vec![ev(6), ev(7), ev(8)], 8);
+        assert_eq!(hub.floor(), 4);
+        assert_eq!(idx(hub.subscribe(4).unwrap()), vec![5, 6, 7, 8]);
+        assert_eq!(idx(hub.subscribe(6).unwrap()), vec![7, 8]);
+        assert!(hub.subscribe(3).is_none());
+        hub.reset(20);
+        assert!(hub.subscribe(20).unwrap().backlog.is_empty());
+        hub.publish(vec![ev(21)], 21);
+        assert_eq!(idx(hub.subscribe(20).unwrap()), vec![21]);
     }
 
     #[test]

@@ -681,8 +681,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let objects = self.db.cf_handle(CF_OBJECTS).expect("cf");
         let sm = self.db.cf_handle(CF_SM).expect("cf");
-        // Writes of this batch not yet in RocksDB: later entries must see earlier ones.
-        let mut overlay: HashMap<String, Option<Value>> = HashMap::new();
+        // Writes of this batch not yet in RocksDB: later entries must see
+        // earlier ones. Kept as the bytes written (rarely read back; a copy
+        // of bytes is cheaper than a copy of the object's tree).
+        let mut overlay: HashMap<String, Option<Vec<u8>>> = HashMap::new();
         let mut batch = WriteBatch::default();
         let mut replies = Vec::new();
         let mut events = Vec::new();
@@ -705,13 +707,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         revision += 1;
                         let db = &self.db;
                         let get = |k: &str| -> Option<Value> {
-                            if let Some(v) = overlay.get(k) {
-                                return v.clone();
+                            match overlay.get(k) {
+                                Some(b) => b.as_ref().and_then(|b| serde_json::from_slice(b).ok()),
+                                None => db
+                                    .get_cf(objects, k)
+                                    .ok()
+                                    .flatten()
+                                    .and_then(|b| serde_json::from_slice(&b).ok()),
                             }
-                            db.get_cf(objects, k)
-                                .ok()
-                                .flatten()
-                                .and_then(|b| serde_json::from_slice(&b).ok())
                         };
                         let res = mutation::apply(cmd, revision, &get);
                         // The allocation index follows the Services (see
@@ -733,13 +736,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     overlay.insert(k.clone(), None);
                                 }
                                 for k in after.iter().filter(|k| !before.contains(k)) {
-                                    let v = Value::String(key.clone());
-                                    batch.put_cf(
-                                        objects,
-                                        k,
-                                        serde_json::to_vec(&v).unwrap_or_default(),
-                                    );
-                                    overlay.insert(k.clone(), Some(v));
+                                    let b = serde_json::to_vec(&Value::String(key.clone()))
+                                        .unwrap_or_default();
+                                    batch.put_cf(objects, k, &b);
+                                    overlay.insert(k.clone(), Some(b));
                                 }
                             }
                         }
@@ -755,8 +755,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                         io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
                                     })?;
                                     let size = b.len();
-                                    batch.put_cf(objects, key, b);
-                                    overlay.insert(key.clone(), Some(object.clone()));
+                                    batch.put_cf(objects, key, &b);
+                                    overlay.insert(key.clone(), Some(b));
                                     (key, *event, object, previous.clone(), size)
                                 }
                                 Change::Remove { key, object } => {
