@@ -85,6 +85,8 @@ pub async fn run(
     if runs > 0 {
         runtime_path(&bin, &runc, runs)?;
         println!();
+        runtime_burst(&bin, &runc, pods, concurrency)?;
+        println!();
     }
     end_to_end(&bin, pods, concurrency, rate).await
 }
@@ -184,6 +186,132 @@ fn runtime_path(bin: &Path, runc: &Path, runs: usize) -> Result<()> {
     Ok(())
 }
 
+/// The runtime alone under the end-to-end burst: `n` long-running busybox
+/// containers started `concurrency` at a time, through orc's path and through
+/// `runc run -d`, one runtime after the other. Each container's time is from
+/// the start of the burst until its runtime reports it started, which bounds
+/// from below what any pod burst of the same size can reach on this machine.
+fn runtime_burst(bin: &Path, runc: &Path, n: usize, concurrency: usize) -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let dir = tempfile::Builder::new()
+        .prefix("orc-bench-burst-")
+        .tempdir()?;
+    std::fs::create_dir_all(dir.path().join("rootfs"))?;
+    busybox_rootfs(dir.path())?;
+    let rootfs = dir.path().join("rootfs");
+    let rt =
+        orc_container::Runtime::new(dir.path().join("containers"), dir.path().join("state"), bin);
+    let runc_root = dir.path().join("runc-state");
+    let cfg = |id: &str| orc_container::ContainerConfig {
+        args: vec!["/bin/sleep".into(), "3600".into()],
+        env: vec!["PATH=/bin".into()],
+        hostname: "bench".into(),
+        readonly_rootfs: true,
+        cgroup_path: format!("/orc-bench/{id}"),
+        ..Default::default()
+    };
+    // Bundles are written before the clock starts, for both runtimes.
+    for i in 0..n {
+        let id = format!("orcburst{i}");
+        let b = rt.write_spec(&id, &cfg(&id))?;
+        std::os::unix::fs::symlink(&rootfs, b.join("rootfs"))?;
+        let id = format!("runcburst{i}");
+        let rb = dir.path().join("runc").join(&id);
+        std::fs::create_dir_all(&rb)?;
+        let mut spec = orc_container::spec::oci_spec(&cfg(&id));
+        spec["root"]["path"] = json!(rootfs);
+        std::fs::write(rb.join("config.json"), serde_json::to_vec(&spec)?)?;
+    }
+    let burst = |start: &(dyn Fn(usize) -> Result<()> + Sync)| -> Result<Vec<f64>> {
+        let next = AtomicUsize::new(0);
+        let times = Mutex::new(vec![]);
+        let t0 = Instant::now();
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..concurrency.max(1))
+                .map(|_| {
+                    s.spawn(|| -> Result<()> {
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= n {
+                                return Ok(());
+                            }
+                            start(i)?;
+                            times.lock().unwrap().push(t0.elapsed().as_secs_f64());
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().expect("burst worker"))
+        })?;
+        Ok(times.into_inner().unwrap())
+    };
+    let logs = dir.path().join("logs");
+    let orc_t = burst(&|i| {
+        let id = format!("orcburst{i}");
+        rt.start(&id, &logs.join(format!("{id}.log")))?;
+        Ok(())
+    });
+    for i in 0..n {
+        let id = format!("orcburst{i}");
+        let _ = std::fs::remove_file(rt.bundle(&id).join("rootfs"));
+        let _ = rt.remove(&id);
+    }
+    // A detached container inherits runc's stdio: errors go to runc's log file.
+    let runc_cmd = |args: &[&str], id: &str, log: &Path| {
+        Command::new(runc)
+            .arg("--root")
+            .arg(&runc_root)
+            .arg("--log")
+            .arg(log)
+            .args(args)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+    };
+    let runc_t = burst(&|i| {
+        let id = format!("runcburst{i}");
+        let rb = dir.path().join("runc").join(&id);
+        let log = rb.join("runc.log");
+        if !runc_cmd(&["run", "-d", "--bundle", &rb.to_string_lossy()], &id, &log)?.success() {
+            bail!(
+                "runc run -d: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(())
+    });
+    for i in 0..n {
+        let id = format!("runcburst{i}");
+        let log = dir.path().join("runc").join(&id).join("runc.log");
+        let _ = runc_cmd(&["delete", "--force"], &id, &log);
+    }
+    for d in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::remove_dir(d.path().join("orc-bench"));
+    }
+    let (orc_t, runc_t) = (orc_t?, runc_t?);
+    println!(
+        "runtime burst: {n} busybox `sleep` containers started {concurrency} at a time; \
+         time from the start of the burst until each is started"
+    );
+    println!();
+    println!("| runtime | containers | p50 ms | p99 ms | mean ms |");
+    println!("|---|---:|---:|---:|---:|");
+    let (o50, _, _) = summary("orc (libcontainer in `orc shim`)", orc_t);
+    let (r50, _, _) = summary("runc (Debian)", runc_t);
+    println!();
+    println!("orc/runc median time: {:.2}x", o50 / r50);
+    Ok(())
+}
+
 /// The image `orc up` pushes to its registry (`--port 7400`: registry on 7410).
 const IMAGE: &str = "198.18.253.254:7410/busybox:latest";
 
@@ -268,6 +396,7 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
         })
         .await;
     let created: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
+    eprintln!("image present; creating {pods} pods");
     let t0 = Instant::now();
     let creator = {
         let (client, created) = (

@@ -8,7 +8,10 @@ mod rollout;
 mod sim;
 
 // The master allocates and frees many small JSON values per write; mimalloc is
-// markedly cheaper than glibc's malloc for that (see bench/README.md).
+// markedly cheaper than glibc's malloc for that (see bench/README.md). Built
+// with `no_thp`: left to itself mimalloc asks for transparent huge pages, and
+// every short-lived `orc` process (each container's shim, the CLI) then zeroes
+// whole 2 MiB pages on its first allocations.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

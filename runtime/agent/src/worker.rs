@@ -55,6 +55,21 @@ pub fn recorded_pods(pods: &Path) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// What `pod.json` must follow: the pod without its status and
+/// resourceVersion (a restarted agent adopts the pod from it, and `exec` and
+/// `logs` find the pod by name; neither needs the latest status).
+fn recorded_key(p: &Value) -> Vec<u8> {
+    let mut p = p.clone();
+    if let Some(o) = p.as_object_mut() {
+        o.remove("status");
+    }
+    if let Some(m) = p["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+        m.remove("managedFields");
+    }
+    serde_json::to_vec(&p).unwrap_or_default()
+}
+
 /// Pod addresses recorded under `pods`.
 pub fn recorded_ips(pods: &Path) -> Vec<Ipv4Addr> {
     std::fs::read_dir(pods)
@@ -97,8 +112,11 @@ struct PodState {
     /// Container instances running as of this sync (one runtime look per
     /// container and sync).
     live: std::collections::BTreeSet<String>,
-    /// The resourceVersion of the pod object last written to `pod.json`.
-    saved_rv: String,
+    /// The pod as last written to `pod.json`, without its status and
+    /// resourceVersion: the agent's own status writes do not rewrite it.
+    saved_pod: Vec<u8>,
+    /// `containers.json` as last written.
+    saved_records: Vec<u8>,
     /// The DNS and hosts files as last written.
     files: BTreeMap<&'static str, String>,
 }
@@ -132,12 +150,17 @@ impl PodState {
             ..Default::default()
         }
     }
-    fn save(&self) {
-        // Atomic: `exec` and `logs` read it while the worker writes.
-        let _ = orc_container::shim::write_atomic(
-            &self.dir.join("containers.json"),
-            &serde_json::to_vec(&self.records).unwrap_or_default(),
-        );
+    /// Write `containers.json` if the records changed. Each write is a new
+    /// file renamed over the old one (`exec` and `logs` read it while the
+    /// worker writes), and a new inode per sync and pod is what made a
+    /// burst of pods slow on ext4 without a journal (each allocation scans
+    /// past the recently deleted inodes).
+    fn save(&mut self) {
+        let bytes = serde_json::to_vec(&self.records).unwrap_or_default();
+        if bytes != self.saved_records {
+            let _ = orc_container::shim::write_atomic(&self.dir.join("containers.json"), &bytes);
+            self.saved_records = bytes;
+        }
     }
 }
 
@@ -198,13 +221,13 @@ pub async fn run(s: Arc<Shared>, uid: String, mut rx: watch::Receiver<Option<Val
                 }
             }
             Some(p) => {
-                let rv = p["metadata"]["resourceVersion"].as_str().unwrap_or("");
-                if st.saved_rv != rv && std::fs::create_dir_all(&dir).is_ok() {
+                let key = recorded_key(&p);
+                if st.saved_pod != key && std::fs::create_dir_all(&dir).is_ok() {
                     let _ = orc_container::shim::write_atomic(
                         &dir.join("pod.json"),
                         &serde_json::to_vec(&p).unwrap_or_default(),
                     );
-                    st.saved_rv = rv.to_string();
+                    st.saved_pod = key;
                 }
                 if let Err(e) = sync(&s, &p, &mut st).await {
                     tracing::warn!("pod {}/{}: {e}", util::namespace(&p), util::name(&p));
@@ -250,7 +273,12 @@ async fn sync(s: &Arc<Shared>, p: &Value, st: &mut PodState) -> Result<(), Strin
             let i = ipam.as_ref().ok_or("pod network not ready")?;
             (i.gateway(), i.prefix)
         };
-        orc_netlink::create_netns(&netns).map_err(|e| e.to_string())?;
+        // unshare(CLONE_NEWNET) takes milliseconds: off the async workers.
+        let ns = netns.clone();
+        tokio::task::spawn_blocking(move || orc_netlink::create_netns(&ns))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         let link = orc_netlink::PodLink {
             host_veth: orc_netlink::veth_name(&uid),
             bridge: s.cfg.bridge.clone(),
@@ -1303,6 +1331,25 @@ pub fn remove_cgroups(uid: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_json_follows_spec_and_metadata_not_status() {
+        let p = serde_json::json!({
+            "metadata": {"name": "a", "uid": "u", "resourceVersion": "5", "labels": {"x": "1"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+            "status": {"phase": "Pending"},
+        });
+        let mut status_only = p.clone();
+        status_only["status"]["phase"] = "Running".into();
+        status_only["metadata"]["resourceVersion"] = "9".into();
+        assert_eq!(recorded_key(&p), recorded_key(&status_only));
+        let mut relabelled = p.clone();
+        relabelled["metadata"]["labels"]["x"] = "2".into();
+        assert_ne!(recorded_key(&p), recorded_key(&relabelled));
+        let mut deleting = p.clone();
+        deleting["metadata"]["deletionTimestamp"] = "2026-11-27T00:00:00Z".into();
+        assert_ne!(recorded_key(&p), recorded_key(&deleting));
+    }
 
     #[test]
     fn volume_files_swap_atomically() {
