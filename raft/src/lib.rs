@@ -22,12 +22,65 @@ pub type NodeId = u64;
 /// batch carries several; blank and membership entries none).
 pub type Response = Vec<Result<Change, ApiError>>;
 
+/// A log entry's command together with its JSON, encoded at most once.
+///
+/// The leader writes an entry to its own log and sends it to each follower;
+/// each follower writes what it received to its log. All of these are the
+/// same JSON, so it is kept with the command: made on first use on the
+/// leader, and on a follower the very bytes that arrived (they are parsed
+/// for the state machine and written to the log as they are).
+#[derive(Debug)]
+pub struct Logged {
+    cmd: Command,
+    json: std::sync::OnceLock<Box<serde_json::value::RawValue>>,
+}
+
+impl Logged {
+    pub fn new(cmd: Command) -> Self {
+        Logged {
+            cmd,
+            json: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The command's JSON (encoded now if it was not yet).
+    pub fn json(&self) -> &serde_json::value::RawValue {
+        self.json.get_or_init(|| {
+            serde_json::value::to_raw_value(&self.cmd).expect("a command encodes as JSON")
+        })
+    }
+}
+
+impl std::ops::Deref for Logged {
+    type Target = Command;
+    fn deref(&self) -> &Command {
+        &self.cmd
+    }
+}
+
+impl serde::Serialize for Logged {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.json().serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Logged {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        let cmd = serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
+        Ok(Logged {
+            cmd,
+            json: std::sync::OnceLock::from(raw),
+        })
+    }
+}
+
 openraft::declare_raft_types!(
-    /// orc's Raft types: log entries carry an `orc_api::Command`, shared
-    /// (not copied) between the log's cache of recent entries, replication
-    /// and the state machine.
+    /// orc's Raft types: log entries carry an `orc_api::Command` with its
+    /// JSON ([`Logged`]), shared (not copied) between the log's cache of
+    /// recent entries, replication and the state machine.
     pub TypeConfig:
-        D = std::sync::Arc<Command>,
+        D = std::sync::Arc<Logged>,
         R = Response,
         NodeId = NodeId,
         Node = openraft::BasicNode,
@@ -38,3 +91,33 @@ pub type Raft = openraft::Raft<TypeConfig>;
 
 pub use hub::{Hub, StoredEvent};
 pub use store::{open, LogStore, StateMachine, StoreError};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_commands_keep_the_json_they_had() {
+        let cmd = Command::Create {
+            key: orc_api::ObjectKey::new("configmaps", "default", "a"),
+            object: serde_json::json!({"metadata": {"name": "a"}, "data": {"k": "v \"q\""}}),
+        };
+        // The log and the wire carry exactly what a bare command encoded to
+        // before, so logs written by earlier versions still read.
+        let plain = serde_json::to_string(&cmd).unwrap();
+        let logged = Logged::new(cmd);
+        assert_eq!(serde_json::to_string(&logged).unwrap(), plain);
+        // What arrives is kept as it arrived, and parsed for the state machine.
+        let back: Logged = serde_json::from_str(&plain).unwrap();
+        assert_eq!(back.json().get(), plain);
+        assert!(matches!(&*back, Command::Create { key, .. } if key.name == "a"));
+        // Inside an entry too.
+        let ent: openraft::Entry<TypeConfig> = openraft::Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 7),
+            payload: openraft::EntryPayload::Normal(std::sync::Arc::new(back)),
+        };
+        let bytes = serde_json::to_vec(&ent).unwrap();
+        let again: openraft::Entry<TypeConfig> = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(serde_json::to_vec(&again).unwrap(), bytes);
+    }
+}

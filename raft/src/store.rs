@@ -888,7 +888,7 @@ mod tests {
     fn entry(index: u64, cmd: orc_api::Command) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Arc::new(cmd)),
+            payload: EntryPayload::Normal(Arc::new(crate::Logged::new(cmd))),
         }
     }
 

@@ -207,8 +207,11 @@ fn spawn_proposer(
             } else {
                 Command::Batch(cmds)
             };
-            match tokio::time::timeout(write_timeout, raft.client_write(std::sync::Arc::new(cmd)))
-                .await
+            match tokio::time::timeout(
+                write_timeout,
+                raft.client_write(std::sync::Arc::new(orc_raft::Logged::new(cmd))),
+            )
+            .await
             {
                 Err(_) => all_failed(n, || Submit::Api(no_quorum.clone())),
                 Ok(Ok(resp)) if resp.data.len() == n => resp
