@@ -59,8 +59,12 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
+        use std::os::unix::process::CommandExt;
+        // In a process group of its own: the signal that interrupted the
+        // bench (sent to its whole group) must not stop the clean-up too.
         let _ = self
             .cmd(&["down", "--purge"])
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -88,7 +92,14 @@ pub async fn run(
         runtime_burst(&bin, &runc, pods, concurrency)?;
         println!();
     }
-    end_to_end(&bin, pods, concurrency, rate).await
+    // Interrupted (Ctrl-C, or `timeout`'s SIGTERM): the end-to-end future is
+    // dropped, and with it the cluster it started (`orc down --purge`).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = end_to_end(&bin, pods, concurrency, rate) => r,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; the cluster is brought down"),
+        _ = term.recv() => bail!("terminated; the cluster is brought down"),
+    }
 }
 
 /// A read-only busybox root filesystem for the runtime comparison.
