@@ -122,12 +122,74 @@ fn busybox_rootfs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What both runtime comparisons share: a directory with the busybox root
+/// filesystem, orc's runtime over it, and runc's state; the containers'
+/// parent cgroup `/orc-bench` goes when it is dropped.
+struct RuntimeBench {
+    dir: tempfile::TempDir,
+    rootfs: PathBuf,
+    rt: orc_container::Runtime,
+    runc_root: PathBuf,
+}
+
+impl RuntimeBench {
+    fn new(prefix: &str, bin: &Path) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(&rootfs)?;
+        busybox_rootfs(dir.path())?;
+        let rt = orc_container::Runtime::new(
+            dir.path().join("containers"),
+            dir.path().join("state"),
+            bin,
+        );
+        let runc_root = dir.path().join("runc-state");
+        Ok(RuntimeBench {
+            dir,
+            rootfs,
+            rt,
+            runc_root,
+        })
+    }
+
+    /// A runc bundle for `id`: orc's spec for `cfg` over the same rootfs.
+    fn runc_bundle(&self, id: &str, cfg: &orc_container::ContainerConfig) -> Result<PathBuf> {
+        let rb = self.dir.path().join("runc").join(id);
+        std::fs::create_dir_all(&rb)?;
+        let mut spec = orc_container::spec::oci_spec(cfg);
+        spec["root"]["path"] = json!(self.rootfs);
+        std::fs::write(rb.join("config.json"), serde_json::to_vec(&spec)?)?;
+        Ok(rb)
+    }
+}
+
+impl Drop for RuntimeBench {
+    fn drop(&mut self) {
+        for d in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(d.path().join("orc-bench"));
+        }
+    }
+}
+
+/// The orc-against-runc table of one comparison.
+fn report(title: &str, count: &str, orc_t: Vec<f64>, runc_t: Vec<f64>) {
+    println!("{title}");
+    println!();
+    println!("| runtime | {count} | p50 ms | p99 ms | mean ms |");
+    println!("|---|---:|---:|---:|---:|");
+    let (o50, _, _) = summary("orc (libcontainer in `orc shim`)", orc_t);
+    let (r50, _, _) = summary("runc (Debian)", runc_t);
+    println!();
+    println!("orc/runc median time: {:.2}x", o50 / r50);
+}
+
 fn runtime_path(bin: &Path, runc: &Path, runs: usize) -> Result<()> {
-    let dir = tempfile::Builder::new().prefix("orc-bench-rt-").tempdir()?;
-    std::fs::create_dir_all(dir.path().join("rootfs"))?;
-    busybox_rootfs(dir.path())?;
-    let rt =
-        orc_container::Runtime::new(dir.path().join("containers"), dir.path().join("state"), bin);
+    let b = RuntimeBench::new("orc-bench-rt-", bin)?;
+    let (dir, rt) = (&b.dir, &b.rt);
     let cfg = orc_container::ContainerConfig {
         args: vec!["/bin/true".into()],
         env: vec!["PATH=/bin".into()],
@@ -137,36 +199,34 @@ fn runtime_path(bin: &Path, runc: &Path, runs: usize) -> Result<()> {
     };
     let mut orc_t = vec![];
     let mut runc_t = vec![];
-    let runc_root = dir.path().join("runc-state");
     for i in 0..runs {
         // orc: bundle, shim start through libcontainer, exit, delete.
         let id = format!("orcbench{i}");
         let mut c = cfg.clone();
         c.cgroup_path = format!("/orc-bench/{id}");
         let t = Instant::now();
-        let b = rt.write_spec(&id, &c)?;
-        std::os::unix::fs::symlink(dir.path().join("rootfs"), b.join("rootfs"))?;
+        let bundle = rt.write_spec(&id, &c)?;
+        std::os::unix::fs::symlink(&b.rootfs, bundle.join("rootfs"))?;
         rt.start(&id, &dir.path().join("logs").join(format!("{id}.log")))?;
         while !matches!(rt.state(&id), orc_container::State::Exited(_)) {
             std::thread::sleep(Duration::from_micros(500));
         }
-        std::fs::remove_file(b.join("rootfs"))?;
+        std::fs::remove_file(bundle.join("rootfs"))?;
         rt.remove(&id)?;
         orc_t.push(t.elapsed().as_secs_f64());
         // runc: the same config.json and rootfs; `runc run` creates, starts, waits and deletes.
         let id = format!("runcbench{i}");
-        let rb = dir.path().join("runc").join(&id);
-        std::fs::create_dir_all(&rb)?;
-        let mut spec = orc_container::spec::oci_spec(&orc_container::ContainerConfig {
-            cgroup_path: format!("/orc-bench/{id}"),
-            ..cfg.clone()
-        });
-        spec["root"]["path"] = json!(dir.path().join("rootfs"));
-        std::fs::write(rb.join("config.json"), serde_json::to_vec(&spec)?)?;
+        let rb = b.runc_bundle(
+            &id,
+            &orc_container::ContainerConfig {
+                cgroup_path: format!("/orc-bench/{id}"),
+                ..cfg.clone()
+            },
+        )?;
         let t = Instant::now();
         let st = Command::new(runc)
             .arg("--root")
-            .arg(&runc_root)
+            .arg(&b.runc_root)
             .args(["run", "--bundle"])
             .arg(&rb)
             .arg(&id)
@@ -179,21 +239,12 @@ fn runtime_path(bin: &Path, runc: &Path, runs: usize) -> Result<()> {
         }
         runc_t.push(t.elapsed().as_secs_f64());
     }
-    for d in std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let _ = std::fs::remove_dir(d.path().join("orc-bench"));
-    }
-    println!("runtime path: create, start, wait for exit and delete a busybox `true` container, {runs} runs each, alternating");
-    println!();
-    println!("| runtime | runs | p50 ms | p99 ms | mean ms |");
-    println!("|---|---:|---:|---:|---:|");
-    let (o50, _, _) = summary("orc (libcontainer in `orc shim`)", orc_t);
-    let (r50, _, _) = summary("runc (Debian)", runc_t);
-    println!();
-    println!("orc/runc median time: {:.2}x", o50 / r50);
+    report(
+        &format!("runtime path: create, start, wait for exit and delete a busybox `true` container, {runs} runs each, alternating"),
+        "runs",
+        orc_t,
+        runc_t,
+    );
     Ok(())
 }
 
@@ -205,15 +256,8 @@ fn runtime_path(bin: &Path, runc: &Path, runs: usize) -> Result<()> {
 fn runtime_burst(bin: &Path, runc: &Path, n: usize, concurrency: usize) -> Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
-    let dir = tempfile::Builder::new()
-        .prefix("orc-bench-burst-")
-        .tempdir()?;
-    std::fs::create_dir_all(dir.path().join("rootfs"))?;
-    busybox_rootfs(dir.path())?;
-    let rootfs = dir.path().join("rootfs");
-    let rt =
-        orc_container::Runtime::new(dir.path().join("containers"), dir.path().join("state"), bin);
-    let runc_root = dir.path().join("runc-state");
+    let b = RuntimeBench::new("orc-bench-burst-", bin)?;
+    let (dir, rt) = (&b.dir, &b.rt);
     let cfg = |id: &str| orc_container::ContainerConfig {
         args: vec!["/bin/sleep".into(), "3600".into()],
         env: vec!["PATH=/bin".into()],
@@ -225,14 +269,10 @@ fn runtime_burst(bin: &Path, runc: &Path, n: usize, concurrency: usize) -> Resul
     // Bundles are written before the clock starts, for both runtimes.
     for i in 0..n {
         let id = format!("orcburst{i}");
-        let b = rt.write_spec(&id, &cfg(&id))?;
-        std::os::unix::fs::symlink(&rootfs, b.join("rootfs"))?;
+        let bundle = rt.write_spec(&id, &cfg(&id))?;
+        std::os::unix::fs::symlink(&b.rootfs, bundle.join("rootfs"))?;
         let id = format!("runcburst{i}");
-        let rb = dir.path().join("runc").join(&id);
-        std::fs::create_dir_all(&rb)?;
-        let mut spec = orc_container::spec::oci_spec(&cfg(&id));
-        spec["root"]["path"] = json!(rootfs);
-        std::fs::write(rb.join("config.json"), serde_json::to_vec(&spec)?)?;
+        b.runc_bundle(&id, &cfg(&id))?;
     }
     let burst = |start: &(dyn Fn(usize) -> Result<()> + Sync)| -> Result<Vec<f64>> {
         let next = AtomicUsize::new(0);
@@ -274,7 +314,7 @@ fn runtime_burst(bin: &Path, runc: &Path, n: usize, concurrency: usize) -> Resul
     let runc_cmd = |args: &[&str], id: &str, log: &Path| {
         Command::new(runc)
             .arg("--root")
-            .arg(&runc_root)
+            .arg(&b.runc_root)
             .arg("--log")
             .arg(log)
             .args(args)
@@ -301,25 +341,15 @@ fn runtime_burst(bin: &Path, runc: &Path, n: usize, concurrency: usize) -> Resul
         let log = dir.path().join("runc").join(&id).join("runc.log");
         let _ = runc_cmd(&["delete", "--force"], &id, &log);
     }
-    for d in std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let _ = std::fs::remove_dir(d.path().join("orc-bench"));
-    }
-    let (orc_t, runc_t) = (orc_t?, runc_t?);
-    println!(
-        "runtime burst: {n} busybox `sleep` containers started {concurrency} at a time; \
-         time from the start of the burst until each is started"
+    report(
+        &format!(
+            "runtime burst: {n} busybox `sleep` containers started {concurrency} at a time; \
+             time from the start of the burst until each is started"
+        ),
+        "containers",
+        orc_t?,
+        runc_t?,
     );
-    println!();
-    println!("| runtime | containers | p50 ms | p99 ms | mean ms |");
-    println!("|---|---:|---:|---:|---:|");
-    let (o50, _, _) = summary("orc (libcontainer in `orc shim`)", orc_t);
-    let (r50, _, _) = summary("runc (Debian)", runc_t);
-    println!();
-    println!("orc/runc median time: {:.2}x", o50 / r50);
     Ok(())
 }
 

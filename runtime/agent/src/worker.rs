@@ -221,13 +221,17 @@ pub async fn run(s: Arc<Shared>, uid: String, mut rx: watch::Receiver<Option<Val
                 }
             }
             Some(p) => {
-                let key = recorded_key(&p);
-                if st.saved_pod != key && std::fs::create_dir_all(&dir).is_ok() {
-                    let _ = orc_container::shim::write_atomic(
-                        &dir.join("pod.json"),
-                        &serde_json::to_vec(&p).unwrap_or_default(),
-                    );
-                    st.saved_pod = key;
+                // The 1 s relist brings the same version again: nothing to compare.
+                let rv = |p: &Value| p["metadata"]["resourceVersion"].clone();
+                if last_pod.as_ref().map(rv) != Some(rv(&p)) {
+                    let key = recorded_key(&p);
+                    if st.saved_pod != key && std::fs::create_dir_all(&dir).is_ok() {
+                        let _ = orc_container::shim::write_atomic(
+                            &dir.join("pod.json"),
+                            &serde_json::to_vec(&p).unwrap_or_default(),
+                        );
+                        st.saved_pod = key;
+                    }
                 }
                 if let Err(e) = sync(&s, &p, &mut st).await {
                     tracing::warn!("pod {}/{}: {e}", util::namespace(&p), util::name(&p));
