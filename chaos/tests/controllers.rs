@@ -93,9 +93,7 @@ fn bounds(path: &std::path::Path, initial: usize) -> (usize, usize, usize) {
 fn rollout(c: &mut Cluster, kill_leader: bool) {
     let servers = c.servers();
     let _nodes = c.sim_nodes("n", 3, &["--lease-every", "1"]);
-    wait_for("3 nodes", MIN, || {
-        (c.items(&["nodes"]).len() == 3).then_some(())
-    });
+    c.wait_ready_nodes(3, MIN);
     // Pods take a second to become ready, so availability matters during the rollout.
     let meta = "annotations: {sim.orc.dev/ready-after: 1s}";
     let o = c.orc_stdin(
@@ -287,9 +285,7 @@ fn f_lost_node_pods_move() {
     let servers = c.servers();
     let _stay = c.sim_nodes("stay", 2, &["--lease-every", "1"]);
     let mut lost = c.sim_nodes("lost", 1, &["--lease-every", "1"]);
-    wait_for("3 nodes", MIN, || {
-        (c.items(&["nodes"]).len() == 3).then_some(())
-    });
+    c.wait_ready_nodes(3, MIN);
     let d = deployment("mover", 3, "nginx", "").replace(
         "    spec:\n",
         "    spec:\n      tolerations: [{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}]\n",
@@ -348,9 +344,7 @@ fn i_unschedulable_until_a_node_fits() {
     let c = Cluster::start(3, &[]);
     let servers = c.servers();
     let _small = c.sim_nodes("small", 2, &["--cpu", "2"]);
-    wait_for("2 nodes", MIN, || {
-        (c.items(&["nodes"]).len() == 2).then_some(())
-    });
+    c.wait_ready_nodes(2, MIN);
     let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: big}\nspec:\n  containers: [{name: c, image: nginx, resources: {requests: {cpu: '16'}}}]\n";
     assert!(c.orc_stdin(&servers, &["apply", "-f", "-"], Some(pod)).ok());
     let ev = wait_for("a FailedScheduling event", MIN, || {
@@ -389,9 +383,7 @@ fn b_daemonset_follows_nodes() {
     let c = Cluster::start(3, &[]);
     let servers = c.servers();
     let _three = c.sim_nodes("d", 3, &[]);
-    wait_for("3 nodes", MIN, || {
-        (c.items(&["nodes"]).len() == 3).then_some(())
-    });
+    c.wait_ready_nodes(3, MIN);
     let ds = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec:\n      containers: [{name: c, image: busybox}]\n";
     assert!(c.orc_stdin(&servers, &["apply", "-f", "-"], Some(ds)).ok());
     let one_each = |n: usize| {
@@ -431,9 +423,7 @@ fn d_jobs_complete_fail_and_index() {
     let c = Cluster::start(3, &["--job-backoff-seconds", "0.5"]);
     let servers = c.servers();
     let _nodes = c.sim_nodes("j", 3, &[]);
-    wait_for("3 nodes", MIN, || {
-        (c.items(&["nodes"]).len() == 3).then_some(())
-    });
+    c.wait_ready_nodes(3, MIN);
     // completions 5, parallelism 2: never more than 2 running.
     let watch_out = c.dir.path().join("jobwatch.jsonl");
     let mut watch = c.spawn_cli(
@@ -555,9 +545,7 @@ fn c_statefulset_order_and_identity() {
     let c = Cluster::start(3, &[]);
     let servers = c.servers();
     let _nodes = c.sim_nodes("s", 3, &[]);
-    wait_for("3 nodes", MIN, || {
-        (c.items(&["nodes"]).len() == 3).then_some(())
-    });
+    c.wait_ready_nodes(3, MIN);
     let watch_out = c.dir.path().join("stswatch.jsonl");
     let mut watch = c.spawn_cli(
         &[
@@ -661,9 +649,7 @@ fn e_cronjob_forbid() {
     let c = Cluster::start(3, &[]);
     let servers = c.servers();
     let _nodes = c.sim_nodes("cj", 2, &[]);
-    wait_for("2 nodes", MIN, || {
-        (c.items(&["nodes"]).len() == 2).then_some(())
-    });
+    c.wait_ready_nodes(2, MIN);
     // Each run takes 70 s, longer than the period: Forbid must skip.
     let cj = "apiVersion: batch/v1\nkind: CronJob\nmetadata: {name: tick}\nspec:\n  schedule: '* * * * *'\n  concurrencyPolicy: Forbid\n  jobTemplate:\n    spec:\n      template:\n        metadata: {annotations: {sim.orc.dev/exit-after: 70s}}\n        spec:\n          restartPolicy: Never\n          containers: [{name: c, image: busybox}]\n";
     let watch_out = c.dir.path().join("cjwatch.jsonl");
@@ -726,9 +712,7 @@ fn h_services_allocate_uniquely_and_list_ready_pods() {
     );
     let servers = c.servers();
     let _nodes = c.sim_nodes("h", 2, &[]);
-    wait_for("2 nodes", MIN, || {
-        (c.items(&["nodes"]).len() == 2).then_some(())
-    });
+    c.wait_ready_nodes(2, MIN);
     // Two pods ready, one never (its readiness comes after an hour).
     let d = deployment("web", 2, "nginx", "");
     assert!(c.orc_stdin(&servers, &["apply", "-f", "-"], Some(&d)).ok());
