@@ -135,7 +135,8 @@ pub async fn run(
             bookmarks: true,
         })
         .await;
-    let (seen2, running2) = (seen.clone(), running.clone());
+    let pod_events = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (seen2, running2, events2) = (seen.clone(), running.clone(), pod_events.clone());
     let watcher = tokio::spawn(async move {
         let mut done = 0;
         while let Some(ev) = rx.recv().await {
@@ -144,6 +145,7 @@ pub async fn run(
                 continue;
             }
             let now = Instant::now();
+            events2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let name = ev.object["metadata"]["name"]
                 .as_str()
                 .unwrap_or("")
@@ -163,8 +165,10 @@ pub async fn run(
             }
         }
     });
+    let index_before = applied_index(&client).await?;
     let t_cpu = cpu_ticks(&masters) + cpu_ticks(&[sim_pid]);
     let t_masters = cpu_ticks(&masters);
+    let t_each: Vec<u64> = masters.iter().map(|m| cpu_ticks(&[*m])).collect();
     let start = Instant::now();
     let per = pods / deployments.max(1);
     let mut creates = Vec::new();
@@ -206,7 +210,14 @@ pub async fn run(
     let elapsed = start.elapsed();
     let cpu = cpu_ticks(&masters) + cpu_ticks(&[sim_pid]) - t_cpu;
     let cpu_masters = cpu_ticks(&masters) - t_masters;
+    let each: Vec<String> = masters
+        .iter()
+        .zip(&t_each)
+        .map(|(m, t)| format!("{:.1}", (cpu_ticks(&[*m]) - t) as f64 / 100.0))
+        .collect();
+    let writes = applied_index(&client).await?.saturating_sub(index_before);
     watcher.abort();
+    let pod_events = pod_events.load(std::sync::atomic::Ordering::Relaxed);
     let m = seen.lock().unwrap().clone();
     let bound: Vec<Duration> = m
         .values()
@@ -235,10 +246,32 @@ pub async fn run(
         cpu as f64 / hz,
     );
     println!();
+    println!(
+        "Raft log entries during the run: {writes} ({:.2} per pod); pod watch events: {pod_events} ({:.2} per pod)",
+        writes as f64 / pods as f64,
+        pod_events as f64 / pods as f64
+    );
+    println!("CPU s of each master: {}", each.join(" / "));
     println!("Anchors: kube-scheduler about 300 pods/s; the Kubernetes scale-test gate 100 pods/s; GKE's published 1,000 pods/s.");
     if keep {
         let p = dir.keep();
         println!("data and logs kept in {}", p.display());
     }
     Ok(())
+}
+
+/// The masters' applied Raft index, as a list's resourceVersion.
+async fn applied_index(client: &Client) -> Result<u64> {
+    let l = client
+        .call(&Request::List {
+            resource: "namespaces".into(),
+            namespace: None,
+            label_selector: String::new(),
+            field_selector: String::new(),
+        })
+        .await?;
+    l["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .context("a list without a numeric resourceVersion")
 }

@@ -15,14 +15,16 @@ pub enum Requirement {
 }
 
 impl Requirement {
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    /// Against labels given by a lookup (a map, or an object's JSON labels:
+    /// no copy is made of them).
+    fn matches<'a>(&self, get: impl Fn(&str) -> Option<&'a str>) -> bool {
         match self {
-            Requirement::Eq(k, v) => labels.get(k) == Some(v),
-            Requirement::NotEq(k, v) => labels.get(k) != Some(v),
-            Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
-            Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
-            Requirement::Exists(k) => labels.contains_key(k),
-            Requirement::NotExists(k) => !labels.contains_key(k),
+            Requirement::Eq(k, v) => get(k) == Some(v.as_str()),
+            Requirement::NotEq(k, v) => get(k) != Some(v.as_str()),
+            Requirement::In(k, vs) => get(k).is_some_and(|v| vs.iter().any(|w| w == v)),
+            Requirement::NotIn(k, vs) => get(k).is_none_or(|v| !vs.iter().any(|w| w == v)),
+            Requirement::Exists(k) => get(k).is_some(),
+            Requirement::NotExists(k) => get(k).is_none(),
         }
     }
 }
@@ -151,24 +153,28 @@ impl LabelSelector {
 
     /// Whether a set of labels satisfies every requirement.
     pub fn matches_labels(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.0.iter().all(|r| r.matches(labels))
+        self.0
+            .iter()
+            .all(|r| r.matches(|k| labels.get(k).map(String::as_str)))
     }
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
+    /// Whether an object's `metadata.labels` satisfy every requirement.
     pub fn matches(&self, obj: &Value) -> bool {
-        let labels: BTreeMap<String, String> = obj
-            .pointer("/metadata/labels")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
-                    .collect()
+        let labels = obj
+            .get("metadata")
+            .and_then(|m| m.get("labels"))
+            .and_then(Value::as_object);
+        self.0.iter().all(|r| {
+            r.matches(|k| {
+                labels
+                    .and_then(|m| m.get(k))
+                    .map(|v| v.as_str().unwrap_or(""))
             })
-            .unwrap_or_default();
-        self.0.iter().all(|r| r.matches(&labels))
+        })
     }
 }
 

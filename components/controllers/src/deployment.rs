@@ -1,10 +1,10 @@
 //! Deployment: one ReplicaSet per pod template (named by the template's hash),
-//! rolled with RollingUpdate (maxSurge/maxUnavailable judged on the pods
-//! themselves) or Recreate, with revisions, history limit, pause and the
-//! progress deadline.
+//! rolled with RollingUpdate (maxSurge/maxUnavailable judged on the pod
+//! counts its ReplicaSets report) or Recreate, with revisions, history limit,
+//! pause and the progress deadline.
 use crate::runner::{Ctx, Outcome, Reconciler};
 use crate::store::Change;
-use crate::util::{self, int_or_percent, pod_active};
+use crate::util::{self, int_or_percent};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -149,25 +149,21 @@ pub fn rolling_step(
 
 pub struct Deployments;
 
-fn views(ctx: &Ctx, rss: &[Arc<Value>], now: f64) -> Vec<RsView> {
+/// The ReplicaSets as their status reports them (as Kubernetes' deployment
+/// controller does): the ReplicaSet controller counts the pods, here they are
+/// not walked again. A status not yet updated lags in the safe direction: a
+/// scale-up's pods are bounded by its spec, a scale-down's are still counted.
+pub fn views(rss: &[Arc<Value>]) -> Vec<RsView> {
     rss.iter()
         .map(|rs| {
-            let min_ready = rs["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
-            let pods: Vec<Arc<Value>> = ctx
-                .store
-                .controlled("pods", util::uid(rs))
-                .into_iter()
-                .filter(|p| pod_active(p))
-                .collect();
+            let st = &rs["status"];
+            let n = |f: &str| st[f].as_i64().unwrap_or(0);
             RsView {
                 key: crate::store::key_of(rs),
                 spec: crate::replicaset::replicas(rs),
-                pods: pods.len() as i64,
-                available: pods
-                    .iter()
-                    .filter(|p| util::pod_available(p, min_ready, now))
-                    .count() as i64,
-                ready: pods.iter().filter(|p| util::pod_ready(p)).count() as i64,
+                pods: n("replicas"),
+                available: n("availableReplicas"),
+                ready: n("readyReplicas"),
                 revision: revision(rs),
             }
         })
@@ -244,7 +240,7 @@ impl Deployments {
             t["metadata"]["labels"][HASH_LABEL] = json!(hash);
             let mut sel = d["spec"]["selector"].clone();
             sel["matchLabels"][HASH_LABEL] = json!(hash);
-            let olds = views(ctx, &rss, now);
+            let olds = views(&rss);
             let surge = int_or_percent(
                 &d["spec"]["strategy"]["rollingUpdate"]["maxSurge"],
                 replicas,
@@ -295,7 +291,7 @@ impl Deployments {
             ctx.update(n).await?;
             return Ok(Some(Duration::ZERO));
         }
-        let all = views(ctx, &rss, now);
+        let all = views(&rss);
         let new_v = all
             .iter()
             .find(|v| v.key == crate::store::key_of(&new_rs))
@@ -365,7 +361,7 @@ impl Deployments {
         now: f64,
     ) -> Outcome {
         let replicas = d["spec"]["replicas"].as_i64().unwrap_or(1);
-        let all = views(ctx, rss, now);
+        let all = views(rss);
         let total: i64 = all.iter().map(|v| v.pods).sum();
         let available: i64 = all.iter().map(|v| v.available).sum();
         let ready: i64 = all.iter().map(|v| v.ready).sum();
@@ -521,22 +517,6 @@ impl Reconciler for Deployments {
                         .collect()
                 }
             },
-            "pods" => {
-                let Some(r) = util::controller_ref(&ch.object) else {
-                    return Vec::new();
-                };
-                if r["kind"] != "ReplicaSet" {
-                    return Vec::new();
-                }
-                let rs = ctx.store.get_ns(
-                    "replicasets",
-                    util::namespace(&ch.object),
-                    r["name"].as_str().unwrap_or(""),
-                );
-                rs.and_then(|rs| util::owner_key(&rs, "Deployment"))
-                    .into_iter()
-                    .collect()
-            }
             _ => Vec::new(),
         }
     }
@@ -605,6 +585,30 @@ mod tests {
                 "finished {replicas} {surge} {unav}"
             );
         }
+    }
+
+    #[test]
+    fn views_read_the_replicasets_status() {
+        let rs = Arc::new(json!({"metadata": {"name": "web-1", "namespace": "d",
+            "annotations": {REVISION: "3"}},
+            "spec": {"replicas": 5},
+            "status": {"replicas": 4, "readyReplicas": 3, "availableReplicas": 2}}));
+        let fresh = Arc::new(json!({"metadata": {"name": "web-2", "namespace": "d"},
+            "spec": {"replicas": 2}}));
+        let v = views(&[rs, fresh]);
+        assert_eq!(
+            (
+                v[0].key.as_str(),
+                v[0].spec,
+                v[0].pods,
+                v[0].ready,
+                v[0].available,
+                v[0].revision
+            ),
+            ("d/web-1", 5, 4, 3, 2, 3)
+        );
+        assert_eq!((v[1].spec, v[1].pods, v[1].available), (2, 0, 0));
+        assert_eq!(v[0].actual(), 5);
     }
 
     #[test]

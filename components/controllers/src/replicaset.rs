@@ -5,6 +5,7 @@ use crate::runner::{Ctx, Outcome, Reconciler};
 use crate::store::Change;
 use crate::util::{self, pod_active};
 use futures::future::BoxFuture;
+use orc_api::selector::LabelSelector;
 use serde_json::{json, Value};
 use std::cmp::Ordering;
 use std::sync::Arc;
@@ -99,17 +100,22 @@ pub fn plan(rs: &Value, owned: &[Arc<Value>], now: f64) -> Plan {
     let want = replicas(rs).max(0) as usize;
     let mut active: Vec<Arc<Value>> = owned.iter().filter(|p| pod_active(p)).cloned().collect();
     let min_ready = rs["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
-    let tmpl_labels = util::labels(&rs["spec"]["template"]);
+    let tmpl_labels = rs["spec"]["template"]["metadata"]["labels"].as_object();
     let ready = active.iter().filter(|p| util::pod_ready(p)).count();
-    let available = active
-        .iter()
-        .filter(|p| util::pod_available(p, min_ready, now))
-        .count();
+    let available = if min_ready <= 0 {
+        // Active pods are not being deleted: available is ready.
+        ready
+    } else {
+        active
+            .iter()
+            .filter(|p| util::pod_available(p, min_ready, now))
+            .count()
+    };
     let fully = active
         .iter()
         .filter(|p| {
-            let l = util::labels(p);
-            tmpl_labels.iter().all(|(k, v)| l.get(k) == Some(v))
+            let l = &p["metadata"]["labels"];
+            tmpl_labels.is_none_or(|t| t.iter().all(|(k, v)| l.get(k) == Some(v)))
         })
         .count();
     let mut status = rs["status"].clone();
@@ -147,13 +153,15 @@ impl ReplicaSets {
         if util::deleting(&rs) {
             return Ok(None);
         }
-        let sel = selector_of(&rs);
+        // Parsed once; a selector that does not parse selects nothing.
+        let sel = LabelSelector::from_object(&selector_of(&rs)).ok();
+        let selects = |p: &Value| sel.as_ref().is_some_and(|s| s.matches(p));
         let uid = util::uid(&rs).to_string();
         let mut owned: Vec<Arc<Value>> = Vec::new();
         let mut writes = Vec::new();
         // Pods it controls; those that no longer match are released.
         for p in ctx.store.controlled("pods", &uid) {
-            if util::selector_matches(&sel, &util::labels(&p)) {
+            if selects(&p) {
                 owned.push(p);
             } else if !util::deleting(&p) {
                 let mut np = (*p).clone();
@@ -165,7 +173,7 @@ impl ReplicaSets {
         }
         // Orphans that match are adopted.
         for p in ctx.store.orphan_pods(util::namespace(&rs)) {
-            if pod_active(&p) && util::selector_matches(&sel, &util::labels(&p)) {
+            if pod_active(&p) && selects(&p) {
                 writes.push(util::adopted(&p, &rs));
             }
         }

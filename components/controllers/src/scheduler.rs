@@ -1,9 +1,11 @@
-//! The scheduler: unbound pods are filtered against every node (resources,
+//! The scheduler: unbound pods are filtered against the nodes (resources,
 //! nodeSelector, required node affinity, taints and tolerations, anti-affinity
 //! on the hostname, unschedulable nodes, host ports, readiness), the survivors
 //! scored (least allocated, preferred node affinity, spreading an owner's pods),
 //! and the pod bound with a resourceVersion precondition. A batch of pods is
-//! decided in order against one view, then bound together.
+//! decided in order against one view, then bound together. As in
+//! kube-scheduler, in a large cluster the search stops once enough nodes fit
+//! (see [`nodes_to_find`]) and the next one starts where it stopped.
 use crate::runner::{Ctx, Outcome, Reconciler};
 use crate::store::Change;
 use crate::util::PathExt;
@@ -16,28 +18,41 @@ use std::time::Duration;
 
 pub const HOSTNAME: &str = "kubernetes.io/hostname";
 
-/// A node and what is already bound to it.
-#[derive(Debug, Clone)]
-pub struct NodeState {
+/// What the scheduler reads of a node object, built once per version of it.
+#[derive(Debug)]
+pub struct NodeInfo {
     pub node: Arc<Value>,
-    pub name: String,
+    pub name: Arc<str>,
     pub labels: BTreeMap<String, String>,
     pub cpu: i64,
     pub mem: i64,
     pub max_pods: i64,
-    pub used_cpu: i64,
-    pub used_mem: i64,
-    pub pods: Vec<Arc<Value>>,
-    pub ports: HashSet<(String, i64)>,
-    /// Pods on it per controller uid (for spreading).
-    pub owners: HashMap<String, i64>,
     pub ready: bool,
     pub unschedulable: bool,
     /// Its NoSchedule and NoExecute taints.
     pub taints: Vec<Value>,
 }
 
-impl NodeState {
+/// A node and what is already bound to it.
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    pub info: Arc<NodeInfo>,
+    pub used_cpu: i64,
+    pub used_mem: i64,
+    pub pods: Vec<Arc<Value>>,
+    pub ports: HashSet<(String, i64)>,
+    /// Pods on it per controller uid (for spreading).
+    pub owners: HashMap<Arc<str>, i64>,
+}
+
+impl std::ops::Deref for NodeState {
+    type Target = NodeInfo;
+    fn deref(&self) -> &NodeInfo {
+        &self.info
+    }
+}
+
+impl NodeInfo {
     pub fn new(node: Arc<Value>) -> Self {
         let a = if node["status"]["allocatable"].is_object() {
             &node["status"]["allocatable"]
@@ -53,30 +68,44 @@ impl NodeState {
                     .collect()
             })
             .unwrap_or_default();
-        NodeState {
-            name: util::name(&node).to_string(),
+        NodeInfo {
+            name: util::name(&node).into(),
             labels: util::labels(&node),
             cpu: quantity(&a["cpu"], true),
             mem: quantity(&a["memory"], false),
             max_pods: quantity(&a["pods"], false),
-            used_cpu: 0,
-            used_mem: 0,
-            pods: Vec::new(),
-            ports: HashSet::new(),
-            owners: HashMap::new(),
             ready: node_ready(&node),
             unschedulable: node["spec"]["unschedulable"] == true,
             taints,
             node,
         }
     }
+}
+
+impl NodeState {
+    pub fn new(node: Arc<Value>) -> Self {
+        Self::with_info(Arc::new(NodeInfo::new(node)))
+    }
+    fn with_info(info: Arc<NodeInfo>) -> Self {
+        NodeState {
+            info,
+            used_cpu: 0,
+            used_mem: 0,
+            pods: Vec::new(),
+            ports: HashSet::new(),
+            owners: HashMap::new(),
+        }
+    }
     pub fn add(&mut self, pod: Arc<Value>) {
-        let (c, m) = util::pod_requests(&pod);
-        self.used_cpu += c;
-        self.used_mem += m;
-        self.ports.extend(host_ports(&pod));
-        if let Some(u) = util::controller_uid(&pod) {
-            *self.owners.entry(u.to_string()).or_default() += 1;
+        let u = Usage::of(&pod);
+        self.add_usage(pod, &u);
+    }
+    fn add_usage(&mut self, pod: Arc<Value>, u: &Usage) {
+        self.used_cpu += u.cpu;
+        self.used_mem += u.mem;
+        self.ports.extend(u.ports.iter().cloned());
+        if let Some(o) = &u.owner {
+            *self.owners.entry(o.clone()).or_default() += 1;
         }
         self.pods.push(pod);
     }
@@ -219,12 +248,9 @@ pub fn term_matches(term: &Value, node: &NodeState) -> bool {
                 .and_then(|k| node.labels.get(k))
                 .map(String::as_str),
         )
-    }) && fields.into_iter().all(|e| {
-        expr_matches(
-            e,
-            (e["key"] == "metadata.name").then_some(node.name.as_str()),
-        )
-    })
+    }) && fields
+        .into_iter()
+        .all(|e| expr_matches(e, (e["key"] == "metadata.name").then_some(&*node.name)))
 }
 
 /// nodeSelector and required node affinity.
@@ -356,12 +382,40 @@ fn score_info(p: &PodInfo, node: &NodeState) -> i64 {
     least + affinity - 200 * siblings
 }
 
+/// How many feasible nodes to find before scoring stops, as kube-scheduler's
+/// adaptive percentageOfNodesToScore: all of up to 100 nodes; of more,
+/// 50 % less 1 % per 125 nodes (at least 5 %), and never fewer than 100.
+pub fn nodes_to_find(total: usize) -> usize {
+    if total <= 100 {
+        return total;
+    }
+    let pct = (50 - (total / 125) as i64).max(5) as usize;
+    (total * pct / 100).max(100)
+}
+
 /// Choose a node for `p`: the index into `nodes`, or the reason none fits.
 pub fn choose(p: &Value, nodes: &[NodeState], volumes: &[Value]) -> Result<usize, String> {
+    choose_from(p, nodes, volumes, 0).map(|(i, _)| i)
+}
+
+/// [`choose`], searching from node `start` round the list and scoring only
+/// the first [`nodes_to_find`] nodes that fit. Also returns how many nodes
+/// were looked at (the next search starts after them).
+pub fn choose_from(
+    p: &Value,
+    nodes: &[NodeState],
+    volumes: &[Value],
+    start: usize,
+) -> Result<(usize, usize), String> {
     let info = PodInfo::new(p);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut best: Option<(i64, usize)> = None;
-    for (i, n) in nodes.iter().enumerate() {
+    let want = nodes_to_find(nodes.len());
+    let (mut found, mut looked) = (0, 0);
+    for k in 0..nodes.len() {
+        let i = (start + k) % nodes.len();
+        let n = &nodes[i];
+        looked += 1;
         match unfit_info(&info, n, volumes) {
             Some(r) => *reasons.entry(r).or_default() += 1,
             None => {
@@ -369,13 +423,22 @@ pub fn choose(p: &Value, nodes: &[NodeState], volumes: &[Value]) -> Result<usize
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, i));
                 }
+                found += 1;
+                if found >= want {
+                    break;
+                }
             }
         }
     }
-    best.map(|(_, i)| i).ok_or_else(|| {
-        let why: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
-        format!("0/{} nodes are available: {}.", nodes.len(), why.join(", "))
-    })
+    if let Some((_, i)) = best {
+        return Ok((i, looked));
+    }
+    let why: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    Err(format!(
+        "0/{} nodes are available: {}.",
+        nodes.len(),
+        why.join(", ")
+    ))
 }
 
 /// The node affinities of the volumes bound to the pod's claims; an error when
@@ -420,62 +483,87 @@ struct Usage {
     cpu: i64,
     mem: i64,
     ports: Vec<(String, i64)>,
-    owner: Option<String>,
+    owner: Option<Arc<str>>,
+}
+
+impl Usage {
+    fn of(p: &Value) -> Self {
+        let (cpu, mem) = util::pod_requests(p);
+        Usage {
+            cpu,
+            mem,
+            ports: host_ports(p),
+            owner: util::controller_uid(p).map(Arc::from),
+        }
+    }
+}
+
+/// What is kept between batches: each node's [`NodeInfo`] (rebuilt when the
+/// node object changes) and each bound pod's [`Usage`] by uid.
+#[derive(Default)]
+struct Cache {
+    nodes: HashMap<Arc<str>, Arc<NodeInfo>>,
+    usage: HashMap<String, Arc<Usage>>,
 }
 
 #[derive(Default)]
 pub struct Scheduler {
     attempts: Mutex<HashMap<String, u32>>,
-    usage: Mutex<HashMap<String, Arc<Usage>>>,
+    cache: Mutex<Cache>,
+    /// Where the next search over the nodes starts (kube-scheduler's
+    /// nextStartNodeIndex), so a partial search moves round the cluster.
+    next_start: std::sync::atomic::AtomicUsize,
 }
 
 impl Scheduler {
     fn node_states(&self, ctx: &Ctx) -> Vec<NodeState> {
-        let mut nodes: Vec<NodeState> = ctx
-            .store
-            .list("nodes")
-            .into_iter()
-            .filter(|n| !util::deleting(n))
-            .map(NodeState::new)
-            .collect();
-        let idx: HashMap<String, usize> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.name.clone(), i))
-            .collect();
-        let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
-        let mut live = HashMap::with_capacity(usage.len());
-        for p in ctx.store.list("pods") {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = &mut *cache;
+        let listed = ctx.store.list("nodes");
+        let mut nodes: Vec<NodeState> = Vec::with_capacity(listed.len());
+        let mut idx: HashMap<Arc<str>, usize> = HashMap::with_capacity(listed.len());
+        for n in listed {
+            if util::deleting(&n) {
+                continue;
+            }
+            let info = match cache.nodes.get(util::name(&n)) {
+                Some(i) if Arc::ptr_eq(&i.node, &n) => i.clone(),
+                _ => {
+                    let i = Arc::new(NodeInfo::new(n));
+                    cache.nodes.insert(i.name.clone(), i.clone());
+                    i
+                }
+            };
+            idx.insert(info.name.clone(), nodes.len());
+            nodes.push(NodeState::with_info(info));
+        }
+        if cache.nodes.len() > nodes.len() {
+            cache.nodes.retain(|name, _| idx.contains_key(name));
+        }
+        let pods = ctx.store.list("pods");
+        for p in &pods {
             let Some(i) = p["spec"]["nodeName"].as_str().and_then(|n| idx.get(n)) else {
                 continue;
             };
-            if matches!(util::pod_phase(&p), "Succeeded" | "Failed") {
+            if matches!(util::pod_phase(p), "Succeeded" | "Failed") {
                 continue;
             }
-            let uid = util::uid(&p);
-            let u = match usage.get(uid) {
+            let uid = util::uid(p);
+            let u = match cache.usage.get(uid) {
                 Some(u) => u.clone(),
                 None => {
-                    let (cpu, mem) = util::pod_requests(&p);
-                    Arc::new(Usage {
-                        cpu,
-                        mem,
-                        ports: host_ports(&p),
-                        owner: util::controller_uid(&p).map(String::from),
-                    })
+                    let u = Arc::new(Usage::of(p));
+                    cache.usage.insert(uid.to_string(), u.clone());
+                    u
                 }
             };
-            let n = &mut nodes[*i];
-            n.used_cpu += u.cpu;
-            n.used_mem += u.mem;
-            n.ports.extend(u.ports.iter().cloned());
-            if let Some(o) = &u.owner {
-                *n.owners.entry(o.clone()).or_default() += 1;
-            }
-            n.pods.push(p.clone());
-            live.insert(uid.to_string(), u);
+            nodes[*i].add_usage(p.clone(), &u);
         }
-        *usage = live;
+        // Forget pods that are gone, now and then rather than every batch.
+        if cache.usage.len() > 2 * pods.len() + 1024 {
+            let live: HashSet<&str> = pods.iter().map(|p| util::uid(p)).collect();
+            cache.usage.retain(|uid, _| live.contains(uid.as_str()));
+        }
         nodes
     }
     async fn batch(&self, ctx: &Ctx, keys: &[String]) -> Vec<Outcome> {
@@ -491,12 +579,18 @@ impl Scheduler {
                 out[i] = Some(Ok(None));
                 continue;
             }
-            let chosen = volume_affinity(ctx, &p).and_then(|v| choose(&p, &nodes, &v));
+            let start = self.next_start.load(std::sync::atomic::Ordering::Relaxed);
+            let chosen = volume_affinity(ctx, &p).and_then(|v| choose_from(&p, &nodes, &v, start));
             match chosen {
-                Ok(n) => {
+                Ok((n, looked)) => {
+                    self.next_start.store(
+                        (start + looked) % nodes.len().max(1),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     let mut bound = (*p).clone();
-                    bound["spec"]["nodeName"] = json!(nodes[n].name);
-                    nodes[n].add(Arc::new(bound.clone()));
+                    bound["spec"]["nodeName"] = json!(&*nodes[n].name);
+                    let bound = Arc::new(bound);
+                    nodes[n].add(bound.clone());
                     binds.push((i, p, bound, nodes[n].name.clone()));
                 }
                 Err(why) => {
@@ -526,7 +620,8 @@ impl Scheduler {
             }
         }
         let results =
-            futures::future::join_all(binds.iter().map(|(_, _, b, _)| ctx.update(b.clone()))).await;
+            futures::future::join_all(binds.iter().map(|(_, _, b, _)| ctx.update((**b).clone())))
+                .await;
         for ((i, p, _, node), r) in binds.into_iter().zip(results) {
             out[i] = Some(match r {
                 Ok(_) => {
@@ -661,10 +756,9 @@ mod tests {
 
     #[test]
     fn taints_tolerations_selectors_affinity() {
-        let mut n = node("a", "4", true);
-        Arc::make_mut(&mut n.node)["spec"]["taints"] =
-            json!([{"key": "k", "value": "v", "effect": "NoSchedule"}]);
-        n = NodeState::new(n.node.clone());
+        let mut v = (*node("a", "4", true).node).clone();
+        v["spec"]["taints"] = json!([{"key": "k", "value": "v", "effect": "NoSchedule"}]);
+        let mut n = NodeState::new(Arc::new(v));
         let mut p = pod("1");
         assert!(unfit(&p, &n, &[]).unwrap().contains("untolerated taint"));
         p["spec"]["tolerations"] = json!([{"key": "k", "operator": "Exists"}]);
@@ -680,6 +774,33 @@ mod tests {
         assert_eq!(unfit(&p, &n, &[]), None);
         n.add(Arc::new(pod("0")));
         assert!(unfit(&p, &n, &[]).unwrap().contains("anti-affinity"));
+    }
+
+    #[test]
+    fn large_clusters_score_a_share_of_the_nodes() {
+        assert_eq!(nodes_to_find(3), 3);
+        assert_eq!(nodes_to_find(100), 100);
+        assert_eq!(nodes_to_find(150), 100);
+        assert_eq!(nodes_to_find(1000), 420);
+        assert_eq!(nodes_to_find(5000), 500);
+        assert_eq!(nodes_to_find(100_000), 5000);
+        // 300 equal nodes, every other one ready: the search stops after the
+        // 144th that fits, and the next one starts where it stopped.
+        let nodes: Vec<NodeState> = (0..300)
+            .map(|i| node(&format!("n{i}"), "4", i % 2 == 0))
+            .collect();
+        assert_eq!(nodes_to_find(300), 144);
+        let (a, looked) = choose_from(&pod("100m"), &nodes, &[], 0).unwrap();
+        assert_eq!((a, looked), (0, 287), "144 ready nodes among the first 287");
+        let (b, looked) = choose_from(&pod("100m"), &nodes, &[], looked).unwrap();
+        assert_eq!(b, 288);
+        assert_eq!(looked, 288, "round the end of the list");
+        // Nothing fits: every node is looked at and the reasons counted.
+        let e = choose_from(&pod("8"), &nodes, &[], 7).unwrap_err();
+        assert_eq!(
+            e,
+            "0/300 nodes are available: 150 Insufficient cpu, 150 node(s) were not ready."
+        );
     }
 
     #[test]
