@@ -19,7 +19,7 @@ pub struct StoredEvent {
     /// `resource/namespace/name`.
     pub key: String,
     pub event_type: EventType,
-    pub object: Value,
+    pub object: Arc<Value>,
     /// For MODIFIED: what selectors read of the object before the change.
     pub previous: Option<Value>,
     /// Serialized size of `object`, for the window's byte bound.
@@ -158,7 +158,7 @@ mod tests {
             index: i,
             key: format!("configmaps/d/c{i}"),
             event_type: EventType::Added,
-            object: Value::Null,
+            object: Value::Null.into(),
             previous: None,
             size: 100,
         }

@@ -34,7 +34,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 const CF_LOGS: &str = "logs";
 const CF_META: &str = "meta";
@@ -91,6 +91,7 @@ pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), Store
     let sm = StateMachine {
         db: db.clone(),
         hub,
+        cache: Arc::default(),
     };
     // Fail early on a corrupt applied record.
     sm.read_applied().map_err(|e| StoreError::Corrupt {
@@ -404,6 +405,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 pub struct StateMachine {
     db: Arc<DB>,
     hub: Arc<Hub>,
+    cache: Arc<RwLock<ObjectCache>>,
+}
+
+/// The stored objects most recently read or written, parsed, so that applying
+/// a change and answering a get do not read and parse them from RocksDB again.
+/// Written through by `apply` after each batch reaches RocksDB (before the
+/// batch's results are returned); emptied when a snapshot is installed.
+/// Bounded: past `OBJECT_CACHE_MAX` entries it starts over.
+#[derive(Default)]
+struct ObjectCache {
+    objects: HashMap<String, Arc<Value>>,
+    /// Bumped by every write: a reader that missed inserts what it read from
+    /// RocksDB only if no write came between (it could be older).
+    generation: u64,
+}
+
+const OBJECT_CACHE_MAX: usize = 200_000;
+
+impl ObjectCache {
+    fn insert(&mut self, key: &str, v: Arc<Value>) {
+        if self.objects.len() >= OBJECT_CACHE_MAX && !self.objects.contains_key(key) {
+            self.objects.clear();
+        }
+        self.objects.insert(key.to_string(), v);
+    }
 }
 
 /// Applied log id, membership and encoded objects, read from one RocksDB snapshot.
@@ -516,6 +542,30 @@ impl StateMachine {
 
     /// One object, as stored.
     pub fn get(&self, key: &str) -> Result<Option<Value>, StoreError> {
+        Ok(self.get_shared(key)?.map(Arc::unwrap_or_clone))
+    }
+
+    /// One object, as stored, shared with the cache.
+    pub fn get_shared(&self, key: &str) -> Result<Option<Arc<Value>>, StoreError> {
+        let generation = {
+            let c = self.cache.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(o) = c.objects.get(key) {
+                return Ok(Some(o.clone()));
+            }
+            c.generation
+        };
+        let Some(o) = self.read_object(key)? else {
+            return Ok(None);
+        };
+        let o = Arc::new(o);
+        let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        if c.generation == generation {
+            c.insert(key, o.clone());
+        }
+        Ok(Some(o))
+    }
+
+    fn read_object(&self, key: &str) -> Result<Option<Value>, StoreError> {
         let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
         match self.db.get_cf(h, key)? {
             None => Ok(None),
@@ -682,9 +732,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let objects = self.db.cf_handle(CF_OBJECTS).expect("cf");
         let sm = self.db.cf_handle(CF_SM).expect("cf");
         // Writes of this batch not yet in RocksDB: later entries must see
-        // earlier ones. Kept as the bytes written (rarely read back; a copy
-        // of bytes is cheaper than a copy of the object's tree).
-        let mut overlay: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+        // earlier ones. They go to the object cache once the batch is written.
+        let mut overlay: HashMap<String, Option<Arc<Value>>> = HashMap::new();
+        // Objects read from RocksDB during the batch (not written by it).
+        let fetched: std::cell::RefCell<Vec<(String, Arc<Value>)>> = Default::default();
         let mut batch = WriteBatch::default();
         let mut replies = Vec::new();
         let mut events = Vec::new();
@@ -705,16 +756,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let mut results = Vec::new();
                     for cmd in cmd.commands() {
                         revision += 1;
-                        let db = &self.db;
-                        let get = |k: &str| -> Option<Value> {
-                            match overlay.get(k) {
-                                Some(b) => b.as_ref().and_then(|b| serde_json::from_slice(b).ok()),
-                                None => db
-                                    .get_cf(objects, k)
-                                    .ok()
-                                    .flatten()
-                                    .and_then(|b| serde_json::from_slice(&b).ok()),
+                        let get = |k: &str| -> Option<Arc<Value>> {
+                            if let Some(o) = overlay.get(k) {
+                                return o.clone();
                             }
+                            let cached = self
+                                .cache
+                                .read()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .objects
+                                .get(k)
+                                .cloned();
+                            if cached.is_some() {
+                                return cached;
+                            }
+                            let o = Arc::new(self.read_object(k).ok().flatten()?);
+                            fetched.borrow_mut().push((k.to_string(), o.clone()));
+                            Some(o)
                         };
                         let res = mutation::apply(cmd, revision, &get);
                         // The allocation index follows the Services (see
@@ -736,10 +794,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     overlay.insert(k.clone(), None);
                                 }
                                 for k in after.iter().filter(|k| !before.contains(k)) {
-                                    let b = serde_json::to_vec(&Value::String(key.clone()))
-                                        .unwrap_or_default();
+                                    let v = Value::String(key.clone());
+                                    let b = serde_json::to_vec(&v).unwrap_or_default();
                                     batch.put_cf(objects, k, &b);
-                                    overlay.insert(k.clone(), Some(b));
+                                    overlay.insert(k.clone(), Some(Arc::new(v)));
                                 }
                             }
                         }
@@ -751,12 +809,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     event,
                                     previous,
                                 } => {
-                                    let b = serde_json::to_vec(object).map_err(|e| {
+                                    let b = serde_json::to_vec(&**object).map_err(|e| {
                                         io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
                                     })?;
                                     let size = b.len();
                                     batch.put_cf(objects, key, &b);
-                                    overlay.insert(key.clone(), Some(b));
+                                    overlay.insert(key.clone(), Some(object.clone()));
                                     (key, *event, object, previous.clone(), size)
                                 }
                                 Change::Remove { key, object } => {
@@ -793,6 +851,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.db
                 .write(batch)
                 .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            c.generation += 1;
+            for (k, o) in fetched.into_inner() {
+                if !overlay.contains_key(&k) {
+                    c.insert(&k, o);
+                }
+            }
+            for (k, o) in overlay {
+                match o {
+                    Some(o) => c.insert(&k, o),
+                    None => {
+                        c.objects.remove(&k);
+                    }
+                }
+            }
+            drop(c);
             self.hub.publish(events, revision);
         }
         Ok(replies)
@@ -842,6 +916,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+        {
+            let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            c.generation += 1;
+            c.objects.clear();
+        }
         save_snapshot(&self.db, meta, &data)?;
         self.hub.reset(revision);
         Ok(())
@@ -959,6 +1038,71 @@ mod tests {
         assert_eq!(other.revision(), 5);
         assert_eq!(other.list("").unwrap().1, sm.list("").unwrap().1);
         assert_eq!(other.hub().floor(), 5);
+    }
+
+    /// The object cache answers as RocksDB does: after creates, updates and
+    /// deletes (also of objects it never held), and after a snapshot install
+    /// replaces the store.
+    #[tokio::test]
+    async fn cached_objects_follow_writes_and_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut sm) = open(dir.path(), Hub::new(100, usize::MAX)).unwrap();
+        let key = "configmaps/a/x";
+        let same = |sm: &StateMachine| {
+            for k in [key, "configmaps/a/y", "namespaces//a"] {
+                assert_eq!(sm.get(k).unwrap(), sm.read_object(k).unwrap(), "{k}");
+            }
+        };
+        sm.apply([
+            entry(1, create("namespaces", "", "a")),
+            entry(2, create("configmaps", "a", "x")),
+        ])
+        .await
+        .unwrap();
+        same(&sm);
+        let read = sm.get_shared(key).unwrap().unwrap();
+        assert_eq!(read["metadata"]["resourceVersion"], "2");
+        let mut changed = (*read).clone();
+        changed["data"] = serde_json::json!({"k": "v"});
+        let update = orc_api::Command::Update {
+            key: orc_api::ObjectKey::new("configmaps", "a", "x"),
+            object: changed,
+            status: false,
+        };
+        sm.apply([entry(3, update)]).await.unwrap();
+        assert_eq!(sm.get(key).unwrap().unwrap()["data"]["k"], "v");
+        same(&sm);
+        // Written behind the cache's back (as by a restore), then deleted
+        // through the log: neither read is stale.
+        let h = sm.db.cf_handle(CF_OBJECTS).unwrap();
+        let y = serde_json::json!({"kind": "ConfigMap", "metadata": {"name": "y", "namespace": "a", "resourceVersion": "3"}});
+        sm.db
+            .put_cf(h, "configmaps/a/y", serde_json::to_vec(&y).unwrap())
+            .unwrap();
+        let delete = orc_api::Command::Delete {
+            key: orc_api::ObjectKey::new("configmaps", "a", "y"),
+            preconditions: Default::default(),
+            propagation: None,
+            now: "2026-11-27T00:00:00Z".into(),
+            grace: None,
+        };
+        sm.apply([entry(4, delete)]).await.unwrap();
+        assert_eq!(sm.get("configmaps/a/y").unwrap(), None);
+        same(&sm);
+        // A snapshot of an empty store replaces everything cached.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (_, mut empty) = open(dir2.path(), Hub::new(100, usize::MAX)).unwrap();
+        let snap = empty
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        sm.install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(sm.get(key).unwrap(), None);
+        same(&sm);
     }
 
     /// The in-memory tail of the log answers only for what it holds in

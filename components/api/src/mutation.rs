@@ -6,6 +6,7 @@
 use crate::error::ApiError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::sync::Arc;
 
 /// Where an object lives: `{plural}/{namespace}/{name}` (namespace empty when cluster-scoped).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -80,7 +81,7 @@ pub fn allocation_keys(svc: &Value) -> Vec<String> {
 fn check_allocations(
     key: &ObjectKey,
     obj: &Value,
-    get: &dyn Fn(&str) -> Option<Value>,
+    get: &dyn Fn(&str) -> Option<Arc<Value>>,
 ) -> Result<(), ApiError> {
     if key.resource != "services" {
         return Ok(());
@@ -177,7 +178,7 @@ pub enum Change {
     /// Write `object` at `key` (ADDED or MODIFIED).
     Put {
         key: String,
-        object: Value,
+        object: Arc<Value>,
         event: EventType,
         /// For MODIFIED: the selector view of the object before (see
         /// `selector::selector_view`), so watches can tell an object entering or
@@ -186,10 +187,10 @@ pub enum Change {
         previous: Option<Value>,
     },
     /// Remove `key`; `object` is its last state, with the deletion's resourceVersion.
-    Remove { key: String, object: Value },
+    Remove { key: String, object: Arc<Value> },
     /// Nothing changed (an update that changed nothing, a second delete of a
     /// terminating object); `object` is the current state.
-    Unchanged { object: Value },
+    Unchanged { object: Arc<Value> },
 }
 
 impl Change {
@@ -249,7 +250,7 @@ fn describe(key: &ObjectKey) -> String {
 pub fn apply(
     cmd: &Command,
     revision: u64,
-    get: &dyn Fn(&str) -> Option<Value>,
+    get: &dyn Fn(&str) -> Option<Arc<Value>>,
 ) -> Result<Change, ApiError> {
     let rv = Value::String(revision.to_string());
     match cmd {
@@ -257,7 +258,7 @@ pub fn apply(
             "a batch must be opened before it is applied",
         )),
         Command::Noop => Ok(Change::Unchanged {
-            object: Value::Null,
+            object: Arc::new(Value::Null),
         }),
         Command::Create { key, object } => {
             let k = key.encode();
@@ -292,7 +293,7 @@ pub fn apply(
             }
             Ok(Change::Put {
                 key: k,
-                object: obj,
+                object: Arc::new(obj),
                 event: EventType::Added,
                 previous: None,
             })
@@ -322,7 +323,7 @@ pub fn apply(
                 }
             }
             let mut new = if *status {
-                let mut n = current.clone();
+                let mut n = (*current).clone();
                 match object.get("status") {
                     Some(s) => n["status"] = s.clone(),
                     None => {
@@ -360,7 +361,7 @@ pub fn apply(
                     .cloned()
                     .unwrap_or(Value::Null),
             );
-            if new == current {
+            if new == *current {
                 return Ok(Change::Unchanged { object: current });
             }
             check_allocations(key, &new, get)?;
@@ -374,12 +375,12 @@ pub fn apply(
             if meta_field(&new, "deletionTimestamp").is_some() && all_finalizers(&new).is_empty() {
                 return Ok(Change::Remove {
                     key: k,
-                    object: new,
+                    object: Arc::new(new),
                 });
             }
             Ok(Change::Put {
                 key: k,
-                object: new,
+                object: Arc::new(new),
                 event: EventType::Modified,
                 previous: Some(crate::selector::selector_view(&current)),
             })
@@ -439,13 +440,13 @@ pub fn apply(
                 .max(0);
             let marked = meta_field(&current, "deletionTimestamp").is_some();
             if on_node && !marked && grace > 0 && extra.is_none() {
-                let mut obj = current.clone();
+                let mut obj = (*current).clone();
                 set_meta(&mut obj, "resourceVersion", rv);
                 set_meta(&mut obj, "deletionTimestamp", Value::String(now.clone()));
                 set_meta(&mut obj, "deletionGracePeriodSeconds", Value::from(grace));
                 return Ok(Change::Put {
                     key: k,
-                    object: obj,
+                    object: Arc::new(obj),
                     event: EventType::Modified,
                     previous: Some(crate::selector::selector_view(&current)),
                 });
@@ -459,12 +460,12 @@ pub fn apply(
                     fins.push(f.to_string());
                 }
             }
-            let mut obj = current.clone();
+            let mut obj = (*current).clone();
             set_meta(&mut obj, "resourceVersion", rv);
             if fins.is_empty() && all_finalizers(&current).is_empty() {
                 return Ok(Change::Remove {
                     key: k,
-                    object: obj,
+                    object: Arc::new(obj),
                 });
             }
             set_meta(&mut obj, "deletionTimestamp", Value::String(now.clone()));
@@ -477,7 +478,7 @@ pub fn apply(
             }
             Ok(Change::Put {
                 key: k,
-                object: obj,
+                object: Arc::new(obj),
                 event: EventType::Modified,
                 previous: Some(crate::selector::selector_view(&current)),
             })
@@ -507,10 +508,10 @@ mod tests {
         }
         fn run(&mut self, cmd: &Command, index: u64) -> Result<Change, ApiError> {
             let snapshot = self.0.clone();
-            let ch = apply(cmd, index, &|k| snapshot.get(k).cloned())?;
+            let ch = apply(cmd, index, &|k| snapshot.get(k).cloned().map(Arc::new))?;
             match &ch {
                 Change::Put { key, object, .. } => {
-                    self.0.insert(key.clone(), object.clone());
+                    self.0.insert(key.clone(), (**object).clone());
                 }
                 Change::Remove { key, .. } => {
                     self.0.remove(key);

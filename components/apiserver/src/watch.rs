@@ -143,7 +143,7 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
                 tx,
                 WatchEvent {
                     event_type,
-                    object: e.object,
+                    object: Arc::unwrap_or_clone(e.object),
                 },
             )
             .await
@@ -167,7 +167,7 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
                         sent_up_to = e.index;
                         latest = latest.max(e.index);
                         if let Some(event_type) = filter.classify(e) {
-                            if !send(tx, WatchEvent { event_type, object: e.object.clone() }).await {
+                            if !send(tx, WatchEvent { event_type, object: (*e.object).clone() }).await {
                                 return Ok(());
                             }
                         }
@@ -215,7 +215,7 @@ mod tests {
             index: 1,
             key: "pods/ns/p".into(),
             event_type: t,
-            object: obj(now),
+            object: obj(now).into(),
             previous: before.map(obj),
             size: 0,
         }
