@@ -86,11 +86,12 @@ pub struct WatchRequest {
 }
 
 /// One watch event, as Kubernetes sends it: `{"type": "ADDED", "object": {...}}`.
+/// The object is shared: every watcher of a master is handed the same one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WatchEvent {
     #[serde(rename = "type")]
     pub event_type: EventType,
-    pub object: Value,
+    pub object: std::sync::Arc<Value>,
 }
 
 /// `orc logs`: the output of one container of a pod.

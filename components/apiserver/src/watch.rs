@@ -23,7 +23,7 @@ async fn send_error(tx: &Tx, e: ApiError) {
         tx,
         WatchEvent {
             event_type: EventType::Error,
-            object: e.to_status(),
+            object: e.to_status().into(),
         },
     )
     .await;
@@ -127,7 +127,7 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
                 tx,
                 WatchEvent {
                     event_type: EventType::Added,
-                    object,
+                    object: object.into(),
                 },
             )
             .await
@@ -143,7 +143,7 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
                 tx,
                 WatchEvent {
                     event_type,
-                    object: Arc::unwrap_or_clone(e.object),
+                    object: e.object,
                 },
             )
             .await
@@ -167,7 +167,7 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
                         sent_up_to = e.index;
                         latest = latest.max(e.index);
                         if let Some(event_type) = filter.classify(e) {
-                            if !send(tx, WatchEvent { event_type, object: (*e.object).clone() }).await {
+                            if !send(tx, WatchEvent { event_type, object: e.object.clone() }).await {
                                 return Ok(());
                             }
                         }
@@ -188,7 +188,7 @@ async fn run(master: Arc<Master>, req: WatchRequest, tx: &Tx) -> Result<(), ApiE
                     bookmarked = latest;
                     let obj: Value = json!({"apiVersion": info.api_version, "kind": info.kind,
                         "metadata": {"resourceVersion": latest.to_string()}});
-                    if !send(tx, WatchEvent { event_type: EventType::Bookmark, object: obj }).await {
+                    if !send(tx, WatchEvent { event_type: EventType::Bookmark, object: obj.into() }).await {
                         return Ok(());
                     }
                 }

@@ -43,7 +43,7 @@ impl Api for ClientApi {
                         Ok(ev) => ev,
                         Err(e) => WatchEvent {
                             event_type: EventType::Error,
-                            object: client_error(e).to_status(),
+                            object: client_error(e).to_status().into(),
                         },
                     };
                     let last = ev.event_type == EventType::Error;

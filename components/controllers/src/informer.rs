@@ -97,7 +97,7 @@ impl Cache {
         }
     }
 
-    fn apply(&self, resource: &'static str, event: EventType, obj: Value) {
+    fn apply(&self, resource: &'static str, event: EventType, obj: Arc<Value>) {
         let key = key_of(&obj);
         {
             let mut g = self.objects.write().unwrap();
@@ -105,7 +105,7 @@ impl Cache {
             if event == EventType::Deleted {
                 m.remove(&key);
             } else {
-                m.insert(key.clone(), Arc::new(obj));
+                m.insert(key.clone(), obj);
             }
         }
         let _ = self.changes.send((resource, key));

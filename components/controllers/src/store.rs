@@ -312,13 +312,12 @@ impl Store {
     }
 
     /// One watch event.
-    pub fn apply(&self, event: EventType, obj: Value) {
+    pub fn apply(&self, event: EventType, obj: Arc<Value>) {
         let rv = crate::util::resource_version(&obj);
         let Some(resource) = resource_of(&obj) else {
             return;
         };
         let key = key_of(&obj);
-        let obj = Arc::new(obj);
         let old = {
             let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
             match event {

@@ -548,7 +548,7 @@ pub async fn run(a: SimArgs) -> Result<i32> {
             if ev.event_type == EventType::Bookmark {
                 continue;
             }
-            let p = ev.object;
+            let p = std::sync::Arc::unwrap_or_clone(ev.object);
             let uid = util::uid(&p).to_string();
             let node = p["spec"]["nodeName"].as_str().unwrap_or("").to_string();
             let node = node.as_str();

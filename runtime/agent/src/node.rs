@@ -496,7 +496,7 @@ async fn pods(api: Arc<dyn Api>, s: Arc<Shared>) -> Result<(), Error> {
                         t.tx.send_replace(None);
                     }
                 }
-                _ => feed(&s, &mut tasks, ev.object),
+                _ => feed(&s, &mut tasks, std::sync::Arc::unwrap_or_clone(ev.object)),
             }
             tasks.retain(|_, t| !t.tx.is_closed());
         }
