@@ -160,6 +160,49 @@ impl Command {
             one => std::slice::from_ref(one),
         }
     }
+
+    /// About how many bytes its JSON takes, without writing it: the object's
+    /// strings, escapes and punctuation counted, numbers at their longest,
+    /// 256 bytes for the rest. Never less than the JSON by more than that.
+    pub fn approx_json_len(&self) -> usize {
+        const ENVELOPE: usize = 256;
+        match self {
+            Command::Create { object, .. } | Command::Update { object, .. } => {
+                ENVELOPE + approx_json_len(object)
+            }
+            Command::Batch(cmds) => {
+                ENVELOPE + cmds.iter().map(Command::approx_json_len).sum::<usize>()
+            }
+            Command::Delete { .. } | Command::Noop => ENVELOPE,
+        }
+    }
+}
+
+fn approx_str_len(s: &str) -> usize {
+    // Quotes, and an escape for each quote, backslash or control character
+    // (up to six bytes: \u0000).
+    2 + s.len()
+        + s.bytes()
+            .filter(|b| *b == b'"' || *b == b'\\' || *b < 0x20)
+            .count()
+            * 5
+}
+
+/// About how many bytes `v` takes as compact JSON (at least as many).
+pub fn approx_json_len(v: &Value) -> usize {
+    match v {
+        Value::Null => 4,
+        Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(s) => approx_str_len(s),
+        Value::Array(a) => 2 + a.iter().map(|x| approx_json_len(x) + 1).sum::<usize>(),
+        Value::Object(m) => {
+            2 + m
+                .iter()
+                .map(|(k, x)| approx_str_len(k) + 2 + approx_json_len(x))
+                .sum::<usize>()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -529,6 +572,25 @@ mod tests {
     }
     fn key() -> ObjectKey {
         ObjectKey::new("deployments", "default", "d")
+    }
+
+    #[test]
+    fn approx_json_len_is_never_short() {
+        let v = json!({"metadata": {"name": "a\"b\\c\n", "labels": {"k": "v"}},
+            "spec": {"replicas": 3, "ratio": 0.125, "list": [1, "x", null, true, {}]}});
+        let cmd = Command::Create {
+            key: ObjectKey::new("configmaps", "d", "a"),
+            object: v.clone(),
+        };
+        let exact = serde_json::to_vec(&cmd).unwrap().len();
+        let approx = cmd.approx_json_len();
+        assert!(
+            approx >= exact && approx <= exact + 400,
+            "{approx} vs {exact}"
+        );
+        assert!(approx_json_len(&v) >= serde_json::to_vec(&v).unwrap().len());
+        let batch = Command::Batch(vec![cmd.clone(), cmd]);
+        assert!(batch.approx_json_len() >= serde_json::to_vec(&batch).unwrap().len());
     }
 
     #[test]

@@ -77,7 +77,7 @@ enum Submit {
     Api(ApiError),
 }
 
-type Pending = (Command, oneshot::Sender<Result<Change, Submit>>);
+type Pending = (Arc<Command>, oneshot::Sender<Result<Change, Submit>>);
 
 /// Commands proposed together in one log entry, at most.
 const MAX_BATCH: usize = 512;
@@ -94,7 +94,7 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 const MAX_IN_FLIGHT: usize = 2;
 
 fn command_bytes(cmd: &Command) -> usize {
-    serde_json::to_vec(cmd).map(|v| v.len()).unwrap_or(0)
+    cmd.approx_json_len()
 }
 
 /// The leader's answer to one forwarded command (`Propose` RPC).
@@ -107,7 +107,7 @@ pub enum ProposeReply {
 }
 
 type Forwarded = (
-    Command,
+    Arc<Command>,
     oneshot::Sender<Result<ProposeReply, tonic::Status>>,
 );
 
@@ -115,13 +115,15 @@ type Forwarded = (
 /// flight; meanwhile new commands queue up and go together in the next batch
 /// (at most `MAX_BATCH` commands and `MAX_BATCH_BYTES` serialized; a larger single
 /// command goes alone).
-fn spawn_batcher<R, F, Fut>(send: F) -> mpsc::UnboundedSender<(Command, oneshot::Sender<R>)>
+///
+/// Commands are shared (`Arc`): the caller keeps one to retry with elsewhere.
+fn spawn_batcher<R, F, Fut>(send: F) -> mpsc::UnboundedSender<(Arc<Command>, oneshot::Sender<R>)>
 where
     R: Send + 'static,
-    F: Fn(Vec<Command>) -> Fut + Send + Sync + 'static,
+    F: Fn(Vec<Arc<Command>>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Vec<R>> + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Command, oneshot::Sender<R>)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Arc<Command>, oneshot::Sender<R>)>();
     let send = Arc::new(send);
     tokio::spawn(async move {
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -144,7 +146,7 @@ where
             let send = send.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let (cmds, txs): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+                let (cmds, txs): (Vec<Arc<Command>>, Vec<_>) = batch.into_iter().unzip();
                 for (tx, r) in txs.into_iter().zip(send(cmds).await) {
                     let _ = tx.send(r);
                 }
@@ -165,7 +167,7 @@ fn spawn_forwarder(
     ch: tonic::transport::Channel,
     timeout: Duration,
 ) -> mpsc::UnboundedSender<Forwarded> {
-    spawn_batcher(move |cmds: Vec<Command>| {
+    spawn_batcher(move |cmds: Vec<Arc<Command>>| {
         let mut client = orc_raft::network::client(ch.clone());
         async move {
             let n = cmds.len();
@@ -198,12 +200,14 @@ fn spawn_proposer(
     write_timeout: Duration,
     no_quorum: ApiError,
 ) -> mpsc::UnboundedSender<Pending> {
-    spawn_batcher(move |cmds: Vec<Command>| {
+    spawn_batcher(move |cmds: Vec<Arc<Command>>| {
         let (raft, no_quorum) = (raft.clone(), no_quorum.clone());
         async move {
             let n = cmds.len();
+            // A copy only of what a caller still holds (to retry elsewhere).
+            let mut cmds: Vec<Command> = cmds.into_iter().map(Arc::unwrap_or_clone).collect();
             let cmd = if n == 1 {
-                cmds.into_iter().next().expect("one command")
+                cmds.pop().expect("one command")
             } else {
                 Command::Batch(cmds)
             };
@@ -305,7 +309,7 @@ impl Master {
     async fn forward(
         &self,
         addr: &str,
-        cmd: Command,
+        cmd: Arc<Command>,
         timeout: Duration,
     ) -> Result<ProposeReply, tonic::Status> {
         let queue = {
@@ -332,7 +336,7 @@ impl Master {
     }
 
     /// Hand `cmd` to the batching proposer of this master's Raft node.
-    async fn submit(&self, cmd: Command) -> Result<Change, Submit> {
+    async fn submit(&self, cmd: Arc<Command>) -> Result<Change, Submit> {
         let (tx, rx) = oneshot::channel();
         self.proposer
             .send((cmd, tx))
@@ -347,15 +351,26 @@ impl Master {
     /// Commit `cmd` through Raft: locally if leader, else through the leader.
     pub async fn propose(&self, cmd: Command) -> Result<Change, ApiError> {
         let deadline = Instant::now() + self.cfg.write_timeout;
+        // Shared, not copied, between this master's proposer and a forward to
+        // the leader (the proposer copies it only while a retry may need it).
+        let cmd = Arc::new(cmd);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(unavailable_no_quorum(&self.cfg));
             }
-            let forward = match self.submit(cmd.clone()).await {
-                Ok(change) => return Ok(change),
-                Err(Submit::Api(e)) => return Err(e),
-                Err(Submit::NotLeader(f)) => f,
+            // A master that knows another leader forwards straight away.
+            let known = self.raft.metrics().borrow().current_leader;
+            let forward = match known {
+                Some(l) if l != self.cfg.id => Forward {
+                    leader_id: Some(l),
+                    leader_node: None,
+                },
+                _ => match self.submit(cmd.clone()).await {
+                    Ok(change) => return Ok(change),
+                    Err(Submit::Api(e)) => return Err(e),
+                    Err(Submit::NotLeader(f)) => f,
+                },
             };
             if let Some(addr) = self
                 .leader_addr(&forward)
@@ -383,7 +398,7 @@ impl Master {
 
     /// The leader side of a forwarded write: commit here or say we are not the leader.
     pub async fn propose_local(&self, cmd: Command) -> ProposeReply {
-        match self.submit(cmd).await {
+        match self.submit(Arc::new(cmd)).await {
             Ok(c) => ProposeReply::Done(Ok(c)),
             Err(Submit::Api(e)) => ProposeReply::Done(Err(e)),
             Err(Submit::NotLeader(_)) => ProposeReply::NotLeader,

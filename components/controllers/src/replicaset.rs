@@ -6,6 +6,7 @@ use crate::store::Change;
 use crate::util::{self, pod_active};
 use futures::future::BoxFuture;
 use orc_api::selector::LabelSelector;
+use orc_api::EventType;
 use serde_json::{json, Value};
 use std::cmp::Ordering;
 use std::sync::Arc;
@@ -93,6 +94,21 @@ pub struct Plan {
     pub status: Value,
     /// Look again then (a pod becomes available after minReadySeconds).
     pub recheck: Option<Duration>,
+}
+
+/// Whether a pod's change can change what its ReplicaSet decides or reports:
+/// not a bind, not a container's details, only what `plan` and adoption read
+/// (labels, owners, deletion, phase, readiness and since when).
+pub fn counts_change(old: &Value, new: &Value) -> bool {
+    let meta = |p: &Value, f: &str| p.get("metadata").and_then(|m| m.get(f)).cloned();
+    let ready = |p: &Value| {
+        util::condition(p, "Ready").map(|c| (c["status"].clone(), c["lastTransitionTime"].clone()))
+    };
+    ["labels", "ownerReferences", "deletionTimestamp"]
+        .iter()
+        .any(|f| meta(old, f) != meta(new, f))
+        || util::pod_phase(old) != util::pod_phase(new)
+        || ready(old) != ready(new)
 }
 
 /// The decision for one ReplicaSet, given the pods it owns.
@@ -247,6 +263,11 @@ impl Reconciler for ReplicaSets {
         if ch.resource != "pods" {
             return Vec::new();
         }
+        if let (EventType::Modified, Some(old)) = (ch.event, &ch.old) {
+            if !counts_change(old, &ch.object) {
+                return Vec::new();
+            }
+        }
         let mut keys = Vec::new();
         for p in std::iter::once(&ch.object).chain(ch.old.iter()) {
             match util::owner_key(p, self.kind) {
@@ -291,6 +312,25 @@ mod tests {
     fn rs(replicas: i64) -> Value {
         json!({"kind": "ReplicaSet", "metadata": {"name": "r", "generation": 2},
                "spec": {"replicas": replicas, "template": {"metadata": {"labels": {"a": "b"}}}}})
+    }
+
+    #[test]
+    fn binds_and_container_details_do_not_count() {
+        let p = pod("a", "", "Pending", false, "2026-01-01T00:00:00Z");
+        let mut bound = (*p).clone();
+        bound["spec"]["nodeName"] = json!("n1");
+        assert!(!counts_change(&p, &bound));
+        let mut restarted = bound.clone();
+        restarted["status"]["containerStatuses"] = json!([{"name": "c", "restartCount": 1}]);
+        assert!(!counts_change(&bound, &restarted));
+        let running = pod("a", "n1", "Running", true, "2026-01-01T00:00:00Z");
+        assert!(counts_change(&bound, &running));
+        let mut relabelled = (*running).clone();
+        relabelled["metadata"]["labels"]["app"] = json!("other");
+        assert!(counts_change(&running, &relabelled));
+        let mut deleting = (*running).clone();
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:01:00Z");
+        assert!(counts_change(&running, &deleting));
     }
 
     #[test]

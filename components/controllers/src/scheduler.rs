@@ -499,11 +499,21 @@ impl Usage {
 }
 
 /// What is kept between batches: each node's [`NodeInfo`] (rebuilt when the
-/// node object changes) and each bound pod's [`Usage`] by uid.
+/// node object changes), each bound pod's [`Usage`] by uid, and what each
+/// version of a pod object was seen to hold (by the address of the shared
+/// object, which the entry keeps alive, so the address names that version).
 #[derive(Default)]
 struct Cache {
     nodes: HashMap<Arc<str>, Arc<NodeInfo>>,
     usage: HashMap<String, Arc<Usage>>,
+    seen: HashMap<usize, Seen>,
+}
+
+/// A pod object version as the scheduler counts it: the node it takes room
+/// on (none when unbound or finished) and how much.
+struct Seen {
+    _pod: Arc<Value>,
+    on: Option<(Arc<str>, Arc<Usage>)>,
 }
 
 #[derive(Default)]
@@ -541,24 +551,39 @@ impl Scheduler {
             cache.nodes.retain(|name, _| idx.contains_key(name));
         }
         let pods = ctx.store.list("pods");
+        let mut seen = HashMap::with_capacity(pods.len());
         for p in &pods {
-            let Some(i) = p["spec"]["nodeName"].as_str().and_then(|n| idx.get(n)) else {
-                continue;
-            };
-            if matches!(util::pod_phase(p), "Succeeded" | "Failed") {
-                continue;
-            }
-            let uid = util::uid(p);
-            let u = match cache.usage.get(uid) {
-                Some(u) => u.clone(),
-                None => {
-                    let u = Arc::new(Usage::of(p));
-                    cache.usage.insert(uid.to_string(), u.clone());
-                    u
+            let at = Arc::as_ptr(p) as usize;
+            let s = cache.seen.remove(&at).unwrap_or_else(|| {
+                let node = p["spec"]["nodeName"].as_str().filter(|n| !n.is_empty());
+                let on = match node {
+                    Some(n) if !matches!(util::pod_phase(p), "Succeeded" | "Failed") => {
+                        let uid = util::uid(p);
+                        let u = match cache.usage.get(uid) {
+                            Some(u) => u.clone(),
+                            None => {
+                                let u = Arc::new(Usage::of(p));
+                                cache.usage.insert(uid.to_string(), u.clone());
+                                u
+                            }
+                        };
+                        Some((Arc::from(n), u))
+                    }
+                    _ => None,
+                };
+                Seen {
+                    _pod: p.clone(),
+                    on,
                 }
-            };
-            nodes[*i].add_usage(p.clone(), &u);
+            });
+            if let Some((n, u)) = &s.on {
+                if let Some(i) = idx.get(n) {
+                    nodes[*i].add_usage(p.clone(), u);
+                }
+            }
+            seen.insert(at, s);
         }
+        cache.seen = seen;
         // Forget pods that are gone, now and then rather than every batch.
         if cache.usage.len() > 2 * pods.len() + 1024 {
             let live: HashSet<&str> = pods.iter().map(|p| util::uid(p)).collect();
