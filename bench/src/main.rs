@@ -440,6 +440,18 @@ async fn etcd_load(
 }
 
 /// CPU time (user + system, clock ticks) the processes have used so far.
+/// Every `resource` object in the cluster (a List through any master).
+async fn list_all(client: &Client, resource: &str) -> Result<serde_json::Value> {
+    Ok(client
+        .call(&Request::List {
+            resource: resource.into(),
+            namespace: None,
+            label_selector: String::new(),
+            field_selector: String::new(),
+        })
+        .await?)
+}
+
 fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())

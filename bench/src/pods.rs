@@ -1,7 +1,7 @@
 //! `pods`: scheduling throughput on simulated nodes. Three masters, one
 //! `orc node --simulate` process with N hollow nodes, Deployments totalling P
 //! pods; a watch records when each pod is first seen, bound and Running.
-use crate::{cpu_ticks, log_file, ms, orc_bin_or_default, start_orc, Procs};
+use crate::{cpu_ticks, list_all, log_file, ms, orc_bin_or_default, start_orc, Procs};
 use anyhow::{bail, Context, Result};
 use orc_api::request::{Request, WatchRequest};
 use orc_api::EventType;
@@ -84,14 +84,7 @@ pub async fn run(
     let client = Arc::new(Client::new(addrs.clone()));
     let t_nodes = Instant::now();
     loop {
-        let l = client
-            .call(&Request::List {
-                resource: "nodes".into(),
-                namespace: None,
-                label_selector: String::new(),
-                field_selector: String::new(),
-            })
-            .await?;
+        let l = list_all(&client, "nodes").await?;
         let items = l["items"].as_array().map(Vec::len).unwrap_or(0);
         let with_cidr = l["items"]
             .as_array()
@@ -262,14 +255,7 @@ pub async fn run(
 
 /// The masters' applied Raft index, as a list's resourceVersion.
 async fn applied_index(client: &Client) -> Result<u64> {
-    let l = client
-        .call(&Request::List {
-            resource: "namespaces".into(),
-            namespace: None,
-            label_selector: String::new(),
-            field_selector: String::new(),
-        })
-        .await?;
+    let l = list_all(client, "namespaces").await?;
     l["metadata"]["resourceVersion"]
         .as_str()
         .and_then(|v| v.parse().ok())

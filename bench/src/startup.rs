@@ -385,14 +385,7 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
     // Wait for the node, then pull the image once with a warm-up pod.
     let start = Instant::now();
     loop {
-        let nodes = client
-            .call(&Request::List {
-                resource: "nodes".into(),
-                namespace: None,
-                label_selector: String::new(),
-                field_selector: String::new(),
-            })
-            .await?;
+        let nodes = crate::list_all(&client, "nodes").await?;
         if nodes["items"]
             .as_array()
             .is_some_and(|n| n.iter().any(|n| n["spec"]["podCIDR"].is_string()))

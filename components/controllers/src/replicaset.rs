@@ -100,10 +100,12 @@ pub struct Plan {
 /// not a bind, not a container's details, only what `plan` and adoption read
 /// (labels, owners, deletion, phase, readiness and since when).
 pub fn counts_change(old: &Value, new: &Value) -> bool {
-    let meta = |p: &Value, f: &str| p.get("metadata").and_then(|m| m.get(f)).cloned();
-    let ready = |p: &Value| {
-        util::condition(p, "Ready").map(|c| (c["status"].clone(), c["lastTransitionTime"].clone()))
-    };
+    fn meta<'a>(p: &'a Value, f: &str) -> Option<&'a Value> {
+        p.get("metadata").and_then(|m| m.get(f))
+    }
+    fn ready(p: &Value) -> Option<(&Value, &Value)> {
+        util::condition(p, "Ready").map(|c| (&c["status"], &c["lastTransitionTime"]))
+    }
     ["labels", "ownerReferences", "deletionTimestamp"]
         .iter()
         .any(|f| meta(old, f) != meta(new, f))
