@@ -665,9 +665,23 @@ impl Master {
             return Err(ApiError::bad_request("a merge patch must be a JSON object"));
         }
         let mut last = None;
+        // As Kubernetes' GuaranteedUpdate: the first try patches what this
+        // master has applied (no ReadIndex round); the stored version is the
+        // precondition, so a stale copy only costs a Conflict, after which
+        // (and after a miss, which may be a create not yet applied here) the
+        // object is read linearizably.
+        let mut fresh = false;
         for _ in 0..5 {
-            let current = self.get(resource, ns, name).await?;
-            let mut patched = current.clone();
+            let current = if fresh {
+                Arc::new(self.get(resource, ns, name).await?)
+            } else {
+                fresh = true;
+                match self.get_applied(resource, ns, name)? {
+                    Some(o) => o,
+                    None => Arc::new(self.get(resource, ns, name).await?),
+                }
+            };
+            let mut patched = (*current).clone();
             orc_api::merge_patch(&mut patched, patch);
             // The stored version is the precondition, whatever the patch said.
             patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
@@ -687,6 +701,20 @@ impl Master {
             }
         }
         Err(last.unwrap_or_else(|| ApiError::conflict("too many conflicts")))
+    }
+
+    /// The object as this master has applied it (no read barrier: it may be stale).
+    fn get_applied(
+        &self,
+        resource: &str,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<Arc<Value>>, ApiError> {
+        let info = resource_info(resource)?;
+        let key = ObjectKey::new(info.plural, if info.namespaced { ns } else { "" }, name);
+        self.sm
+            .get_shared(&key.encode())
+            .map_err(|e| ApiError::internal(e.to_string()))
     }
 
     async fn get(&self, resource: &str, ns: &str, name: &str) -> Result<Value, ApiError> {

@@ -7,7 +7,7 @@ use crate::util::{self, pod_active};
 use futures::future::BoxFuture;
 use orc_api::selector::LabelSelector;
 use orc_api::EventType;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::cmp::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,57 @@ pub const BURST: usize = 500;
 pub struct ReplicaSets {
     pub resource: &'static str,
     pub kind: &'static str,
+    /// What the last sync of each ReplicaSet learnt about its pods.
+    memo: std::sync::Mutex<std::collections::HashMap<String, Memo>>,
+}
+
+/// What a pod version tells its ReplicaSet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PodFacts {
+    pub selected: bool,
+    pub active: bool,
+    pub ready: bool,
+    /// When it became Ready (for minReadySeconds).
+    pub ready_since: Option<f64>,
+    /// Carries every label of the ReplicaSet's template.
+    pub fully_labeled: bool,
+}
+
+impl PodFacts {
+    pub fn of(
+        p: &Value,
+        sel: Option<&LabelSelector>,
+        tmpl_labels: Option<&Map<String, Value>>,
+    ) -> Self {
+        let ready = util::pod_ready(p);
+        let l = &p["metadata"]["labels"];
+        PodFacts {
+            selected: sel.is_some_and(|s| s.matches(p)),
+            active: pod_active(p),
+            ready,
+            ready_since: ready
+                .then(|| util::condition(p, "Ready"))
+                .flatten()
+                .and_then(|c| c["lastTransitionTime"].as_str())
+                .and_then(util::parse_time),
+            fully_labeled: tmpl_labels.is_none_or(|t| t.iter().all(|(k, v)| l.get(k) == Some(v))),
+        }
+    }
+    fn available(&self, min_ready: i64, now: f64) -> bool {
+        self.active
+            && self.ready
+            && (min_ready <= 0
+                || self
+                    .ready_since
+                    .is_some_and(|t| now - t >= min_ready as f64))
+    }
+}
+
+/// Facts per pod version (by the address of the shared object, which the memo
+/// holds on to), valid for one selector and template labels.
+struct Memo {
+    basis: (Value, Value),
+    pods: std::collections::HashMap<usize, (Arc<Value>, PodFacts)>,
 }
 
 impl ReplicaSets {
@@ -25,12 +76,14 @@ impl ReplicaSets {
         ReplicaSets {
             resource: "replicasets",
             kind: "ReplicaSet",
+            memo: Default::default(),
         }
     }
     pub fn for_replication_controllers() -> Self {
         ReplicaSets {
             resource: "replicationcontrollers",
             kind: "ReplicationController",
+            memo: Default::default(),
         }
     }
 }
@@ -113,42 +166,49 @@ pub fn counts_change(old: &Value, new: &Value) -> bool {
         || ready(old) != ready(new)
 }
 
+fn template_labels(rs: &Value) -> Option<&Map<String, Value>> {
+    rs["spec"]["template"]["metadata"]["labels"].as_object()
+}
+
 /// The decision for one ReplicaSet, given the pods it owns.
 pub fn plan(rs: &Value, owned: &[Arc<Value>], now: f64) -> Plan {
-    let want = replicas(rs).max(0) as usize;
-    let mut active: Vec<Arc<Value>> = owned.iter().filter(|p| pod_active(p)).cloned().collect();
-    let min_ready = rs["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
-    let tmpl_labels = rs["spec"]["template"]["metadata"]["labels"].as_object();
-    let ready = active.iter().filter(|p| util::pod_ready(p)).count();
-    let available = if min_ready <= 0 {
-        // Active pods are not being deleted: available is ready.
-        ready
-    } else {
-        active
-            .iter()
-            .filter(|p| util::pod_available(p, min_ready, now))
-            .count()
-    };
-    let fully = active
+    let facts: Vec<PodFacts> = owned
         .iter()
-        .filter(|p| {
-            let l = &p["metadata"]["labels"];
-            tmpl_labels.is_none_or(|t| t.iter().all(|(k, v)| l.get(k) == Some(v)))
-        })
+        .map(|p| PodFacts::of(p, None, template_labels(rs)))
+        .collect();
+    plan_from(rs, owned, &facts, now)
+}
+
+/// `plan` with each owned pod's facts already known.
+fn plan_from(rs: &Value, owned: &[Arc<Value>], facts: &[PodFacts], now: f64) -> Plan {
+    let want = replicas(rs).max(0) as usize;
+    let min_ready = rs["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
+    let active_facts = || facts.iter().filter(|f| f.active);
+    let n_active = active_facts().count();
+    let ready = active_facts().filter(|f| f.ready).count();
+    let available = active_facts()
+        .filter(|f| f.available(min_ready, now))
         .count();
+    let fully = active_facts().filter(|f| f.fully_labeled).count();
     let mut status = rs["status"].clone();
     if !status.is_object() {
         status = json!({});
     }
-    status["replicas"] = json!(active.len());
+    status["replicas"] = json!(n_active);
     status["fullyLabeledReplicas"] = json!(fully);
     status["readyReplicas"] = json!(ready);
     status["availableReplicas"] = json!(available);
     status["observedGeneration"] = json!(util::generation(rs));
     let recheck = (min_ready > 0 && ready > available).then(|| Duration::from_secs(1));
-    let (create, delete) = match active.len().cmp(&want) {
-        Ordering::Less => ((want - active.len()).min(BURST), Vec::new()),
+    let (create, delete) = match n_active.cmp(&want) {
+        Ordering::Less => ((want - n_active).min(BURST), Vec::new()),
         Ordering::Greater => {
+            let mut active: Vec<Arc<Value>> = owned
+                .iter()
+                .zip(facts)
+                .filter(|(_, f)| f.active)
+                .map(|(p, _)| p.clone())
+                .collect();
             deletion_order(&mut active);
             let n = (active.len() - want).min(BURST);
             (0, active.into_iter().take(n).collect())
@@ -165,22 +225,50 @@ pub fn plan(rs: &Value, owned: &[Arc<Value>], now: f64) -> Plan {
 
 impl ReplicaSets {
     async fn sync(&self, ctx: &Ctx, key: &str) -> Outcome {
-        let Some(rs) = ctx.store.get(self.resource, key) else {
+        let Some(rs) = ctx
+            .store
+            .get(self.resource, key)
+            .filter(|rs| !util::deleting(rs))
+        else {
+            self.memo
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(key);
             return Ok(None);
         };
-        if util::deleting(&rs) {
-            return Ok(None);
-        }
         // Parsed once; a selector that does not parse selects nothing.
-        let sel = LabelSelector::from_object(&selector_of(&rs)).ok();
+        let selector = selector_of(&rs);
+        let sel = LabelSelector::from_object(&selector).ok();
         let selects = |p: &Value| sel.as_ref().is_some_and(|s| s.matches(p));
         let uid = util::uid(&rs).to_string();
         let mut owned: Vec<Arc<Value>> = Vec::new();
+        let mut facts: Vec<PodFacts> = Vec::new();
         let mut writes = Vec::new();
-        // Pods it controls; those that no longer match are released.
+        // Pods it controls; those that no longer match are released. Facts
+        // about a pod version seen by the last sync are not worked out again.
+        let basis = (
+            selector,
+            template_labels(&rs).map_or(Value::Null, |m| Value::Object(m.clone())),
+        );
+        let mut memo = self
+            .memo
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+            .filter(|m| m.basis == basis)
+            .map(|m| m.pods)
+            .unwrap_or_default();
+        let mut seen = std::collections::HashMap::with_capacity(memo.len().max(16));
         for p in ctx.store.controlled("pods", &uid) {
-            if selects(&p) {
+            let at = Arc::as_ptr(&p) as usize;
+            let f = match memo.remove(&at) {
+                Some((_, f)) => f,
+                None => PodFacts::of(&p, sel.as_ref(), template_labels(&rs)),
+            };
+            seen.insert(at, (p.clone(), f));
+            if f.selected {
                 owned.push(p);
+                facts.push(f);
             } else if !util::deleting(&p) {
                 let mut np = (*p).clone();
                 if let Some(refs) = np["metadata"]["ownerReferences"].as_array_mut() {
@@ -189,6 +277,11 @@ impl ReplicaSets {
                 writes.push(np);
             }
         }
+        drop(memo);
+        self.memo
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), Memo { basis, pods: seen });
         // Orphans that match are adopted.
         for p in ctx.store.orphan_pods(util::namespace(&rs)) {
             if pod_active(&p) && selects(&p) {
@@ -201,7 +294,7 @@ impl ReplicaSets {
             }
             return Ok(Some(Duration::ZERO));
         }
-        let plan = plan(&rs, &owned, util::now_secs());
+        let plan = plan_from(&rs, &owned, &facts, util::now_secs());
         if plan.create > 0 {
             let prefix = util::generate_prefix(util::name(&rs));
             let pods = (0..plan.create)

@@ -9,7 +9,7 @@ use crate::util::PathExt;
 use orc_api::request::{Request, WatchRequest};
 use orc_api::{resources, EventType};
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
@@ -25,11 +25,19 @@ pub struct Change {
     pub old: Option<Arc<Value>>,
 }
 
+/// An object in the owner index.
+struct Dependent {
+    object: Arc<Value>,
+    /// The owner is this object's controller.
+    controlled: bool,
+}
+
 #[derive(Default)]
 struct Inner {
     objects: HashMap<&'static str, BTreeMap<String, Arc<Value>>>,
-    /// owner uid -> dependents
-    by_owner: HashMap<String, BTreeSet<(&'static str, String)>>,
+    /// owner uid -> its dependents (kept in the index, so an owner's
+    /// dependents are found without a lookup each).
+    by_owner: HashMap<String, BTreeMap<(&'static str, String), Dependent>>,
     by_uid: HashMap<String, (&'static str, String)>,
     /// Pods without a controller, by key (adoption candidates).
     orphan_pods: std::collections::BTreeSet<String>,
@@ -51,15 +59,23 @@ fn uid(obj: &Value) -> Option<String> {
         .map(String::from)
 }
 
-fn owner_uids(obj: &Value) -> Vec<String> {
+/// The uids in an object's ownerReferences.
+fn owner_uids(obj: &Value) -> impl Iterator<Item = &str> {
     obj.get_path(&["metadata", "ownerReferences"])
         .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|r| r["uid"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uid"].as_str())
+}
+
+/// What the indexes read from an object: when two versions of an object
+/// agree on it, the indexes only need the new version put in place.
+fn index_facts(obj: &Value) -> (Vec<&str>, Option<&Value>, Option<&str>) {
+    (
+        owner_uids(obj).collect(),
+        crate::util::controller_ref(obj),
+        obj.get_path(&["metadata", "uid"]).and_then(Value::as_str),
+    )
 }
 
 fn resource_of(obj: &Value) -> Option<&'static str> {
@@ -70,11 +86,12 @@ fn resource_of(obj: &Value) -> Option<&'static str> {
 
 impl Inner {
     fn index_remove(&mut self, resource: &'static str, key: &str, obj: &Value) {
+        let entry = (resource, key.to_string());
         for o in owner_uids(obj) {
-            if let Some(set) = self.by_owner.get_mut(&o) {
-                set.remove(&(resource, key.to_string()));
+            if let Some(set) = self.by_owner.get_mut(o) {
+                set.remove(&entry);
                 if set.is_empty() {
-                    self.by_owner.remove(&o);
+                    self.by_owner.remove(o);
                 }
             }
         }
@@ -85,12 +102,16 @@ impl Inner {
             self.orphan_pods.remove(key);
         }
     }
-    fn index_add(&mut self, resource: &'static str, key: &str, obj: &Value) {
+    fn index_add(&mut self, resource: &'static str, key: &str, obj: &Arc<Value>) {
+        let controller = crate::util::controller_uid(obj);
         for o in owner_uids(obj) {
-            self.by_owner
-                .entry(o)
-                .or_default()
-                .insert((resource, key.to_string()));
+            self.by_owner.entry(o.to_string()).or_default().insert(
+                (resource, key.to_string()),
+                Dependent {
+                    object: obj.clone(),
+                    controlled: controller == Some(o),
+                },
+            );
         }
         if let Some(u) = uid(obj) {
             self.by_uid.insert(u, (resource, key.to_string()));
@@ -105,10 +126,23 @@ impl Inner {
             .entry(resource)
             .or_default()
             .insert(key.clone(), obj.clone());
-        if let Some(o) = &old {
-            self.index_remove(resource, &key, o);
+        match &old {
+            // The same owners, uid and controller (most updates): only the
+            // owner index holds the object itself.
+            Some(o) if index_facts(o) == index_facts(&obj) => {
+                let entry = (resource, key);
+                for u in owner_uids(&obj) {
+                    if let Some(d) = self.by_owner.get_mut(u).and_then(|m| m.get_mut(&entry)) {
+                        d.object = obj.clone();
+                    }
+                }
+            }
+            Some(o) => {
+                self.index_remove(resource, &key, o);
+                self.index_add(resource, &key, &obj);
+            }
+            None => self.index_add(resource, &key, &obj),
         }
-        self.index_add(resource, &key, &obj);
         old
     }
     fn remove(&mut self, resource: &'static str, key: &str) -> Option<Arc<Value>> {
@@ -206,11 +240,16 @@ impl Store {
 
     /// The `resource` objects whose controller is the object with `owner_uid`.
     pub fn controlled(&self, resource: &str, owner_uid: &str) -> Vec<Arc<Value>> {
-        self.dependents(owner_uid)
-            .into_iter()
-            .filter(|(r, o)| *r == resource && crate::util::controller_uid(o) == Some(owner_uid))
-            .map(|(_, o)| o)
-            .collect()
+        let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        g.by_owner
+            .get(owner_uid)
+            .map(|m| {
+                m.iter()
+                    .filter(|((r, _), d)| *r == resource && d.controlled)
+                    .map(|(_, d)| d.object.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Objects whose ownerReferences name `owner_uid`.
@@ -218,11 +257,7 @@ impl Store {
         let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
         g.by_owner
             .get(owner_uid)
-            .map(|s| {
-                s.iter()
-                    .filter_map(|(r, k)| g.objects.get(r)?.get(k).map(|v| (*r, v.clone())))
-                    .collect()
-            })
+            .map(|m| m.iter().map(|((r, _), d)| (*r, d.object.clone())).collect())
             .unwrap_or_default()
     }
 
@@ -409,4 +444,58 @@ pub(crate) fn in_namespace(m: &BTreeMap<String, Arc<Value>>, ns: &str) -> Vec<Ar
         .take_while(|(k, _)| k.starts_with(&prefix))
         .map(|(_, v)| v.clone())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, owner: Option<&str>, phase: &str) -> Arc<Value> {
+        let refs = match owner {
+            Some(u) => json!([{"kind": "ReplicaSet", "name": "r", "uid": u, "controller": true}]),
+            None => json!([]),
+        };
+        Arc::new(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "d", "uid": format!("u-{name}"),
+                         "resourceVersion": "1", "ownerReferences": refs},
+            "status": {"phase": phase}}))
+    }
+
+    fn phases(s: &Store, owner: &str) -> Vec<String> {
+        s.controlled("pods", owner)
+            .iter()
+            .map(|p| format!("{}={}", crate::util::name(p), crate::util::pod_phase(p)))
+            .collect()
+    }
+
+    #[test]
+    fn the_owner_index_follows_updates_owner_changes_and_deletes() {
+        let s = Store::new();
+        s.apply(EventType::Added, pod("a", Some("rs1"), "Pending"));
+        s.apply(EventType::Added, pod("b", Some("rs1"), "Pending"));
+        s.apply(EventType::Added, pod("c", None, "Pending"));
+        assert_eq!(phases(&s, "rs1"), ["a=Pending", "b=Pending"]);
+        assert_eq!(s.orphan_pods("d").len(), 1);
+        // An update that keeps the owners: the index holds the new version.
+        s.apply(EventType::Modified, pod("a", Some("rs1"), "Running"));
+        assert_eq!(phases(&s, "rs1"), ["a=Running", "b=Pending"]);
+        // Released, then adopted by another owner.
+        s.apply(EventType::Modified, pod("b", None, "Running"));
+        assert_eq!(phases(&s, "rs1"), ["a=Running"]);
+        assert_eq!(s.orphan_pods("d").len(), 2);
+        s.apply(EventType::Modified, pod("b", Some("rs2"), "Running"));
+        assert_eq!(phases(&s, "rs2"), ["b=Running"]);
+        assert_eq!(s.orphan_pods("d").len(), 1);
+        // An owner that is not the controller owns without controlling.
+        let mut c = (*pod("c", None, "Pending")).clone();
+        c["metadata"]["ownerReferences"] = json!([{"kind": "X", "name": "x", "uid": "rs1"}]);
+        s.apply(EventType::Modified, Arc::new(c));
+        assert_eq!(phases(&s, "rs1"), ["a=Running"]);
+        assert_eq!(s.dependents("rs1").len(), 2);
+        s.apply(EventType::Deleted, pod("a", Some("rs1"), "Running"));
+        assert!(phases(&s, "rs1").is_empty());
+        assert_eq!(s.dependents("rs1").len(), 1);
+        assert_eq!(s.by_uid("u-b").map(|(r, _)| r), Some("pods"));
+    }
 }
