@@ -288,11 +288,11 @@ struct MasterArgs {
     /// The address others reach this master at (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 200)]
     heartbeat_ms: u64,
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 250)]
     election_timeout_min_ms: u64,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     election_timeout_max_ms: u64,
     /// Take a snapshot and purge the log after this many entries.
     #[arg(long, default_value_t = 10_000)]
