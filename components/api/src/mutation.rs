@@ -135,6 +135,16 @@ pub enum Command {
         object: Value,
         status: bool,
     },
+    /// An `Update` sent as its difference from the stored version
+    /// `resource_version` (a JSON merge patch, see [`merge_diff`]): the same
+    /// result, without the whole object in the log. With `status`, only the
+    /// patch's `status` is used.
+    Patch {
+        key: ObjectKey,
+        patch: Value,
+        resource_version: String,
+        status: bool,
+    },
     /// Delete, or mark for deletion while finalizers remain (or, for a pod
     /// on a node, while its node stops it: graceful deletion).
     Delete {
@@ -170,6 +180,11 @@ impl Command {
             Command::Create { object, .. } | Command::Update { object, .. } => {
                 ENVELOPE + approx_json_len(object)
             }
+            Command::Patch {
+                patch,
+                resource_version,
+                ..
+            } => ENVELOPE + approx_json_len(patch) + approx_str_len(resource_version),
             Command::Batch(cmds) => {
                 ENVELOPE + cmds.iter().map(Command::approx_json_len).sum::<usize>()
             }
@@ -341,6 +356,36 @@ pub fn apply(
                 previous: None,
             })
         }
+        Command::Patch {
+            key,
+            patch,
+            resource_version,
+            status,
+        } => {
+            let current = get(&key.encode())
+                .ok_or_else(|| ApiError::not_found(format!("{} not found", describe(key))))?;
+            if rv_of(&current) != Some(resource_version.as_str()) {
+                return Err(stale(key));
+            }
+            let mut new = (*current).clone();
+            if *status {
+                if let Some(s) = patch.get("status") {
+                    crate::merge_patch(&mut new["status"], s);
+                }
+                if new.get("status") == Some(&Value::Null) {
+                    new.as_object_mut().map(|m| m.remove("status"));
+                }
+            } else {
+                crate::merge_patch(&mut new, patch);
+                if let (Some(m), true) = (new.as_object_mut(), object_has_status_subresource(key)) {
+                    match current.get("status") {
+                        Some(s) => m.insert("status".into(), s.clone()),
+                        None => m.remove("status"),
+                    };
+                }
+            }
+            finish_update(key, current, new, *status, rv, get)
+        }
         Command::Update {
             key,
             object,
@@ -351,10 +396,7 @@ pub fn apply(
                 .ok_or_else(|| ApiError::not_found(format!("{} not found", describe(key))))?;
             if let Some(want) = rv_of(object) {
                 if Some(want) != rv_of(&current) {
-                    return Err(ApiError::conflict(format!(
-                        "Operation cannot be fulfilled on {}: the object has been modified; please apply your changes to the latest version and try again",
-                        describe(key)
-                    )));
+                    return Err(stale(key));
                 }
             }
             if let Some(uid) = meta_field(object, "uid") {
@@ -365,7 +407,7 @@ pub fn apply(
                     )));
                 }
             }
-            let mut new = if *status {
+            let new = if *status {
                 let mut n = (*current).clone();
                 match object.get("status") {
                     Some(s) => n["status"] = s.clone(),
@@ -385,48 +427,7 @@ pub fn apply(
                 }
                 n
             };
-            // Fields the system owns are kept from the stored object.
-            for &f in SYSTEM_METADATA.iter().chain(&["name", "namespace"]) {
-                match meta_field(&current, f).cloned() {
-                    Some(v) => set_meta(&mut new, f, v),
-                    None => {
-                        new.get_mut("metadata")
-                            .and_then(Value::as_object_mut)
-                            .map(|m| m.remove(f));
-                    }
-                }
-            }
-            set_meta(
-                &mut new,
-                "resourceVersion",
-                current
-                    .pointer("/metadata/resourceVersion")
-                    .cloned()
-                    .unwrap_or(Value::Null),
-            );
-            if new == *current {
-                return Ok(Change::Unchanged { object: current });
-            }
-            check_allocations(key, &new, get)?;
-            if !*status && new.get("spec") != current.get("spec") {
-                let g = meta_field(&current, "generation")
-                    .and_then(Value::as_i64)
-                    .unwrap_or(0);
-                set_meta(&mut new, "generation", Value::from(g + 1));
-            }
-            set_meta(&mut new, "resourceVersion", rv);
-            if meta_field(&new, "deletionTimestamp").is_some() && all_finalizers(&new).is_empty() {
-                return Ok(Change::Remove {
-                    key: k,
-                    object: Arc::new(new),
-                });
-            }
-            Ok(Change::Put {
-                key: k,
-                object: Arc::new(new),
-                event: EventType::Modified,
-                previous: Some(crate::selector::selector_view(&current)),
-            })
+            finish_update(key, current, new, *status, rv, get)
         }
         Command::Delete {
             key,
@@ -526,6 +527,131 @@ pub fn apply(
                 previous: Some(crate::selector::selector_view(&current)),
             })
         }
+    }
+}
+
+/// The rest of an update once the new object is composed: system metadata
+/// kept, nothing to do when nothing changed, generation and revision set, and
+/// removal when the last finalizer of a deleted object goes.
+fn finish_update(
+    key: &ObjectKey,
+    current: Arc<Value>,
+    mut new: Value,
+    status: bool,
+    rv: Value,
+    get: &dyn Fn(&str) -> Option<Arc<Value>>,
+) -> Result<Change, ApiError> {
+    // Fields the system owns are kept from the stored object.
+    for &f in SYSTEM_METADATA.iter().chain(&["name", "namespace"]) {
+        match meta_field(&current, f).cloned() {
+            Some(v) => set_meta(&mut new, f, v),
+            None => {
+                new.get_mut("metadata")
+                    .and_then(Value::as_object_mut)
+                    .map(|m| m.remove(f));
+            }
+        }
+    }
+    set_meta(
+        &mut new,
+        "resourceVersion",
+        current
+            .pointer("/metadata/resourceVersion")
+            .cloned()
+            .unwrap_or(Value::Null),
+    );
+    if new == *current {
+        return Ok(Change::Unchanged { object: current });
+    }
+    check_allocations(key, &new, get)?;
+    if !status && new.get("spec") != current.get("spec") {
+        let g = meta_field(&current, "generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        set_meta(&mut new, "generation", Value::from(g + 1));
+    }
+    set_meta(&mut new, "resourceVersion", rv);
+    if meta_field(&new, "deletionTimestamp").is_some() && all_finalizers(&new).is_empty() {
+        return Ok(Change::Remove {
+            key: key.encode(),
+            object: Arc::new(new),
+        });
+    }
+    Ok(Change::Put {
+        key: key.encode(),
+        object: Arc::new(new),
+        event: EventType::Modified,
+        previous: Some(crate::selector::selector_view(&current)),
+    })
+}
+
+fn stale(key: &ObjectKey) -> ApiError {
+    ApiError::conflict(format!(
+        "Operation cannot be fulfilled on {}: the object has been modified; please apply your changes to the latest version and try again",
+        describe(key)
+    ))
+}
+
+/// `Update { object, status }` as a `Patch` against `current`: the version
+/// and the patch, when `object` names `current`'s version (and uid, if any)
+/// and a merge patch can express the change.
+pub fn update_as_patch(current: &Value, object: &Value, status: bool) -> Option<(String, Value)> {
+    let want = rv_of(object)?;
+    if rv_of(current) != Some(want) {
+        return None;
+    }
+    if let Some(uid) = meta_field(object, "uid") {
+        if Some(uid) != meta_field(current, "uid") {
+            return None; // Update's own check answers that.
+        }
+    }
+    let patch = if status {
+        let diff = match object.get("status") {
+            None => Value::Null,
+            Some(o) => merge_diff(current.get("status").unwrap_or(&Value::Null), o)?,
+        };
+        serde_json::json!({ "status": diff })
+    } else {
+        merge_diff(current, object)?
+    };
+    Some((want.to_string(), patch))
+}
+
+/// A JSON merge patch (RFC 7386) that turns `from` into `to`, or None when no
+/// merge patch can: `to` holds a null where they differ (a patch's null
+/// removes a field).
+pub fn merge_diff(from: &Value, to: &Value) -> Option<Value> {
+    fn has_null(v: &Value) -> bool {
+        match v {
+            Value::Null => true,
+            Value::Object(m) => m.values().any(has_null),
+            _ => false,
+        }
+    }
+    match (from, to) {
+        (Value::Object(f), Value::Object(t)) => {
+            let mut patch = serde_json::Map::new();
+            for k in f.keys() {
+                if !t.contains_key(k) {
+                    patch.insert(k.clone(), Value::Null);
+                }
+            }
+            for (k, tv) in t {
+                match f.get(k) {
+                    Some(fv) if fv == tv => {}
+                    Some(fv) => {
+                        patch.insert(k.clone(), merge_diff(fv, tv)?);
+                    }
+                    None if has_null(tv) => return None,
+                    None => {
+                        patch.insert(k.clone(), tv.clone());
+                    }
+                }
+            }
+            Some(Value::Object(patch))
+        }
+        (_, t) if has_null(t) => None,
+        (_, t) => Some(t.clone()),
     }
 }
 
@@ -891,6 +1017,125 @@ mod tests {
             grace: None,
         };
         assert_eq!(s.run(&bg, 5).unwrap_err().reason, crate::Reason::NotFound);
+    }
+
+    #[test]
+    fn a_patch_against_the_named_version_is_the_same_update() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "namespace": "default", "uid": "u1", "resourceVersion": "5",
+                         "generation": 1, "labels": {"app": "a", "tier": "web"},
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"containers": [{"name": "c", "image": "i", "args": [null, "x"]}]},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}});
+        let key = ObjectKey::new("pods", "default", "p");
+        let edit = |f: &dyn Fn(&mut Value)| {
+            let mut o = pod.clone();
+            f(&mut o);
+            o
+        };
+        let cases: Vec<(Value, bool)> = vec![
+            (edit(&|o| o["spec"]["nodeName"] = json!("n1")), false),
+            (
+                edit(&|o| o["spec"]["containers"][0]["image"] = json!("j")),
+                false,
+            ),
+            (
+                edit(&|o| {
+                    o["metadata"]["labels"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("tier");
+                }),
+                false,
+            ),
+            (
+                edit(&|o| o["metadata"]["annotations"] = json!({"a": {"deep": 1}})),
+                false,
+            ),
+            (
+                edit(&|o| o["status"] = json!({"phase": "Running", "podIP": "198.18.0.5"})),
+                false,
+            ),
+            (
+                edit(&|o| o["status"] = json!({"phase": "Running", "podIP": "198.18.0.5"})),
+                true,
+            ),
+            (edit(&|o| o["status"]["conditions"] = json!([])), true),
+            (
+                edit(&|o| {
+                    o.as_object_mut().unwrap().remove("status");
+                }),
+                true,
+            ),
+            (edit(&|o| o["metadata"]["labels"]["app"] = json!("b")), true),
+            (edit(&|o| o["metadata"]["name"] = json!("other")), false),
+            (pod.clone(), false),
+        ];
+        for (i, (object, status)) in cases.into_iter().enumerate() {
+            let mut s = Store::new();
+            s.0.insert(key.encode(), pod.clone());
+            let (rv, patch) = update_as_patch(&pod, &object, status)
+                .unwrap_or_else(|| panic!("case {i}: no patch"));
+            let by_update = s.run(
+                &Command::Update {
+                    key: key.clone(),
+                    object: object.clone(),
+                    status,
+                },
+                9,
+            );
+            let mut s = Store::new();
+            s.0.insert(key.encode(), pod.clone());
+            let by_patch = s.run(
+                &Command::Patch {
+                    key: key.clone(),
+                    patch: patch.clone(),
+                    resource_version: rv,
+                    status,
+                },
+                9,
+            );
+            assert_eq!(
+                format!("{by_update:?}"),
+                format!("{by_patch:?}"),
+                "case {i}: patch {patch}"
+            );
+            // The patch is smaller than the object whenever something stays.
+            if object != pod {
+                assert!(
+                    patch.to_string().len() < object.to_string().len(),
+                    "case {i}"
+                );
+            }
+        }
+        // Nulls a merge patch cannot carry, another version, another uid: no patch.
+        assert!(update_as_patch(&pod, &edit(&|o| o["spec"]["x"] = Value::Null), false).is_none());
+        assert!(
+            update_as_patch(&pod, &edit(&|o| o["status"]["phase"] = Value::Null), true).is_none()
+        );
+        let stale = edit(&|o| o["metadata"]["resourceVersion"] = json!("4"));
+        assert!(update_as_patch(&pod, &stale, false).is_none());
+        let other = edit(&|o| o["metadata"]["uid"] = json!("u2"));
+        assert!(update_as_patch(&pod, &other, false).is_none());
+        // A patch against a version that has moved on conflicts, as the update would.
+        let mut s = Store::new();
+        let mut moved = pod.clone();
+        moved["metadata"]["resourceVersion"] = json!("6");
+        s.0.insert(key.encode(), moved);
+        let (rv, patch) =
+            update_as_patch(&pod, &edit(&|o| o["spec"]["nodeName"] = json!("n1")), false).unwrap();
+        let e = s
+            .run(
+                &Command::Patch {
+                    key: key.clone(),
+                    patch,
+                    resource_version: rv,
+                    status: false,
+                },
+                9,
+            )
+            .unwrap_err();
+        assert_eq!(e.reason, crate::Reason::Conflict);
     }
 
     #[test]

@@ -643,14 +643,37 @@ impl Master {
         }
         let key = ObjectKey::new(info.plural, &ns, &name);
         Ok(self
-            .propose(Command::Update {
-                key,
-                object: obj,
-                status,
-            })
+            .propose(self.update_command(key, obj, status))
             .await?
             .object()
             .clone())
+    }
+
+    /// An update as the log carries it: when the request names the version
+    /// this master holds (a read-modify-write, the usual case), only its
+    /// difference from that version (bind: a node name; status: the status
+    /// that changed), applied everywhere under the same version precondition;
+    /// otherwise the whole object.
+    fn update_command(&self, key: ObjectKey, obj: Value, status: bool) -> Command {
+        let patch = self
+            .sm
+            .get_shared(&key.encode())
+            .ok()
+            .flatten()
+            .and_then(|cur| orc_api::mutation::update_as_patch(&cur, &obj, status));
+        match patch {
+            Some((resource_version, patch)) => Command::Patch {
+                key,
+                patch,
+                resource_version,
+                status,
+            },
+            None => Command::Update {
+                key,
+                object: obj,
+                status,
+            },
+        }
     }
 
     async fn patch(

