@@ -612,11 +612,10 @@ impl Scheduler {
                         (start + looked) % nodes.len().max(1),
                         std::sync::atomic::Ordering::Relaxed,
                     );
-                    let mut bound = (*p).clone();
-                    bound["spec"]["nodeName"] = json!(&*nodes[n].name);
-                    let bound = Arc::new(bound);
-                    nodes[n].add(bound.clone());
-                    binds.push((i, p, bound, nodes[n].name.clone()));
+                    // Counted on the node as it is (what the count reads
+                    // does not depend on the node name); copied once, to bind.
+                    nodes[n].add(p.clone());
+                    binds.push((i, p, nodes[n].name.clone()));
                 }
                 Err(why) => {
                     let n = {
@@ -644,10 +643,13 @@ impl Scheduler {
                 }
             }
         }
-        let results =
-            futures::future::join_all(binds.iter().map(|(_, _, b, _)| ctx.update((**b).clone())))
-                .await;
-        for ((i, p, _, node), r) in binds.into_iter().zip(results) {
+        let results = futures::future::join_all(binds.iter().map(|(_, p, node)| {
+            let mut bound = (**p).clone();
+            bound["spec"]["nodeName"] = json!(&**node);
+            ctx.update(bound)
+        }))
+        .await;
+        for ((i, p, node), r) in binds.into_iter().zip(results) {
             out[i] = Some(match r {
                 Ok(_) => {
                     self.attempts
