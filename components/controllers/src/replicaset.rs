@@ -46,21 +46,12 @@ impl PodFacts {
             selected: sel.is_some_and(|s| s.matches(p)),
             active: pod_active(p),
             ready,
-            ready_since: ready
-                .then(|| util::condition(p, "Ready"))
-                .flatten()
-                .and_then(|c| c["lastTransitionTime"].as_str())
-                .and_then(util::parse_time),
+            ready_since: ready.then(|| util::ready_since(p)).flatten(),
             fully_labeled: tmpl_labels.is_none_or(|t| t.iter().all(|(k, v)| l.get(k) == Some(v))),
         }
     }
     fn available(&self, min_ready: i64, now: f64) -> bool {
-        self.active
-            && self.ready
-            && (min_ready <= 0
-                || self
-                    .ready_since
-                    .is_some_and(|t| now - t >= min_ready as f64))
+        self.active && self.ready && util::ready_long_enough(self.ready_since, min_ready, now)
     }
 }
 
@@ -456,6 +447,23 @@ mod tests {
     fn finished_pods_are_replaced() {
         let pods = vec![pod("done", "n1", "Succeeded", false, "t")];
         assert_eq!(plan(&rs(1), &pods, 0.0).create, 1);
+    }
+
+    #[test]
+    fn min_ready_seconds_counts_pods_ready_long_enough() {
+        let mut p = (*pod("a", "n1", "Running", true, "t")).clone();
+        p["status"]["conditions"][0]["lastTransitionTime"] = json!("2026-01-01T00:00:00Z");
+        let t0 = util::parse_time("2026-01-01T00:00:00Z").unwrap();
+        let mut r = rs(1);
+        r["spec"]["minReadySeconds"] = json!(10);
+        let pods = vec![Arc::new(p)];
+        let early = plan(&r, &pods, t0 + 5.0);
+        assert_eq!(early.status["readyReplicas"], 1);
+        assert_eq!(early.status["availableReplicas"], 0);
+        assert!(early.recheck.is_some());
+        let later = plan(&r, &pods, t0 + 11.0);
+        assert_eq!(later.status["availableReplicas"], 1);
+        assert!(later.recheck.is_none());
     }
 
     #[test]

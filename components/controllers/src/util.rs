@@ -162,13 +162,19 @@ pub fn pod_available(p: &Value, min_ready: i64, now: f64) -> bool {
     if !pod_ready(p) || deleting(p) {
         return false;
     }
-    if min_ready <= 0 {
-        return true;
-    }
-    let since = condition(p, "Ready")
+    min_ready <= 0 || ready_long_enough(ready_since(p), min_ready, now)
+}
+
+/// When the pod's Ready condition last changed (to True, for a ready pod).
+pub fn ready_since(p: &Value) -> Option<f64> {
+    condition(p, "Ready")
         .and_then(|c| c["lastTransitionTime"].as_str())
-        .and_then(parse_time);
-    since.is_some_and(|t| now - t >= min_ready as f64)
+        .and_then(parse_time)
+}
+
+/// Ready since `since` is at least `min_ready` seconds at `now`.
+pub fn ready_long_enough(since: Option<f64>, min_ready: i64, now: f64) -> bool {
+    min_ready <= 0 || since.is_some_and(|t| now - t >= min_ready as f64)
 }
 
 /// Set a condition in `status.conditions`, keeping lastTransitionTime when the
