@@ -90,16 +90,24 @@ impl Network {
             Method::Vote => client.vote(request).await,
             Method::Snapshot => client.install_snapshot(request).await,
         };
-        let reply = reply.map_err(|s| match s.code() {
-            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
-                RPCError::Unreachable(Unreachable::new(&s))
-            }
-            _ => RPCError::Network(NetworkError::new(&s)),
-        })?;
+        let reply = reply.map_err(rpc_error)?;
         let res: Result<Resp, RaftError<NodeId, E>> =
             serde_json::from_slice(&reply.into_inner().json)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// What a failed call tells openraft. Only a peer that cannot be reached is
+/// `Unreachable`: openraft then stops replicating to it for half a second (no
+/// heartbeats either, so a loaded follower would start an election). A call that
+/// ran out of time (a large AppendEntries on a busy follower) is an ordinary
+/// network error, sent again at once.
+fn rpc_error<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, BasicNode, E> {
+    if s.code() == tonic::Code::Unavailable {
+        RPCError::Unreachable(Unreachable::new(&s))
+    } else {
+        RPCError::Network(NetworkError::new(&s))
     }
 }
 
@@ -138,5 +146,29 @@ impl RaftNetwork<TypeConfig> for Network {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call(Method::Vote, &rpc, option.hard_ttl()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call that ran out of time is retried at once; only a peer that cannot
+    /// be reached puts replication to it in back-off.
+    #[test]
+    fn only_unreachable_peers_back_off() {
+        let e = |s| rpc_error::<openraft::error::Infallible>(s);
+        assert!(matches!(
+            e(tonic::Status::cancelled("Timeout expired")),
+            RPCError::Network(_)
+        ));
+        assert!(matches!(
+            e(tonic::Status::deadline_exceeded("late")),
+            RPCError::Network(_)
+        ));
+        assert!(matches!(
+            e(tonic::Status::unavailable("tcp connect error")),
+            RPCError::Unreachable(_)
+        ));
     }
 }

@@ -712,23 +712,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
-impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotBuilder = Self;
+/// Entries totalling fewer JSON bytes than this are applied on the runtime
+/// thread that got them; larger batches go to the blocking pool.
+const INLINE_APPLY_BYTES: usize = 64 * 1024;
 
-    async fn applied_state(
-        &mut self,
-    ) -> SResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
-        let applied = self.read_applied()?;
-        let membership = get_json(&self.db, CF_SM, "membership", ErrorSubject::StateMachine)?
-            .unwrap_or_default();
-        Ok((applied, membership))
-    }
-
-    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<Response>>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
-    {
+impl StateMachine {
+    /// Apply `entries` in order, as one RocksDB batch; then the object cache
+    /// and the watch hub follow.
+    fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> SResult<Vec<Response>> {
         let objects = self.db.cf_handle(CF_OBJECTS).expect("cf");
         let sm = self.db.cf_handle(CF_SM).expect("cf");
         // Writes of this batch not yet in RocksDB: later entries must see
@@ -752,8 +743,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     batch.put_cf(sm, "membership", b);
                     replies.push(Vec::new());
                 }
-                EntryPayload::Normal(cmd) => {
+                EntryPayload::Normal(logged) => {
                     let mut results = Vec::new();
+                    let cmd = logged.command().map_err(|e| {
+                        io_err(
+                            ErrorSubject::Log(ent.log_id),
+                            ErrorVerb::Read,
+                            std::io::Error::other(format!("entry {}: {e}", ent.log_id)),
+                        )
+                    })?;
                     for cmd in cmd.commands() {
                         revision += 1;
                         let get = |k: &str| -> Option<Arc<Value>> {
@@ -870,6 +868,51 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.hub.publish(events, revision);
         }
         Ok(replies)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> SResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+        let applied = self.read_applied()?;
+        let membership = get_json(&self.db, CF_SM, "membership", ErrorSubject::StateMachine)?
+            .unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        // A large batch (a thousand pods is tens of milliseconds of parsing and
+        // writing) runs on the blocking pool: it must not hold one of the few
+        // runtime threads that also answer AppendEntries and heartbeats, which
+        // openraft gives one heartbeat interval.
+        let bytes: usize = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(l) => l.json().get().len(),
+                _ => 0,
+            })
+            .sum();
+        if bytes < INLINE_APPLY_BYTES {
+            return self.apply_entries(entries);
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.apply_entries(entries))
+            .await
+            .map_err(|e| {
+                io_err(
+                    ErrorSubject::StateMachine,
+                    ErrorVerb::Write,
+                    std::io::Error::other(format!("apply task: {e}")),
+                )
+            })?
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -1038,6 +1081,63 @@ mod tests {
         assert_eq!(other.revision(), 5);
         assert_eq!(other.list("").unwrap().1, sm.list("").unwrap().1);
         assert_eq!(other.hub().floor(), 5);
+    }
+
+    /// Entries as they arrive from the leader (JSON, parsed only when applied),
+    /// in a batch large enough to be applied off the runtime's threads, give
+    /// the same results as small ones; an entry whose JSON is not a command is
+    /// refused as a storage error and changes nothing.
+    #[tokio::test]
+    async fn large_batches_from_the_wire_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut sm) = open(dir.path(), Hub::new(100_000, usize::MAX)).unwrap();
+        let wire = |e: Entry<TypeConfig>| -> Entry<TypeConfig> {
+            serde_json::from_slice(&serde_json::to_vec(&e).unwrap()).unwrap()
+        };
+        let fat = "v".repeat(1000);
+        let cms: Vec<orc_api::Command> = (0..200)
+            .map(|i| {
+                let mut c = create("configmaps", "a", &format!("c{i}"));
+                if let orc_api::Command::Create { object, .. } = &mut c {
+                    object["data"] = serde_json::json!({ "v": fat });
+                }
+                c
+            })
+            .collect();
+        let entries = vec![
+            wire(entry(1, create("namespaces", "", "a"))),
+            wire(entry(2, orc_api::Command::Batch(cms[..100].to_vec()))),
+            wire(entry(3, orc_api::Command::Batch(cms[100..].to_vec()))),
+        ];
+        let bytes: usize = entries
+            .iter()
+            .map(|e| serde_json::to_vec(e).unwrap().len())
+            .sum();
+        assert!(bytes > INLINE_APPLY_BYTES, "{bytes}");
+        let replies = sm.apply(entries).await.unwrap();
+        assert_eq!(
+            replies.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![1, 100, 100]
+        );
+        let last = replies[2][99].as_ref().unwrap().object();
+        assert_eq!(last["metadata"]["resourceVersion"], "201");
+        assert_eq!(last["data"]["v"], fat.as_str());
+        let (rev, objs) = sm.list("configmaps/a/").unwrap();
+        assert_eq!((rev, objs.len()), (201, 200));
+
+        let bad: Entry<TypeConfig> = serde_json::from_value(serde_json::json!({
+            "log_id": {"leader_id": {"term": 1, "node_id": 1}, "index": 4},
+            "payload": {"Normal": {"Nonsense": 1}}
+        }))
+        .unwrap();
+        let err = sm
+            .apply([wire(entry(4, create("configmaps", "a", "late"))), bad])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("Nonsense"), "{err}");
+        assert_eq!(sm.revision(), 201);
+        assert!(sm.get("configmaps/a/late").unwrap().is_none());
+        sm.check_consistency().unwrap();
     }
 
     /// The object cache answers as RocksDB does: after creates, updates and
