@@ -40,7 +40,8 @@ pub struct NodeState {
     pub used_cpu: i64,
     pub used_mem: i64,
     pub pods: Vec<Arc<Value>>,
-    pub ports: HashSet<(String, i64)>,
+    /// Host ports taken, with how many pods take each.
+    pub ports: HashMap<(String, i64), u32>,
     /// Pods on it per controller uid (for spreading).
     pub owners: HashMap<Arc<str>, i64>,
 }
@@ -92,7 +93,7 @@ impl NodeState {
             used_cpu: 0,
             used_mem: 0,
             pods: Vec::new(),
-            ports: HashSet::new(),
+            ports: HashMap::new(),
             owners: HashMap::new(),
         }
     }
@@ -103,11 +104,37 @@ impl NodeState {
     fn add_usage(&mut self, pod: Arc<Value>, u: &Usage) {
         self.used_cpu += u.cpu;
         self.used_mem += u.mem;
-        self.ports.extend(u.ports.iter().cloned());
+        for hp in &u.ports {
+            *self.ports.entry(hp.clone()).or_default() += 1;
+        }
         if let Some(o) = &u.owner {
             *self.owners.entry(o.clone()).or_default() += 1;
         }
         self.pods.push(pod);
+    }
+    /// Undo `add_usage(pod, u)`.
+    fn remove_usage(&mut self, pod: &Arc<Value>, u: &Usage) {
+        self.used_cpu -= u.cpu;
+        self.used_mem -= u.mem;
+        for hp in &u.ports {
+            if let Some(c) = self.ports.get_mut(hp) {
+                *c -= 1;
+                if *c == 0 {
+                    self.ports.remove(hp);
+                }
+            }
+        }
+        if let Some(o) = &u.owner {
+            if let Some(c) = self.owners.get_mut(o) {
+                *c -= 1;
+                if *c <= 0 {
+                    self.owners.remove(o);
+                }
+            }
+        }
+        if let Some(i) = self.pods.iter().position(|p| Arc::ptr_eq(p, pod)) {
+            self.pods.swap_remove(i);
+        }
     }
 }
 
@@ -336,7 +363,7 @@ fn unfit_info(p: &PodInfo, node: &NodeState, volumes: &[Value]) -> Option<String
     if p.mem > 0 && node.used_mem + p.mem > node.mem {
         return Some("Insufficient memory".into());
     }
-    if p.ports.iter().any(|hp| node.ports.contains(hp)) {
+    if p.ports.iter().any(|hp| node.ports.contains_key(hp)) {
         return Some("node(s) didn't have free ports for the requested pod ports".into());
     }
     if !p.anti.is_empty() {
@@ -499,21 +526,122 @@ impl Usage {
 }
 
 /// What is kept between batches: each node's [`NodeInfo`] (rebuilt when the
-/// node object changes), each bound pod's [`Usage`] by uid, and what each
-/// version of a pod object was seen to hold (by the address of the shared
-/// object, which the entry keeps alive, so the address names that version).
+/// node object changes), each bound pod's [`Usage`] by uid, what each version
+/// of a pod object was counted as (by the address of the shared object, which
+/// the entry keeps alive, so the address names that version), and the nodes'
+/// states with those counts in them. A batch brings the states up to date by
+/// counting only the pod versions it has not seen and taking out those that
+/// are gone, so its cost follows what changed, not the size of the cluster.
 #[derive(Default)]
 struct Cache {
     nodes: HashMap<Arc<str>, Arc<NodeInfo>>,
     usage: HashMap<String, Arc<Usage>>,
-    seen: HashMap<usize, Seen>,
+    counted: HashMap<usize, Counted>,
+    states: Vec<NodeState>,
+    idx: HashMap<Arc<str>, usize>,
+    /// Bumped by every refresh; a counted pod version not stamped with the
+    /// current one is gone from the store.
+    stamp: u64,
 }
 
-/// A pod object version as the scheduler counts it: the node it takes room
-/// on (none when unbound or finished) and how much.
-struct Seen {
-    _pod: Arc<Value>,
-    on: Option<(Arc<str>, Arc<Usage>)>,
+/// A pod object version as the scheduler counts it: the node (index into
+/// `Cache::states`) it takes room on, none when unbound or finished, and how
+/// much.
+struct Counted {
+    pod: Arc<Value>,
+    on: Option<(usize, Arc<Usage>)>,
+    stamp: u64,
+}
+
+impl Cache {
+    /// Bring the node states up to date with the store.
+    fn refresh(&mut self, store: &crate::store::Store) {
+        let live: Vec<Arc<Value>> = store
+            .list("nodes")
+            .into_iter()
+            .filter(|n| !util::deleting(n))
+            .collect();
+        let same_nodes = live.len() == self.states.len()
+            && live.iter().all(|n| self.idx.contains_key(util::name(n)));
+        if !same_nodes {
+            self.states.clear();
+            self.idx.clear();
+            self.counted.clear();
+        }
+        for n in live {
+            let info = match self.nodes.get(util::name(&n)) {
+                Some(i) if Arc::ptr_eq(&i.node, &n) => i.clone(),
+                _ => {
+                    let i = Arc::new(NodeInfo::new(n));
+                    self.nodes.insert(i.name.clone(), i.clone());
+                    i
+                }
+            };
+            match self.idx.get(&info.name) {
+                Some(&i) => self.states[i].info = info,
+                None => {
+                    self.idx.insert(info.name.clone(), self.states.len());
+                    self.states.push(NodeState::with_info(info));
+                }
+            }
+        }
+        if self.nodes.len() > self.states.len() {
+            let idx = &self.idx;
+            self.nodes.retain(|name, _| idx.contains_key(name));
+        }
+        self.stamp += 1;
+        let stamp = self.stamp;
+        let pods = store.list("pods");
+        for p in &pods {
+            let at = Arc::as_ptr(p) as usize;
+            if let Some(c) = self.counted.get_mut(&at) {
+                c.stamp = stamp;
+                continue;
+            }
+            let node = p["spec"]["nodeName"].as_str().filter(|n| !n.is_empty());
+            let on = match node.and_then(|n| self.idx.get(n)) {
+                Some(&i) if !matches!(util::pod_phase(p), "Succeeded" | "Failed") => {
+                    let uid = util::uid(p);
+                    let u = match self.usage.get(uid) {
+                        Some(u) => u.clone(),
+                        None => {
+                            let u = Arc::new(Usage::of(p));
+                            self.usage.insert(uid.to_string(), u.clone());
+                            u
+                        }
+                    };
+                    self.states[i].add_usage(p.clone(), &u);
+                    Some((i, u))
+                }
+                _ => None,
+            };
+            self.counted.insert(
+                at,
+                Counted {
+                    pod: p.clone(),
+                    on,
+                    stamp,
+                },
+            );
+        }
+        if self.counted.len() > pods.len() {
+            let states = &mut self.states;
+            self.counted.retain(|_, c| {
+                if c.stamp == stamp {
+                    return true;
+                }
+                if let Some((i, u)) = &c.on {
+                    states[*i].remove_usage(&c.pod, u);
+                }
+                false
+            });
+        }
+        // Forget pods that are gone, now and then rather than every batch.
+        if self.usage.len() > 2 * pods.len() + 1024 {
+            let live: HashSet<&str> = pods.iter().map(|p| util::uid(p)).collect();
+            self.usage.retain(|uid, _| live.contains(uid.as_str()));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -526,121 +654,72 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    fn node_states(&self, ctx: &Ctx) -> Vec<NodeState> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let cache = &mut *cache;
-        let listed = ctx.store.list("nodes");
-        let mut nodes: Vec<NodeState> = Vec::with_capacity(listed.len());
-        let mut idx: HashMap<Arc<str>, usize> = HashMap::with_capacity(listed.len());
-        for n in listed {
-            if util::deleting(&n) {
-                continue;
-            }
-            let info = match cache.nodes.get(util::name(&n)) {
-                Some(i) if Arc::ptr_eq(&i.node, &n) => i.clone(),
-                _ => {
-                    let i = Arc::new(NodeInfo::new(n));
-                    cache.nodes.insert(i.name.clone(), i.clone());
-                    i
-                }
-            };
-            idx.insert(info.name.clone(), nodes.len());
-            nodes.push(NodeState::with_info(info));
-        }
-        if cache.nodes.len() > nodes.len() {
-            cache.nodes.retain(|name, _| idx.contains_key(name));
-        }
-        let pods = ctx.store.list("pods");
-        let mut seen = HashMap::with_capacity(pods.len());
-        for p in &pods {
-            let at = Arc::as_ptr(p) as usize;
-            let s = cache.seen.remove(&at).unwrap_or_else(|| {
-                let node = p["spec"]["nodeName"].as_str().filter(|n| !n.is_empty());
-                let on = match node {
-                    Some(n) if !matches!(util::pod_phase(p), "Succeeded" | "Failed") => {
-                        let uid = util::uid(p);
-                        let u = match cache.usage.get(uid) {
-                            Some(u) => u.clone(),
-                            None => {
-                                let u = Arc::new(Usage::of(p));
-                                cache.usage.insert(uid.to_string(), u.clone());
-                                u
-                            }
-                        };
-                        Some((Arc::from(n), u))
-                    }
-                    _ => None,
-                };
-                Seen {
-                    _pod: p.clone(),
-                    on,
-                }
-            });
-            if let Some((n, u)) = &s.on {
-                if let Some(i) = idx.get(n) {
-                    nodes[*i].add_usage(p.clone(), u);
-                }
-            }
-            seen.insert(at, s);
-        }
-        cache.seen = seen;
-        // Forget pods that are gone, now and then rather than every batch.
-        if cache.usage.len() > 2 * pods.len() + 1024 {
-            let live: HashSet<&str> = pods.iter().map(|p| util::uid(p)).collect();
-            cache.usage.retain(|uid, _| live.contains(uid.as_str()));
-        }
-        nodes
-    }
     async fn batch(&self, ctx: &Ctx, keys: &[String]) -> Vec<Outcome> {
-        let mut nodes = self.node_states(ctx);
         let mut binds = Vec::new();
+        let mut unschedulable = Vec::new();
         let mut out: Vec<Option<Outcome>> = vec![None; keys.len()];
-        for (i, k) in keys.iter().enumerate() {
-            let Some(p) = ctx.store.get("pods", k) else {
-                out[i] = Some(Ok(None));
-                continue;
-            };
-            if !wants_scheduling(&p) {
-                out[i] = Some(Ok(None));
-                continue;
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.refresh(&ctx.store);
+            let nodes = &mut cache.states;
+            // What this batch places is counted while it decides, and taken out
+            // again after: the binds come back as new pod versions.
+            let mut placed = Vec::new();
+            for (i, k) in keys.iter().enumerate() {
+                let Some(p) = ctx.store.get("pods", k) else {
+                    out[i] = Some(Ok(None));
+                    continue;
+                };
+                if !wants_scheduling(&p) {
+                    out[i] = Some(Ok(None));
+                    continue;
+                }
+                let start = self.next_start.load(std::sync::atomic::Ordering::Relaxed);
+                let chosen =
+                    volume_affinity(ctx, &p).and_then(|v| choose_from(&p, nodes, &v, start));
+                match chosen {
+                    Ok((n, looked)) => {
+                        self.next_start.store(
+                            (start + looked) % nodes.len().max(1),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                        let u = Usage::of(&p);
+                        nodes[n].add_usage(p.clone(), &u);
+                        placed.push((n, p.clone(), u));
+                        binds.push((i, p, nodes[n].name.clone()));
+                    }
+                    Err(why) => {
+                        let n = {
+                            let mut a = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+                            let n = a.entry(k.clone()).or_insert(0);
+                            *n += 1;
+                            *n
+                        };
+                        if n == 1 || n % 10 == 0 {
+                            ctx.event(&p, "Warning", "FailedScheduling", why.clone());
+                        }
+                        let backoff =
+                            Duration::from_millis((1000u64 << (n - 1).min(3)).min(10_000));
+                        out[i] = Some(Ok(Some(backoff)));
+                        unschedulable.push((p, why));
+                    }
+                }
             }
-            let start = self.next_start.load(std::sync::atomic::Ordering::Relaxed);
-            let chosen = volume_affinity(ctx, &p).and_then(|v| choose_from(&p, &nodes, &v, start));
-            match chosen {
-                Ok((n, looked)) => {
-                    self.next_start.store(
-                        (start + looked) % nodes.len().max(1),
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                    // Counted on the node as it is (what the count reads
-                    // does not depend on the node name); copied once, to bind.
-                    nodes[n].add(p.clone());
-                    binds.push((i, p, nodes[n].name.clone()));
-                }
-                Err(why) => {
-                    let n = {
-                        let mut a = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
-                        let n = a.entry(k.clone()).or_insert(0);
-                        *n += 1;
-                        *n
-                    };
-                    if n == 1 || n % 10 == 0 {
-                        ctx.event(&p, "Warning", "FailedScheduling", why.clone());
-                    }
-                    let mut st = (*p).clone();
-                    if util::set_condition(
-                        &mut st,
-                        "PodScheduled",
-                        "False",
-                        "Unschedulable",
-                        &why,
-                        &orc_api::now_rfc3339(),
-                    ) {
-                        let _ = ctx.update_status(st).await;
-                    }
-                    let backoff = Duration::from_millis((1000u64 << (n - 1).min(3)).min(10_000));
-                    out[i] = Some(Ok(Some(backoff)));
-                }
+            for (n, p, u) in placed {
+                nodes[n].remove_usage(&p, &u);
+            }
+        }
+        for (p, why) in unschedulable {
+            let mut st = (*p).clone();
+            if util::set_condition(
+                &mut st,
+                "PodScheduled",
+                "False",
+                "Unschedulable",
+                &why,
+                &orc_api::now_rfc3339(),
+            ) {
+                let _ = ctx.update_status(st).await;
             }
         }
         let results = futures::future::join_all(binds.iter().map(|(_, p, node)| {
@@ -749,6 +828,99 @@ mod tests {
         json!({"metadata": {"name": "p", "namespace": "d", "labels": {"app": "w"},
                 "ownerReferences": [{"uid": "rs1", "controller": true}]},
                "spec": {"containers": [{"resources": {"requests": {"cpu": cpu}}}]}})
+    }
+
+    /// Each node's counts after a run of changes, kept up to date batch by
+    /// batch, are what counting the store afresh gives.
+    #[test]
+    fn kept_node_states_match_a_fresh_count() {
+        use orc_api::EventType::{Added, Deleted, Modified};
+        let store = crate::store::Store::new();
+        let node_obj = |name: &str, zone: &str| {
+            let mut v = (*node(name, "4", true).node).clone();
+            v["apiVersion"] = json!("v1");
+            v["kind"] = json!("Node");
+            v["metadata"]["labels"]["zone"] = json!(zone);
+            Arc::new(v)
+        };
+        let pod_obj = |name: &str, on: Option<&str>, port: Option<i64>, phase: &str| {
+            let mut v = pod("250m");
+            v["apiVersion"] = json!("v1");
+            v["kind"] = json!("Pod");
+            v["metadata"]["name"] = json!(name);
+            v["metadata"]["uid"] = json!(format!("uid-{name}"));
+            v["spec"]["containers"][0]["ports"] =
+                json!(port.map(|p| vec![json!({"containerPort": 80, "hostPort": p})]));
+            if let Some(n) = on {
+                v["spec"]["nodeName"] = json!(n);
+            }
+            v["status"] = json!({"phase": phase});
+            Arc::new(v)
+        };
+        let summary = |c: &Cache| {
+            let mut v: Vec<_> = c
+                .states
+                .iter()
+                .map(|n| {
+                    let mut pods: Vec<String> =
+                        n.pods.iter().map(|p| util::name(p).to_string()).collect();
+                    pods.sort();
+                    let mut ports: Vec<_> = n.ports.iter().map(|(k, c)| (k.clone(), *c)).collect();
+                    ports.sort();
+                    let mut owners: Vec<_> =
+                        n.owners.iter().map(|(k, c)| (k.to_string(), *c)).collect();
+                    owners.sort();
+                    let zone = n.node["metadata"]["labels"]["zone"].to_string();
+                    (
+                        n.name.to_string(),
+                        zone,
+                        n.used_cpu,
+                        n.used_mem,
+                        pods,
+                        ports,
+                        owners,
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let mut kept = Cache::default();
+        let check = |kept: &mut Cache, step: &str| {
+            kept.refresh(&store);
+            let mut fresh = Cache::default();
+            fresh.refresh(&store);
+            assert_eq!(summary(kept), summary(&fresh), "{step}");
+        };
+        for n in ["a", "b", "c"] {
+            store.apply(Added, node_obj(n, "z1"));
+        }
+        store.apply(Added, pod_obj("p1", None, None, "Pending"));
+        store.apply(Added, pod_obj("p2", Some("a"), Some(8080), "Running"));
+        store.apply(Added, pod_obj("p3", Some("b"), Some(8080), "Running"));
+        store.apply(Added, pod_obj("p4", Some("b"), None, "Running"));
+        check(&mut kept, "first count");
+        assert_eq!(kept.states[kept.idx["b"]].used_cpu, 500);
+        // A bind, a finished pod, a deleted pod, a pod moved to a missing node.
+        store.apply(Modified, pod_obj("p1", Some("c"), Some(9090), "Pending"));
+        store.apply(Modified, pod_obj("p2", Some("a"), Some(8080), "Succeeded"));
+        store.apply(Deleted, pod_obj("p3", Some("b"), Some(8080), "Running"));
+        store.apply(Modified, pod_obj("p4", Some("x"), None, "Running"));
+        check(&mut kept, "changes");
+        assert!(kept.states[kept.idx["a"]].pods.is_empty());
+        assert_eq!(kept.states[kept.idx["b"]].used_cpu, 0);
+        // A node object changes (same nodes), then a node joins: its pods count.
+        store.apply(Modified, node_obj("a", "z2"));
+        check(&mut kept, "node changed");
+        store.apply(Added, node_obj("x", "z1"));
+        check(&mut kept, "node joined");
+        assert_eq!(kept.states[kept.idx["x"]].used_cpu, 250);
+        store.apply(Deleted, node_obj("c", "z1"));
+        check(&mut kept, "node left");
+        // Unchanged: nothing moves.
+        let before = summary(&kept);
+        check(&mut kept, "no change");
+        assert_eq!(summary(&kept), before);
     }
 
     #[test]
