@@ -525,16 +525,15 @@ impl Usage {
     }
 }
 
-/// What is kept between batches: each node's [`NodeInfo`] (rebuilt when the
-/// node object changes), each bound pod's [`Usage`] by uid, what each version
-/// of a pod object was counted as (by the address of the shared object, which
-/// the entry keeps alive, so the address names that version), and the nodes'
-/// states with those counts in them. A batch brings the states up to date by
+/// What is kept between batches: the nodes' states (each with its
+/// [`NodeInfo`], rebuilt when the node object changes, and the pods counted
+/// on it), each bound pod's [`Usage`] by uid, and what each version of a pod
+/// object was counted as (by the address of the shared object, which the
+/// entry keeps alive, so the address names that version). A batch brings the states up to date by
 /// counting only the pod versions it has not seen and taking out those that
 /// are gone, so its cost follows what changed, not the size of the cluster.
 #[derive(Default)]
 struct Cache {
-    nodes: HashMap<Arc<str>, Arc<NodeInfo>>,
     usage: HashMap<String, Arc<Usage>>,
     counted: HashMap<usize, Counted>,
     states: Vec<NodeState>,
@@ -569,25 +568,15 @@ impl Cache {
             self.counted.clear();
         }
         for n in live {
-            let info = match self.nodes.get(util::name(&n)) {
-                Some(i) if Arc::ptr_eq(&i.node, &n) => i.clone(),
-                _ => {
-                    let i = Arc::new(NodeInfo::new(n));
-                    self.nodes.insert(i.name.clone(), i.clone());
-                    i
-                }
-            };
-            match self.idx.get(&info.name) {
-                Some(&i) => self.states[i].info = info,
+            match self.idx.get(util::name(&n)) {
+                Some(&i) if Arc::ptr_eq(&self.states[i].node, &n) => {}
+                Some(&i) => self.states[i].info = Arc::new(NodeInfo::new(n)),
                 None => {
+                    let info = Arc::new(NodeInfo::new(n));
                     self.idx.insert(info.name.clone(), self.states.len());
                     self.states.push(NodeState::with_info(info));
                 }
             }
-        }
-        if self.nodes.len() > self.states.len() {
-            let idx = &self.idx;
-            self.nodes.retain(|name, _| idx.contains_key(name));
         }
         self.stamp += 1;
         let stamp = self.stamp;
