@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian 12 packages orc needs to build, test and benchmark, if missing.
 set -euo pipefail
-pkgs=(pkg-config build-essential curl libclang-dev protobuf-compiler librocksdb-dev libseccomp-dev etcd-server busybox-static runc iproute2 nftables docker-registry)
+pkgs=(pkg-config build-essential cmake curl libclang-dev protobuf-compiler librocksdb-dev libseccomp-dev etcd-server busybox-static runc iproute2 nftables docker-registry)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
