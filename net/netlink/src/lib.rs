@@ -4,8 +4,11 @@
 //! routes to other nodes' podCIDRs. It knows nothing of pods or the API: callers
 //! pass names, paths and addresses. It must not depend on the agent or the API.
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
+};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -235,51 +238,50 @@ pub fn pod_mac(ip: Ipv4Addr) -> [u8; 6] {
 }
 
 /// Plug the namespace at `netns` into the bridge: a veth pair whose pod end
-/// becomes `eth0` with the pod's address and a default route via the bridge.
+/// is `eth0` with the pod's address and a default route via the bridge.
 /// Idempotent: an existing host end is replaced.
+///
+/// The pod end is created inside the pod's namespace, already named and
+/// with its MAC. Made on the host and moved in afterwards, it cost an RCU
+/// barrier per pod taken under the RTNL lock (`__dev_change_net_namespace`),
+/// during which every other netlink request and every new network
+/// namespace on the machine waited: a burst of pods was serialized on it.
 pub async fn attach(host: &Handle, netns: &Path, l: &PodLink) -> Result<()> {
-    if let Some(i) = link_index(host, &l.host_veth).await? {
-        host.link()
-            .del(i)
-            .execute()
-            .await
-            .map_err(nl("delete old veth"))?;
-    }
-    let peer = format!("{}p", &l.host_veth[..l.host_veth.len().min(14)]);
-    host.link()
-        .add(LinkVeth::new(&l.host_veth, &peer).build())
-        .execute()
-        .await
-        .map_err(nl(format!("add veth {}", l.host_veth)))?;
-    let hi = link_index(host, &l.host_veth)
-        .await?
-        .ok_or_else(|| Error::Other("veth vanished".into()))?;
-    let pi = link_index(host, &peer)
-        .await?
-        .ok_or_else(|| Error::Other("veth peer vanished".into()))?;
     let bridge = link_index(host, &l.bridge)
         .await?
         .ok_or_else(|| Error::Other(format!("no bridge {}", l.bridge)))?;
     let ns = std::fs::File::open(netns).map_err(io(format!("open {}", netns.display())))?;
-    host.link()
-        .set(
-            LinkUnspec::new_with_index(pi)
-                .setns_by_fd(ns.as_raw_fd())
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(nl("move veth into the pod namespace"))?;
-    host.link()
-        .set(
-            LinkUnspec::new_with_index(hi)
-                .controller(bridge)
-                .up()
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(nl("attach veth to the bridge"))?;
+    let pair = || {
+        // Not up yet: the kernel (6.18) refuses a pod end made up in another
+        // namespace with ENOTCONN.
+        let pod_end = LinkUnspec::new_with_name("eth0")
+            .address(pod_mac(l.ip).to_vec())
+            .setns_by_fd(ns.as_raw_fd())
+            .build();
+        LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(l.host_veth.clone())
+            .controller(bridge)
+            .up()
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(pod_end)))
+            .build()
+    };
+    match host.link().add(pair()).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.raw_code() == -(nix::errno::Errno::EEXIST as i32) =>
+        {
+            // A pair left by an earlier attempt: replace it (its pod end goes with it).
+            detach(host, &l.host_veth).await?;
+            host.link()
+                .add(pair())
+                .execute()
+                .await
+                .map_err(nl(format!("add veth {}", l.host_veth)))?;
+        }
+        r => r.map_err(nl(format!("add veth {}", l.host_veth)))?,
+    }
+    let hi = link_index(host, &l.host_veth)
+        .await?
+        .ok_or_else(|| Error::Other("veth vanished".into()))?;
     // Hairpin: a pod reaching itself through a service comes back on its port.
     host.link()
         .set_port(LinkBridgePort::new(hi).hairpin(true).build())
@@ -287,25 +289,14 @@ pub async fn attach(host: &Handle, netns: &Path, l: &PodLink) -> Result<()> {
         .await
         .map_err(nl("hairpin"))?;
     let pod = connect_in(netns)?;
-    let lo = link_index(&pod, "lo").await?.unwrap_or(1);
     pod.link()
-        .set(LinkUnspec::new_with_index(lo).up().build())
+        .set(LinkUnspec::new_with_name("lo").up().build())
         .execute()
         .await
         .map_err(nl("lo up"))?;
-    let pi = link_index(&pod, &peer)
+    let pi = link_index(&pod, "eth0")
         .await?
-        .ok_or_else(|| Error::Other("veth peer not in the pod namespace".into()))?;
-    pod.link()
-        .set(
-            LinkUnspec::new_with_index(pi)
-                .name("eth0".to_string())
-                .address(pod_mac(l.ip).to_vec())
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(nl("rename eth0"))?;
+        .ok_or_else(|| Error::Other("eth0 not in the pod namespace".into()))?;
     add_address(&pod, pi, l.ip, l.prefix).await?;
     pod.link()
         .set(LinkUnspec::new_with_index(pi).up().build())
@@ -477,7 +468,5 @@ mod tests {
         let n = veth_name("0f8e6a42-1b2c-4d5e-9f00-aabbccddeeff");
         assert_eq!(n, "orc0f8e6a421b2");
         assert!(n.len() <= 15);
-        // The pod end adds one letter and still fits.
-        assert!(format!("{n}p").len() <= 15);
     }
 }
