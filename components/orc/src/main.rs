@@ -116,6 +116,10 @@ enum Cmd {
         #[arg(long)]
         log: PathBuf,
     },
+    /// Fork a shim per container the node agent starts (started by the
+    /// agent; its socket is standard input).
+    #[command(hide = true)]
+    ShimZygote,
     /// The L7 ingress: a Pingora proxy routing HTTP(S) by Ingress rules
     /// straight to the pods behind Services.
     Ingress(IngressArgs),
@@ -540,6 +544,10 @@ fn main() {
             bundle: bundle.clone(),
             log: log.clone(),
         }));
+    }
+    // Its children are shims: it must stay single-threaded too.
+    if let Cmd::ShimZygote = &cli.cmd {
+        std::process::exit(orc_container::zygote::run());
     }
     // Pingora makes its own runtimes: it must not start inside ours.
     if let Cmd::Ingress(a) = &cli.cmd {
@@ -1018,6 +1026,7 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
         | Cmd::NodeDns { .. }
         | Cmd::Ingress(_)
         | Cmd::Shim { .. }
+        | Cmd::ShimZygote
         | Cmd::ShimExec { .. }
         | Cmd::Image { .. }
         | Cmd::Debug { .. } => {
