@@ -35,6 +35,40 @@ fn wait_phase(c: &Cluster, name: &str, want: &str, lab: &Lab) -> Value {
     }
 }
 
+/// The shim zygotes (`orc shim-zygote`) whose parent is `parent`.
+fn zygotes_of(parent: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            if !String::from_utf8_lossy(&cmd).ends_with("shim-zygote\0") {
+                return None;
+            }
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let ppid: u32 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
+/// Whether process `pid` has ended (gone, or a zombie not yet reaped).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Err(_) => true,
+        Ok(s) => s
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z')),
+    }
+}
+
 /// The log of a pod's container through its node's log file.
 fn log_of(lab: &Lab, p: &Value, container: &str) -> String {
     let node = p["spec"]["nodeName"].as_str().unwrap_or("");
@@ -595,6 +629,11 @@ spec:
     };
     let pids_before = pids(&lab);
     assert_eq!(pids_before.len(), 4);
+    let agent_pid = |lab: &Lab, i: usize| lab.nodes[i].agent.as_ref().and_then(|a| a.id()).unwrap();
+    let old_zygotes: Vec<i32> = (0..2)
+        .flat_map(|i| zygotes_of(agent_pid(&lab, i)))
+        .collect();
+    assert_eq!(old_zygotes.len(), 2, "one shim zygote per agent");
     lab.kill_agent(0);
     lab.kill_agent(1);
     std::thread::sleep(Duration::from_secs(2));
@@ -603,6 +642,9 @@ spec:
             Path::new(&format!("/proc/{pid}")).exists(),
             "container {pid} died with its agent"
         );
+    }
+    for pid in &old_zygotes {
+        assert!(gone(*pid), "shim zygote {pid} outlived its agent");
     }
     for i in 0..2 {
         lab.start_agent(i, &servers, &agent_flags);
@@ -618,6 +660,26 @@ spec:
             .count(),
         4
     );
+    // A shim zygote that died is replaced on the next container start.
+    let run_once = |name: &str| {
+        c.apply(&single_pod(
+            name,
+            "node-1",
+            "Never",
+            "",
+            "  - {name: c, image: busybox:1.35, command: [\"true\"]}\n",
+        ));
+        wait_phase(&c, name, "Succeeded", &lab);
+    };
+    run_once("zygote1");
+    let z = zygotes_of(agent_pid(&lab, 0));
+    assert_eq!(z.len(), 1, "the restarted agent's zygote");
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &z[0].to_string()])
+        .status();
+    wait_for("the killed zygote gone", MIN, || gone(z[0]).then_some(()));
+    run_once("zygote2");
+    assert_eq!(zygotes_of(agent_pid(&lab, 0)).len(), 1, "a new zygote");
 
     // e. After deleting every pod nothing of orc's remains.
     assert!(c.orc(&servers, &["delete", "deployment", "web"]).ok());
@@ -640,6 +702,8 @@ spec:
         "cm",
         "sec",
         "root",
+        "zygote1",
+        "zygote2",
     ] {
         c.orc(&servers, &["delete", "pod", name]);
     }

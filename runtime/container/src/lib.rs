@@ -1,7 +1,8 @@
 //! orc-container: runs containers through youki's libcontainer, in orc's own
-//! process (the `orc shim` supervisor, one per container), never by running a
-//! runtime binary. It owns the OCI spec a container gets (`spec`), the shim
-//! (`shim`) and the on-disk state of the containers of a node (`Runtime`):
+//! process (the shim supervisor, one per container, forked by the runtime's
+//! zygote), never by running a runtime binary. It owns the OCI spec a
+//! container gets (`spec`), the shim (`shim`), the fork server that starts
+//! shims (`zygote`) and the on-disk state of the containers of a node (`Runtime`):
 //! a bundle directory per container with `config.json`, `rootfs/`, the
 //! init's pid and, once it ended, `exit.json`. It knows nothing of pods, images
 //! or the API, and must not depend on them.
