@@ -957,8 +957,20 @@ async fn start(
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let b = s2.runtime.bundle(&id2);
         let _ = s2.runtime.remove(&id2);
-        s2.images
-            .mount_rootfs(&img2, &b.join("rootfs"), &b.join("upper"), &b.join("work"))
+        // The shim mounts it, where only the container sees it.
+        let options = s2
+            .images
+            .overlay_options(&img2, &b.join("upper"), &b.join("work"))
+            .map_err(|e| e.to_string())?;
+        s2.runtime
+            .write_rootfs_mount(
+                &id2,
+                &orc_container::RootfsMount {
+                    fstype: "overlay".into(),
+                    source: "overlay".into(),
+                    options,
+                },
+            )
             .map_err(|e| e.to_string())?;
         s2.runtime
             .write_spec(&id2, &cfg)

@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub const PID_FILE: &str = "pid";
+/// The bundle's root filesystem mount, when the shim is to make it (see
+/// [`RootfsMount`]).
+pub const ROOTFS_MOUNT_FILE: &str = "rootfs.mount";
 pub const EXIT_FILE: &str = "exit.json";
 pub const SHIM_PID_FILE: &str = "shim.pid";
 
@@ -46,6 +49,21 @@ pub struct ExitInfo {
     pub oom_killed: bool,
     pub started_at: String,
     pub finished_at: String,
+}
+
+/// A file system the shim mounts on the bundle's `rootfs/` (an overlay of
+/// image layers, say) in a mount namespace of its own, before it creates
+/// the container: the container sees it, the node's mount table does not.
+/// Every container start reads that table (youki's cgroup v1 lookups read
+/// `/proc/self/mountinfo` once per controller, and the container's own
+/// setup again) and copies it (a new mount namespace), all under the
+/// kernel's one mount lock: a mount per pod on the node made each start
+/// slower the more pods the node held.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RootfsMount {
+    pub fstype: String,
+    pub source: String,
+    pub options: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +129,18 @@ impl Runtime {
         )
         .map_err(|e| Error::Io("write config.json".into(), e))?;
         Ok(b)
+    }
+
+    /// Have the shim of container `id` mount `m` on the bundle's `rootfs/`.
+    pub fn write_rootfs_mount(&self, id: &str, m: &RootfsMount) -> Result<()> {
+        let b = self.bundle(id);
+        std::fs::create_dir_all(b.join("rootfs"))
+            .map_err(|e| Error::Io(format!("mkdir {}/rootfs", b.display()), e))?;
+        std::fs::write(
+            b.join(ROOTFS_MOUNT_FILE),
+            serde_json::to_vec(m).expect("mount serializes"),
+        )
+        .map_err(|e| Error::Io(format!("write {ROOTFS_MOUNT_FILE}"), e))
     }
 
     /// Start container `id` (its bundle ready) under a new shim; blocks until

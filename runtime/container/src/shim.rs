@@ -148,7 +148,41 @@ pub fn run(a: &ShimArgs) -> i32 {
 
 type Started = (i32, File, File, String, String);
 
+/// Mount the bundle's `rootfs.mount`, if it has one, in a mount namespace
+/// of the shim's own; host mounts still propagate into it, its mounts do not
+/// propagate out. It goes when the shim and the container have ended.
+fn mount_rootfs(bundle: &Path) -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let file = bundle.join(crate::ROOTFS_MOUNT_FILE);
+    let m: crate::RootfsMount = match std::fs::read(&file) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| crate::Error::Spec(format!("{}: {e}", file.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(crate::Error::Io(format!("read {}", file.display()), e)),
+    };
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| crate::Error::Sys("unshare(CLONE_NEWNS)".into(), e))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| crate::Error::Sys("make / a slave mount".into(), e))?;
+    let target = bundle.join("rootfs");
+    mount(
+        Some(m.source.as_str()),
+        &target,
+        Some(m.fstype.as_str()),
+        MsFlags::empty(),
+        Some(m.options.as_str()),
+    )
+    .map_err(|e| crate::Error::Sys(format!("mount {} on {}", m.fstype, target.display()), e))
+}
+
 fn start(a: &ShimArgs) -> Result<Started> {
+    mount_rootfs(&a.bundle)?;
     let spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.bundle.join("config.json")).map_err(|e| {
             crate::Error::Io(format!("read {}/config.json", a.bundle.display()), e)

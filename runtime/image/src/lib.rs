@@ -653,16 +653,11 @@ impl Store {
         Ok(out)
     }
 
-    /// Mount the overlay root filesystem of `img` at `target`, with the
-    /// container's writable layer in `upper` and overlay's `work`.
-    pub fn mount_rootfs(
-        &self,
-        img: &Image,
-        target: &Path,
-        upper: &Path,
-        work: &Path,
-    ) -> Result<()> {
-        for d in [target, upper, work] {
+    /// The overlay mount options for a root filesystem of `img`, with the
+    /// container's writable layer in `upper` and overlay's `work` (both
+    /// made here).
+    pub fn overlay_options(&self, img: &Image, upper: &Path, work: &Path) -> Result<String> {
+        for d in [upper, work] {
             fs::create_dir_all(d).map_err(io_err(format!("mkdir {}", d.display())))?;
         }
         // overlayfs wants the top layer first.
@@ -672,20 +667,12 @@ impl Store {
             .rev()
             .map(|l| self.layer_dir(l).map(|d| d.display().to_string()))
             .collect::<Result<_>>()?;
-        let opts = format!(
+        Ok(format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.join(":"),
             upper.display(),
             work.display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
-            target,
-            Some("overlay"),
-            nix::mount::MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .map_err(|e| io_err(format!("mount overlay on {}", target.display()))(e.into()))
+        ))
     }
 }
 
