@@ -181,7 +181,7 @@ fn report(title: &str, count: &str, orc_t: Vec<f64>, runc_t: Vec<f64>) {
     println!();
     println!("| runtime | {count} | p50 ms | p99 ms | mean ms |");
     println!("|---|---:|---:|---:|---:|");
-    let (o50, _, _) = summary("orc (libcontainer in `orc shim`)", orc_t);
+    let (o50, _, _) = summary("orc (libcontainer, forked shim)", orc_t);
     let (r50, _, _) = summary("runc (Debian)", runc_t);
     println!();
     println!("orc/runc median time: {:.2}x", o50 / r50);
