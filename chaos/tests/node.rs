@@ -1,5 +1,5 @@
 //! Acceptance of the node-agent issue: real containers (youki's libcontainer
-//! under `orc shim`) on two real node agents, each in its own network
+//! under a shim forked by `orc shim-zygote`) on two real node agents, each in its own network
 //! namespace, with three real masters. Needs root.
 use orc_chaos::lab::{Lab, MASTER_IP};
 use orc_chaos::{wait_for, Cluster};
