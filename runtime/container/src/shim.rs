@@ -1,10 +1,9 @@
 //! The per-container supervisor, like containerd's shim or conmon, forked by
 //! the runtime's zygote (or run by hand as `orc shim`): a small process that
 //! mounts the root filesystem when the bundle asks for it, creates and starts
-//! the container through
-//! libcontainer in-process, becomes its subreaper, writes its output to the
-//! CRI log file, waits for it, records how it ended (exit code, signal,
-//! OOM kill) and deletes it. It outlives the node agent, so containers keep
+//! the container through libcontainer in-process, becomes its subreaper,
+//! writes its output to the CRI log file, waits for it, records how it ended
+//! (exit code, signal, OOM kill) and deletes it. It outlives the node agent, so containers keep
 //! running and their exits are not lost while the agent is down.
 //!
 //! It must run before any other thread exists: libcontainer clones the
