@@ -2,8 +2,8 @@
 //! (`orc up --nodes 1`, image present on the node), N pods created through
 //! the API, time from each create to Running as a watch sees it. And the
 //! runtime alone: create, start, wait and delete of a busybox container
-//! through orc's libcontainer path (`orc shim`) against Debian's runc, on the
-//! same bundle, in the same run.
+//! through orc's libcontainer path (a shim forked by `orc shim-zygote`)
+//! against Debian's runc, on the same bundle, in the same run.
 use crate::orc_bin_or_default;
 use anyhow::{bail, Context, Result};
 use orc_api::request::{Request, WatchRequest};

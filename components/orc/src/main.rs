@@ -104,18 +104,6 @@ enum Cmd {
         #[arg(long)]
         replicas: i64,
     },
-    /// Supervise one container (started by the node agent).
-    #[command(hide = true)]
-    Shim {
-        #[arg(long)]
-        state_root: PathBuf,
-        #[arg(long)]
-        id: String,
-        #[arg(long)]
-        bundle: PathBuf,
-        #[arg(long)]
-        log: PathBuf,
-    },
     /// Fork a shim per container the node agent starts (started by the
     /// agent; its socket is standard input).
     #[command(hide = true)]
@@ -530,22 +518,8 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    // The shim clones itself for the container: it must stay single-threaded.
-    if let Cmd::Shim {
-        state_root,
-        id,
-        bundle,
-        log,
-    } = &cli.cmd
-    {
-        std::process::exit(orc_container::shim::run(&orc_container::shim::ShimArgs {
-            state_root: state_root.clone(),
-            id: id.clone(),
-            bundle: bundle.clone(),
-            log: log.clone(),
-        }));
-    }
-    // Its children are shims: it must stay single-threaded too.
+    // Its children are shims, which clone themselves for the container: it
+    // must stay single-threaded.
     if let Cmd::ShimZygote = &cli.cmd {
         std::process::exit(orc_container::zygote::run());
     }
@@ -1025,7 +999,6 @@ async fn client_cmd(client: &Client, ns: Option<&str>, cmd: Cmd) -> Result<i32> 
         | Cmd::Node(_)
         | Cmd::NodeDns { .. }
         | Cmd::Ingress(_)
-        | Cmd::Shim { .. }
         | Cmd::ShimZygote
         | Cmd::ShimExec { .. }
         | Cmd::Image { .. }

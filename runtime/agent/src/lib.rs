@@ -2,8 +2,9 @@
 //! Node, renews its Lease, reports status, and runs the pods bound to it: a
 //! network namespace wired by `orc-netlink`, root filesystems from the
 //! `orc-image` store, containers through `orc-container` (youki's
-//! libcontainer under `orc shim`). One task per pod reconciles what runs to
-//! what the pod asks; the decisions are the pure functions of `pod`.
+//! libcontainer under a shim forked by `orc shim-zygote`). One task per pod
+//! reconciles what runs to what the pod asks; the decisions are the pure
+//! functions of `pod`.
 //! Everything it starts is recorded under its data directory, so a restarted
 //! agent adopts running containers instead of restarting them. It talks to the
 //! cluster only through the `Api` trait; it must not depend on the apiserver.

@@ -152,7 +152,7 @@ impl Runtime {
     /// path slower than runc's.
     pub fn start(&self, id: &str, log: &Path) -> Result<i32> {
         let b = self.bundle(id);
-        let req = zygote::Request {
+        let req = shim::ShimArgs {
             state_root: self.state_root.clone(),
             id: id.to_string(),
             bundle: b.clone(),

@@ -1,5 +1,5 @@
 //! The per-container supervisor, like containerd's shim or conmon, forked by
-//! the runtime's zygote (or run by hand as `orc shim`): a small process that
+//! the runtime's zygote (`zygote`): a small process that
 //! mounts the root filesystem when the bundle asks for it, creates and starts
 //! the container through libcontainer in-process, becomes its subreaper,
 //! writes its output to the CRI log file, waits for it, records how it ended
@@ -19,6 +19,8 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// What a shim is asked to run (sent to the zygote as JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ShimArgs {
     /// libcontainer's state directory.
     pub state_root: PathBuf,

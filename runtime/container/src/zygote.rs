@@ -1,31 +1,22 @@
 //! The shims' fork server (`orc shim-zygote`): one single-threaded process
 //! per [`Runtime`](crate::Runtime), started on its first container, that
 //! forks a shim for each request instead of the runtime executing the `orc`
-//! binary anew. Each request is a JSON [`Request`] on a `SOCK_SEQPACKET`
+//! binary anew. Each request is a JSON [`ShimArgs`] on a `SOCK_SEQPACKET`
 //! socket with, as `SCM_RIGHTS`, the pipe the shim reports on. The zygote
 //! ignores SIGCHLD, so the kernel reaps the shims; it ends when the socket's
 //! other end closes (its runtime's process is gone), and the shims live on.
+use crate::shim::ShimArgs;
 use crate::{Error, Result};
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
 };
-use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-
-/// What a shim needs: the arguments of `orc shim`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Request {
-    pub state_root: PathBuf,
-    pub id: String,
-    pub bundle: PathBuf,
-    pub log: PathBuf,
-}
 
 /// A runtime's zygote, started when first needed and again if it died.
 #[derive(Debug, Default, Clone)]
@@ -54,7 +45,7 @@ fn spawn(exe: &Path) -> Result<OwnedFd> {
 impl Handle {
     /// Have the zygote fork a shim for `req`; returns the read end of the
     /// pipe the shim reports on (`{"pid":N}` or `{"error":"..."}`, one line).
-    pub fn fork(&self, exe: &Path, req: &Request) -> Result<File> {
+    pub fn fork(&self, exe: &Path, req: &ShimArgs) -> Result<File> {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::Sys("pipe".into(), e))?;
         let body = serde_json::to_vec(req).expect("request serializes");
@@ -118,7 +109,7 @@ pub fn run() -> i32 {
         let Some(report) = fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }) else {
             continue;
         };
-        let Ok(req) = serde_json::from_slice::<Request>(&buf[..n]) else {
+        let Ok(req) = serde_json::from_slice::<ShimArgs>(&buf[..n]) else {
             continue;
         };
         match unsafe { nix::unistd::fork() } {
@@ -138,9 +129,9 @@ pub fn run() -> i32 {
     }
 }
 
-/// In the forked child: standard streams as `orc shim` has them (nothing
-/// in, the report pipe out, `shim.log` for errors), then the shim.
-fn child(req: Request, report: OwnedFd) -> i32 {
+/// In the forked child: standard streams for the shim (nothing in, the
+/// report pipe out, `shim.log` for errors), then the shim.
+fn child(req: ShimArgs, report: OwnedFd) -> i32 {
     unsafe {
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         libc::prctl(libc::PR_SET_NAME, c"orc-shim".as_ptr(), 0, 0, 0);
@@ -164,10 +155,5 @@ fn child(req: Request, report: OwnedFd) -> i32 {
         req.bundle.join(crate::SHIM_PID_FILE),
         std::process::id().to_string(),
     );
-    crate::shim::run(&crate::shim::ShimArgs {
-        state_root: req.state_root,
-        id: req.id,
-        bundle: req.bundle,
-        log: req.log,
-    })
+    crate::shim::run(&req)
 }
