@@ -233,6 +233,25 @@ spec:
         ],
     );
     assert_eq!(o.code, 3, "the command's exit code: {}", o.stderr);
+    // exec runs in the pod's network namespace: its localhost is the pod's.
+    let w = c.orc(
+        &servers,
+        &[
+            "exec",
+            &web,
+            "--",
+            "wget",
+            "-q",
+            "-O-",
+            "http://127.0.0.1:8080/",
+        ],
+    );
+    assert!(
+        w.ok() && w.stdout.contains(&format!("hello from {web}")),
+        "exec in the pod's network namespace: {} {}",
+        w.stdout,
+        w.stderr
+    );
     assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("out\n", "err\n"));
     let o = c.orc_stdin(
         &servers,
@@ -634,6 +653,33 @@ spec:
         .flat_map(|i| zygotes_of(agent_pid(&lab, i)))
         .collect();
     assert_eq!(old_zygotes.len(), 2, "one shim zygote per agent");
+    // Each shim (the parent of its container's init, a child of its agent's
+    // zygote) sees none of its node's pod network namespace bindings: one
+    // mount per pod there made every container start slower.
+    let ppid = |pid: &str| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    for pid in &pids_before {
+        let shim = ppid(&pid.to_string());
+        let comm = std::fs::read_to_string(format!("/proc/{shim}/comm")).unwrap();
+        assert_eq!(comm.trim(), "orc-shim", "the parent of container {pid}");
+        let agent = ppid(&ppid(&shim));
+        let node = (0..2)
+            .find(|i| agent_pid(&lab, *i).to_string() == agent)
+            .expect("the shim's zygote is an agent's");
+        let bound = format!("{}/netns/", lab.nodes[node].data_dir.display());
+        let table = std::fs::read_to_string(format!("/proc/{shim}/mountinfo")).unwrap();
+        assert!(
+            !table.contains(&bound),
+            "shim {shim} sees the bindings in {bound}:\n{table}"
+        );
+    }
     lab.kill_agent(0);
     lab.kill_agent(1);
     std::thread::sleep(Duration::from_secs(2));
@@ -729,8 +775,15 @@ spec:
                     return None;
                 }
             }
+            // The agent's own binding of its `netns` directory (as
+            // /run/netns is for `ip netns`) stays while it runs.
+            let dir = n.data_dir.to_str().unwrap();
+            let own = format!("{dir}/netns");
             let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-            if mounts.contains(n.data_dir.to_str().unwrap()) {
+            if mounts
+                .lines()
+                .any(|l| l.contains(dir) && l.split(' ').nth(4) != Some(own.as_str()))
+            {
                 return None;
             }
         }

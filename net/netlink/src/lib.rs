@@ -104,6 +104,49 @@ pub fn create_netns(path: &Path) -> Result<()> {
     })
 }
 
+/// Make `dir`, where pod network namespaces are bound, a private mount
+/// point of its own (bound on itself, as `ip netns` does with /run/netns):
+/// the bindings made under it then propagate into no other mount namespace,
+/// and one detach takes them all out of a namespace that does not need
+/// them (a container's shim does that). Bindings already there stay
+/// visible. Done already: nothing changes.
+pub fn bind_netns_dir(dir: &Path) -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let private = || {
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+    };
+    if private().is_ok() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io(format!("mkdir {}", dir.display())))?;
+    mount(
+        Some(dir),
+        dir,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| Error::Io {
+        context: format!("bind {} on itself", dir.display()),
+        source: e.into(),
+    })?;
+    private().map_err(|e| Error::Io {
+        context: format!("make {} private", dir.display()),
+        source: e.into(),
+    })
+}
+
+/// Undo [`bind_netns_dir`] (its bindings should be gone first).
+pub fn release_netns_dir(dir: &Path) {
+    let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+}
+
 /// Is a network namespace bound at `path`?
 pub fn is_netns(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;

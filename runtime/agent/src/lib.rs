@@ -34,10 +34,17 @@ pub fn reset(data_dir: &Path, exe: &Path) -> usize {
         worker::remove_cgroups(&uid);
         worker::unmount_under(&worker::pod_dir(&pods, &uid));
     }
-    if let Ok(rd) = std::fs::read_dir(data_dir.join("netns")) {
-        for e in rd.flatten() {
-            let _ = orc_netlink::delete_netns(&e.path());
-            worker::remove_cgroups(&e.file_name().to_string_lossy());
+    // The pods' bindings, the directory's own, then any bindings it covered
+    // (made before the directory was a mount point).
+    for pass in 0..2 {
+        if let Ok(rd) = std::fs::read_dir(data_dir.join("netns")) {
+            for e in rd.flatten() {
+                let _ = orc_netlink::delete_netns(&e.path());
+                worker::remove_cgroups(&e.file_name().to_string_lossy());
+            }
+        }
+        if pass == 0 {
+            orc_netlink::release_netns_dir(&data_dir.join("netns"));
         }
     }
     dns::stop(data_dir);

@@ -306,6 +306,7 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
         std::fs::create_dir_all(cfg.data_dir.join(d))
             .map_err(|e| Error::Other(format!("{}: {e}", cfg.data_dir.join(d).display())))?;
     }
+    orc_netlink::bind_netns_dir(&cfg.data_dir.join("netns"))?;
     let host = orc_netlink::connect()?;
     if cfg.node_ip.is_none() {
         cfg.node_ip = Some(orc_netlink::default_address(&host).await?.ok_or_else(|| {

@@ -375,7 +375,6 @@ pub fn container_config(
     c: &Value,
     img: &RunConfig,
     env: Vec<String>,
-    netns: &str,
     pod_files: &std::path::Path,
     volumes: &VolumePaths,
     cgroup_path: String,
@@ -486,7 +485,8 @@ pub fn container_config(
         cap_drop: caps("drop"),
         privileged: sc["privileged"] == true,
         allow_privilege_escalation: sc["allowPrivilegeEscalation"] == true,
-        netns: Some(netns.to_string()),
+        // The pod's: its shim joins it (worker::start's Setup).
+        netns: orc_container::NetNs::Shim,
         mounts,
         cpu_shares,
         cpu_quota,
@@ -781,7 +781,6 @@ mod tests {
             &c,
             &RunConfig::default(),
             vec![],
-            "/ns",
             std::path::Path::new("/p"),
             &vols,
             "/orc/x".into(),
@@ -803,7 +802,6 @@ mod tests {
             &bad,
             &RunConfig::default(),
             vec![],
-            "/ns",
             std::path::Path::new("/p"),
             &vols,
             String::new()

@@ -946,14 +946,13 @@ async fn start(
         c,
         &run,
         env,
-        &netns.display().to_string(),
         pod_files,
         volumes,
         format!("/orc/pod{uid}/{id}"),
     )
     .map_err(|e| ("CreateContainerConfigError".to_string(), e))?;
     let log = log_path(&s.cfg.data_dir, p, name, attempt);
-    let (s2, id2, img2) = (s.clone(), id.clone(), img.clone());
+    let (s2, id2, img2, netns2) = (s.clone(), id.clone(), img.clone(), netns.to_path_buf());
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let b = s2.runtime.bundle(&id2);
         let _ = s2.runtime.remove(&id2);
@@ -962,15 +961,19 @@ async fn start(
             .images
             .overlay_options(&img2, &b.join("upper"), &b.join("work"))
             .map_err(|e| e.to_string())?;
+        let setup = orc_container::Setup {
+            rootfs: Some(orc_container::RootfsMount {
+                fstype: "overlay".into(),
+                source: "overlay".into(),
+                options,
+            }),
+            netns: Some(netns2),
+            // One mount per pod: the shim needs none of them (it joined its
+            // own pod's above), and each made every start slower.
+            detach: vec![s2.cfg.data_dir.join("netns")],
+        };
         s2.runtime
-            .write_rootfs_mount(
-                &id2,
-                &orc_container::RootfsMount {
-                    fstype: "overlay".into(),
-                    source: "overlay".into(),
-                    options,
-                },
-            )
+            .write_setup(&id2, &setup)
             .map_err(|e| e.to_string())?;
         s2.runtime
             .write_spec(&id2, &cfg)

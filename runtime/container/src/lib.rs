@@ -10,7 +10,7 @@ pub mod shim;
 pub mod spec;
 pub mod zygote;
 
-pub use spec::{ContainerConfig, Mount};
+pub use spec::{ContainerConfig, Mount, NetNs};
 
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
@@ -18,9 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub const PID_FILE: &str = "pid";
-/// The bundle's root filesystem mount, when the shim is to make it (see
-/// [`RootfsMount`]).
-pub const ROOTFS_MOUNT_FILE: &str = "rootfs.mount";
+/// What the shim prepares before it creates the container (see [`Setup`]).
+pub const SETUP_FILE: &str = "setup.json";
 pub const EXIT_FILE: &str = "exit.json";
 pub const SHIM_PID_FILE: &str = "shim.pid";
 
@@ -51,14 +50,35 @@ pub struct ExitInfo {
     pub finished_at: String,
 }
 
-/// A file system the shim mounts on the bundle's `rootfs/` (an overlay of
-/// image layers, say) in a mount namespace of its own, before it creates
-/// the container: the container sees it, the node's mount table does not.
-/// Every container start reads that table (youki's cgroup v1 lookups read
-/// `/proc/self/mountinfo` once per controller, and the container's own
-/// setup again) and copies it (a new mount namespace), all under the
-/// kernel's one mount lock: a mount per pod on the node made each start
-/// slower the more pods the node held.
+/// What a container's shim prepares, in a mount namespace of its own,
+/// before it creates the container (the bundle's `setup.json`).
+///
+/// Why a namespace of its own, as small as can be: every container start
+/// reads the mount table (youki's cgroup v1 lookups read
+/// `/proc/self/mountinfo` once per controller, the container's own setup
+/// again) and copies it (the container's mount namespace), all under the
+/// kernel's one mount lock. A mount per pod in the table the shims see made
+/// each start slower the more pods the node held, and made every start wait
+/// on the others.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Setup {
+    /// Mounted on the bundle's `rootfs/` (an overlay of image layers, say):
+    /// the container sees it, the node's mount table does not.
+    #[serde(default)]
+    pub rootfs: Option<RootfsMount>,
+    /// A bound network namespace (nsfs file) the shim joins; the container
+    /// inherits it (its spec names no network namespace: [`spec::NetNs::Shim`]).
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// Mount points of the node the container does not need (the directory
+    /// of bound pod network namespaces, one mount per pod): the shim detaches
+    /// them from its namespace, after joining `netns`. One that is not a
+    /// mount point is skipped.
+    #[serde(default)]
+    pub detach: Vec<PathBuf>,
+}
+
+/// A file system to mount (see [`Setup::rootfs`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RootfsMount {
     pub fstype: String,
@@ -131,16 +151,17 @@ impl Runtime {
         Ok(b)
     }
 
-    /// Have the shim of container `id` mount `m` on the bundle's `rootfs/`.
-    pub fn write_rootfs_mount(&self, id: &str, m: &RootfsMount) -> Result<()> {
+    /// Have the shim of container `id` prepare `setup` before it creates
+    /// the container.
+    pub fn write_setup(&self, id: &str, setup: &Setup) -> Result<()> {
         let b = self.bundle(id);
         std::fs::create_dir_all(b.join("rootfs"))
             .map_err(|e| Error::Io(format!("mkdir {}/rootfs", b.display()), e))?;
         std::fs::write(
-            b.join(ROOTFS_MOUNT_FILE),
-            serde_json::to_vec(m).expect("mount serializes"),
+            b.join(SETUP_FILE),
+            serde_json::to_vec(setup).expect("setup serializes"),
         )
-        .map_err(|e| Error::Io(format!("write {ROOTFS_MOUNT_FILE}"), e))
+        .map_err(|e| Error::Io(format!("write {SETUP_FILE}"), e))
     }
 
     /// Start container `id` (its bundle ready) under a new shim; blocks until

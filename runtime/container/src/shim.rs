@@ -151,18 +151,28 @@ pub fn run(a: &ShimArgs) -> i32 {
 
 type Started = (i32, File, File, String, String);
 
-/// Mount the bundle's `rootfs.mount`, if it has one, in a mount namespace
-/// of the shim's own; host mounts still propagate into it, its mounts do not
-/// propagate out. It goes when the shim and the container have ended.
-fn mount_rootfs(bundle: &Path) -> Result<()> {
-    use nix::mount::{mount, MsFlags};
-    let file = bundle.join(crate::ROOTFS_MOUNT_FILE);
-    let m: crate::RootfsMount = match std::fs::read(&file) {
+/// Carry out the bundle's `setup.json`, if it has one (see [`crate::Setup`]):
+/// join its network namespace, then, in a mount namespace of the shim's own
+/// (host mounts still propagate into it, its mounts do not propagate out),
+/// detach what the container does not need and mount its root file system.
+/// The namespace goes when the shim and the container have ended.
+fn prepare(bundle: &Path) -> Result<()> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let file = bundle.join(crate::SETUP_FILE);
+    let setup: crate::Setup = match std::fs::read(&file) {
         Ok(b) => serde_json::from_slice(&b)
             .map_err(|e| crate::Error::Spec(format!("{}: {e}", file.display())))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(crate::Error::Io(format!("read {}", file.display()), e)),
     };
+    if let Some(ns) = &setup.netns {
+        // Before the detach below, which may take its binding out of sight.
+        let f =
+            File::open(ns).map_err(|e| crate::Error::Io(format!("open {}", ns.display()), e))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+            crate::Error::Sys(format!("join network namespace {}", ns.display()), e)
+        })?;
+    }
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| crate::Error::Sys("unshare(CLONE_NEWNS)".into(), e))?;
     mount(
@@ -173,19 +183,29 @@ fn mount_rootfs(bundle: &Path) -> Result<()> {
         None::<&str>,
     )
     .map_err(|e| crate::Error::Sys("make / a slave mount".into(), e))?;
-    let target = bundle.join("rootfs");
-    mount(
-        Some(m.source.as_str()),
-        &target,
-        Some(m.fstype.as_str()),
-        MsFlags::empty(),
-        Some(m.options.as_str()),
-    )
-    .map_err(|e| crate::Error::Sys(format!("mount {} on {}", m.fstype, target.display()), e))
+    for d in &setup.detach {
+        match umount2(d, MntFlags::MNT_DETACH) {
+            // Not a mount point (or gone): nothing to hide.
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(crate::Error::Sys(format!("detach {}", d.display()), e)),
+        }
+    }
+    if let Some(m) = &setup.rootfs {
+        let target = bundle.join("rootfs");
+        mount(
+            Some(m.source.as_str()),
+            &target,
+            Some(m.fstype.as_str()),
+            MsFlags::empty(),
+            Some(m.options.as_str()),
+        )
+        .map_err(|e| crate::Error::Sys(format!("mount {} on {}", m.fstype, target.display()), e))?;
+    }
+    Ok(())
 }
 
 fn start(a: &ShimArgs) -> Result<Started> {
-    mount_rootfs(&a.bundle)?;
+    prepare(&a.bundle)?;
     let spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.bundle.join("config.json")).map_err(|e| {
             crate::Error::Io(format!("read {}/config.json", a.bundle.display()), e)
@@ -295,6 +315,16 @@ pub fn exec(state_root: &Path, id: &str, args: Vec<String>, tty: bool) -> i32 {
 fn exec_inner(state_root: &Path, id: &str, args: Vec<String>, tty: bool) -> Result<i32> {
     let mut b =
         ContainerBuilder::new(id.to_string(), SyscallType::default()).with_root_path(state_root)?;
+    // A container made with NetNs::Shim shares its shim's network
+    // namespace, which its spec does not name, so youki's tenant would not
+    // join it: join the init's here, and the command inherits it.
+    let init = Container::load(state_root.join(id))?
+        .pid()
+        .ok_or_else(|| crate::Error::Start(format!("container {id} is not running")))?;
+    let ns_path = format!("/proc/{init}/ns/net");
+    let ns = File::open(&ns_path).map_err(|e| crate::Error::Io(ns_path.clone(), e))?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| crate::Error::Sys(format!("join {ns_path}"), e))?;
     let work = std::env::temp_dir().join(format!("orc-exec-{}", std::process::id()));
     let mut listener = None;
     let mut process = None;

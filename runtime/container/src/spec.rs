@@ -30,8 +30,8 @@ pub struct ContainerConfig {
     pub cap_drop: Vec<String>,
     pub privileged: bool,
     pub allow_privilege_escalation: bool,
-    /// The pod's network namespace (a bind-mounted nsfs file).
-    pub netns: Option<String>,
+    /// The container's network namespace.
+    pub netns: NetNs,
     pub mounts: Vec<Mount>,
     /// cgroup v1 cpu.shares.
     pub cpu_shares: Option<u64>,
@@ -42,6 +42,20 @@ pub struct ContainerConfig {
     /// cgroupsPath, e.g. `/orc/pod<uid>/<container-id>`.
     pub cgroup_path: String,
     pub tty: bool,
+}
+
+/// Which network namespace a container gets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub enum NetNs {
+    /// A new one of its own (only a loopback device).
+    #[default]
+    New,
+    /// The one bound at this path (a bind-mounted nsfs file).
+    Path(String),
+    /// Its shim's: the spec names none, and the shim joins the pod's before
+    /// it creates the container (`Setup::netns`), so the container's mount
+    /// namespace need not see where the pod's is bound.
+    Shim,
 }
 
 /// Docker's and containerd's default capability set.
@@ -219,10 +233,11 @@ pub fn oci_spec(c: &ContainerConfig) -> Value {
         json!({"type": "uts"}),
         json!({"type": "mount"}),
     ];
-    namespaces.push(match &c.netns {
-        Some(p) => json!({"type": "network", "path": p}),
-        None => json!({"type": "network"}),
-    });
+    match &c.netns {
+        NetNs::New => namespaces.push(json!({"type": "network"})),
+        NetNs::Path(p) => namespaces.push(json!({"type": "network", "path": p})),
+        NetNs::Shim => {}
+    }
     let mut resources = json!({});
     if let Some(s) = c.cpu_shares {
         resources["cpu"]["shares"] = json!(s);
@@ -299,7 +314,7 @@ mod tests {
             args: vec!["sh".into()],
             hostname: "web-0".into(),
             cgroup_path: "/orc/podx/c".into(),
-            netns: Some("/run/orc/netns/x".into()),
+            netns: NetNs::Path("/run/orc/netns/x".into()),
             memory_limit: Some(64 << 20),
             cpu_shares: Some(512),
             cpu_quota: Some(50_000),
@@ -325,6 +340,15 @@ mod tests {
         assert_eq!(v["linux"]["resources"]["cpu"]["period"], 100_000);
         assert_eq!(v["linux"]["namespaces"][4]["path"], "/run/orc/netns/x");
         assert_eq!(v["hostname"], "web-0");
+        // Joined by the shim: the spec names no network namespace at all.
+        let shim = oci_spec(&ContainerConfig {
+            netns: NetNs::Shim,
+            ..c.clone()
+        });
+        parse(&shim);
+        let ns = shim["linux"]["namespaces"].as_array().unwrap();
+        assert_eq!(ns.len(), 4);
+        assert!(ns.iter().all(|n| n["type"] != "network"));
     }
 
     #[test]
