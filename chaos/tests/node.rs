@@ -631,7 +631,7 @@ spec:
         lab.nodes
             .iter()
             .flat_map(|n| {
-                std::fs::read_dir(n.data_dir.join("containers"))
+                std::fs::read_dir(n.data_dir.join("run/containers"))
                     .into_iter()
                     .flatten()
                     .flatten()
@@ -673,7 +673,7 @@ spec:
         let node = (0..2)
             .find(|i| agent_pid(&lab, *i).to_string() == agent)
             .expect("the shim's zygote is an agent's");
-        let bound = format!("{}/netns/", lab.nodes[node].data_dir.display());
+        let bound = format!("{}/run/netns/", lab.nodes[node].data_dir.display());
         let table = std::fs::read_to_string(format!("/proc/{shim}/mountinfo")).unwrap();
         assert!(
             !table.contains(&bound),
@@ -766,7 +766,7 @@ spec:
             if !links.is_empty() {
                 return None;
             }
-            for d in ["containers", "netns", "pods", "state"] {
+            for d in ["run/containers", "run/netns", "run/state", "rw", "pods"] {
                 if std::fs::read_dir(n.data_dir.join(d))
                     .map(|r| r.count())
                     .unwrap_or(0)
@@ -775,15 +775,15 @@ spec:
                     return None;
                 }
             }
-            // The agent's own binding of its `netns` directory (as
-            // /run/netns is for `ip netns`) stays while it runs.
+            // The agent's own mounts stay while it runs: the tmpfs of its
+            // `run` directory and the binding of `run/netns` (as /run/netns
+            // is for `ip netns`).
             let dir = n.data_dir.to_str().unwrap();
-            let own = format!("{dir}/netns");
+            let own = [format!("{dir}/run"), format!("{dir}/run/netns")];
             let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-            if mounts
-                .lines()
-                .any(|l| l.contains(dir) && l.split(' ').nth(4) != Some(own.as_str()))
-            {
+            if mounts.lines().any(|l| {
+                l.contains(dir) && !own.iter().any(|o| l.split(' ').nth(4) == Some(o.as_str()))
+            }) {
                 return None;
             }
         }

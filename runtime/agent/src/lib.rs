@@ -20,15 +20,62 @@ pub mod worker;
 
 pub use node::{run, Config};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// `DIR/run`: what lasts only as long as the machine runs (container
+/// bundles, libcontainer's state, the pods' network namespace bindings), on
+/// a tmpfs of the agent's own, as containerd keeps its under /run. A reboot
+/// leaves no bundle or pid file naming a process that is gone, and starting
+/// a container writes no file to disk but its writable layer and log: a
+/// burst of pods no longer waits on the disk's inode allocator (on this
+/// project's VMs, ext4 without a journal, each new inode skipped past every
+/// one deleted in the last minute).
+pub fn run_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("run")
+}
+
+/// Where the pods' network namespaces are bound (a private mount point).
+pub fn netns_dir(data_dir: &Path) -> PathBuf {
+    run_dir(data_dir).join("netns")
+}
+
+/// The container runtime of an agent with this data directory: bundles and
+/// state under [`run_dir`], writable layers on disk under `DIR/rw`.
+pub fn runtime(data_dir: &Path, exe: &Path) -> orc_container::Runtime {
+    let run = run_dir(data_dir);
+    orc_container::Runtime::new(run.join("containers"), run.join("state"), exe)
+        .with_writable_dir(data_dir.join("rw"))
+}
+
+/// Mount [`run_dir`]'s tmpfs, unless it is one already (an agent restart).
+pub fn mount_run_dir(data_dir: &Path) -> Result<(), String> {
+    let run = run_dir(data_dir);
+    std::fs::create_dir_all(&run).map_err(|e| format!("mkdir {}: {e}", run.display()))?;
+    let on_tmpfs = nix::sys::statfs::statfs(&run)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    if on_tmpfs {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("tmpfs"),
+        &run,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some("mode=0700,size=256m"),
+    )
+    .map_err(|e| format!("mount a tmpfs on {}: {e}", run.display()))
+}
 
 /// Undo everything an agent with this data directory made: kill its
 /// containers and shims, unmount their root filesystems, remove their
 /// cgroups, pod network namespaces (and so their veths) and pod state. The
 /// image store stays. Returns the number of containers removed.
 pub fn reset(data_dir: &Path, exe: &Path) -> usize {
-    let rt = orc_container::Runtime::new(data_dir.join("containers"), data_dir.join("state"), exe);
-    let n = rt.reset();
+    // An agent of an earlier release kept bundles, state and bindings on
+    // disk, under `containers`, `state` and `netns`.
+    let legacy =
+        orc_container::Runtime::new(data_dir.join("containers"), data_dir.join("state"), exe);
+    let n = runtime(data_dir, exe).reset() + legacy.reset();
     let pods = data_dir.join("pods");
     for (uid, _) in worker::recorded_pods(&pods) {
         worker::remove_cgroups(&uid);
@@ -36,21 +83,24 @@ pub fn reset(data_dir: &Path, exe: &Path) -> usize {
     }
     // The pods' bindings, the directory's own, then any bindings it covered
     // (made before the directory was a mount point).
-    for pass in 0..2 {
-        if let Ok(rd) = std::fs::read_dir(data_dir.join("netns")) {
-            for e in rd.flatten() {
-                let _ = orc_netlink::delete_netns(&e.path());
-                worker::remove_cgroups(&e.file_name().to_string_lossy());
+    for netns in [netns_dir(data_dir), data_dir.join("netns")] {
+        for pass in 0..2 {
+            if let Ok(rd) = std::fs::read_dir(&netns) {
+                for e in rd.flatten() {
+                    let _ = orc_netlink::delete_netns(&e.path());
+                    worker::remove_cgroups(&e.file_name().to_string_lossy());
+                }
+            }
+            if pass == 0 {
+                orc_netlink::release_netns_dir(&netns);
             }
         }
-        if pass == 0 {
-            orc_netlink::release_netns_dir(&data_dir.join("netns"));
-        }
     }
+    let _ = nix::mount::umount2(&run_dir(data_dir), nix::mount::MntFlags::MNT_DETACH);
     dns::stop(data_dir);
     nat::remove();
     orc_proxy::remove();
-    for d in ["pods", "containers", "state", "logs", "netns"] {
+    for d in ["pods", "rw", "logs", "run", "containers", "state", "netns"] {
         let _ = std::fs::remove_dir_all(data_dir.join(d));
     }
     n

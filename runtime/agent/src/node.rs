@@ -302,11 +302,12 @@ async fn routes(s: &Arc<Shared>, nodes: &[Value]) {
 
 /// Run the agent until the process ends.
 pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
-    for d in ["pods", "containers", "state", "images", "logs", "netns"] {
+    for d in ["pods", "rw", "images", "logs"] {
         std::fs::create_dir_all(cfg.data_dir.join(d))
             .map_err(|e| Error::Other(format!("{}: {e}", cfg.data_dir.join(d).display())))?;
     }
-    orc_netlink::bind_netns_dir(&cfg.data_dir.join("netns"))?;
+    crate::mount_run_dir(&cfg.data_dir).map_err(Error::Other)?;
+    orc_netlink::bind_netns_dir(&crate::netns_dir(&cfg.data_dir))?;
     let host = orc_netlink::connect()?;
     if cfg.node_ip.is_none() {
         cfg.node_ip = Some(orc_netlink::default_address(&host).await?.ok_or_else(|| {
@@ -315,11 +316,7 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
     }
     let (net_ready, _) = watch::channel(false);
     let s = Arc::new(Shared {
-        runtime: orc_container::Runtime::new(
-            cfg.data_dir.join("containers"),
-            cfg.data_dir.join("state"),
-            cfg.exe.clone(),
-        ),
+        runtime: crate::runtime(&cfg.data_dir, &cfg.exe),
         images: orc_image::Store::new(cfg.data_dir.join("images")),
         api: api.clone(),
         host,

@@ -32,7 +32,7 @@ impl Shared {
         self.cfg.data_dir.join("pods")
     }
     fn netns(&self, uid: &str) -> PathBuf {
-        self.cfg.data_dir.join("netns").join(uid)
+        crate::netns_dir(&self.cfg.data_dir).join(uid)
     }
 }
 
@@ -954,12 +954,12 @@ async fn start(
     let log = log_path(&s.cfg.data_dir, p, name, attempt);
     let (s2, id2, img2, netns2) = (s.clone(), id.clone(), img.clone(), netns.to_path_buf());
     tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let b = s2.runtime.bundle(&id2);
         let _ = s2.runtime.remove(&id2);
+        let rw = s2.runtime.writable(&id2);
         // The shim mounts it, where only the container sees it.
         let options = s2
             .images
-            .overlay_options(&img2, &b.join("upper"), &b.join("work"))
+            .overlay_options(&img2, &rw.join("upper"), &rw.join("work"))
             .map_err(|e| e.to_string())?;
         let setup = orc_container::Setup {
             rootfs: Some(orc_container::RootfsMount {
@@ -970,7 +970,7 @@ async fn start(
             netns: Some(netns2),
             // One mount per pod: the shim needs none of them (it joined its
             // own pod's above), and each made every start slower.
-            detach: vec![s2.cfg.data_dir.join("netns")],
+            detach: vec![crate::netns_dir(&s2.cfg.data_dir)],
         };
         s2.runtime
             .write_setup(&id2, &setup)

@@ -105,6 +105,9 @@ pub struct Runtime {
     pub dir: PathBuf,
     /// libcontainer's state root.
     pub state_root: PathBuf,
+    /// Where each container's writable layer goes (see [`Runtime::writable`]):
+    /// in its bundle, unless [`Runtime::with_writable_dir`] said elsewhere.
+    writable_dir: Option<PathBuf>,
     /// The `orc` binary, whose `shim-zygote` subcommand forks the shims.
     pub exe: PathBuf,
     zygote: zygote::Handle,
@@ -128,7 +131,26 @@ impl Runtime {
             dir: dir.into(),
             state_root: state_root.into(),
             exe: exe.into(),
+            writable_dir: None,
             zygote: Default::default(),
+        }
+    }
+
+    /// Keep the containers' writable layers under `dir` (one directory per
+    /// container id) rather than in their bundles: bundles and state can
+    /// then live in memory (a tmpfs) while what the containers write goes
+    /// to disk.
+    pub fn with_writable_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.writable_dir = Some(dir.into());
+        self
+    }
+
+    /// The directory for container `id`'s writable layer (an overlay's
+    /// upper and work directories, say); [`Runtime::remove`] removes it.
+    pub fn writable(&self, id: &str) -> PathBuf {
+        match &self.writable_dir {
+            Some(d) => d.join(id),
+            None => self.bundle(id).join("rw"),
         }
     }
 
@@ -249,12 +271,15 @@ impl Runtime {
         }
         let rootfs = b.join("rootfs");
         let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
-        match std::fs::remove_dir_all(&b) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::Io(format!("remove {}", b.display()), e))
+        for d in [self.writable(id), b] {
+            match std::fs::remove_dir_all(&d) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::Io(format!("remove {}", d.display()), e))
+                }
+                _ => {}
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 
     /// Kill every container and its shim at once and remove them all (a
