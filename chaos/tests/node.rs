@@ -766,7 +766,14 @@ spec:
             if !links.is_empty() {
                 return None;
             }
-            for d in ["run/containers", "run/netns", "run/state", "rw", "pods"] {
+            for d in [
+                "run/containers",
+                "run/netns",
+                "run/state",
+                "run/pods",
+                "rw",
+                "pods",
+            ] {
                 if std::fs::read_dir(n.data_dir.join(d))
                     .map(|r| r.count())
                     .unwrap_or(0)

@@ -34,6 +34,12 @@ pub fn run_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("run")
 }
 
+/// Where pod `uid`'s volumes live (`DIR/pods/UID/volumes`, on disk: an
+/// emptyDir outlives a reboot, as the kubelet's does).
+pub fn volumes_dir(data_dir: &Path, uid: &str) -> PathBuf {
+    data_dir.join("pods").join(uid).join("volumes")
+}
+
 /// Where the pods' network namespaces are bound (a private mount point).
 pub fn netns_dir(data_dir: &Path) -> PathBuf {
     run_dir(data_dir).join("netns")
@@ -76,10 +82,18 @@ pub fn reset(data_dir: &Path, exe: &Path) -> usize {
     let legacy =
         orc_container::Runtime::new(data_dir.join("containers"), data_dir.join("state"), exe);
     let n = runtime(data_dir, exe).reset() + legacy.reset();
-    let pods = data_dir.join("pods");
-    for (uid, _) in worker::recorded_pods(&pods) {
-        worker::remove_cgroups(&uid);
-        worker::unmount_under(&worker::pod_dir(&pods, &uid));
+    for pods in [run_dir(data_dir).join("pods"), data_dir.join("pods")] {
+        for (uid, _) in worker::recorded_pods(&pods) {
+            worker::remove_cgroups(&uid);
+        }
+    }
+    // Memory-backed emptyDirs.
+    for e in std::fs::read_dir(data_dir.join("pods"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        worker::unmount_under(&e.path());
     }
     // The pods' bindings, the directory's own, then any bindings it covered
     // (made before the directory was a mount point).

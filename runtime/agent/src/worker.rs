@@ -28,8 +28,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Pod records and sandbox files (`hosts`, `resolv.conf`...), one
+    /// directory per pod uid, in the agent's tmpfs.
     pub fn pods_dir(&self) -> PathBuf {
-        self.cfg.data_dir.join("pods")
+        crate::run_dir(&self.cfg.data_dir).join("pods")
+    }
+    /// Pod `uid`'s volumes, on disk.
+    fn volumes_dir(&self, uid: &str) -> PathBuf {
+        crate::volumes_dir(&self.cfg.data_dir, uid)
     }
     fn netns(&self, uid: &str) -> PathBuf {
         crate::netns_dir(&self.cfg.data_dir).join(uid)
@@ -188,6 +194,7 @@ pub async fn run(s: Arc<Shared>, uid: String, mut rx: watch::Receiver<Option<Val
                     .unwrap_or(30.0);
                 teardown(&s, last_pod.as_ref(), &uid, &mut st, grace).await;
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(s.volumes_dir(&uid).parent().unwrap());
                 return;
             }
             // Graceful deletion: stop everything, then let the pod go.
@@ -197,6 +204,7 @@ pub async fn run(s: Arc<Shared>, uid: String, mut rx: watch::Receiver<Option<Val
                     .unwrap_or(30.0);
                 teardown(&s, Some(&p), &uid, &mut st, grace).await;
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(s.volumes_dir(&uid).parent().unwrap());
                 let done = Request::Delete {
                     resource: "pods".into(),
                     namespace: util::namespace(&p).into(),
@@ -340,7 +348,7 @@ async fn volumes(
     let ns = util::namespace(p);
     for v in p["spec"]["volumes"].as_array().into_iter().flatten() {
         let name = v["name"].as_str().unwrap_or("").to_string();
-        let dir = st.dir.join("volumes").join(&name);
+        let dir = s.volumes_dir(util::uid(p)).join(&name);
         if let Some(path) = v["hostPath"]["path"].as_str() {
             if v["hostPath"]["type"] == "DirectoryOrCreate" {
                 let _ = std::fs::create_dir_all(path);
@@ -1276,7 +1284,7 @@ async fn teardown_sandbox(
         tracing::warn!("pod {uid}: {e}");
     }
     remove_cgroups(uid);
-    unmount_under(&st.dir);
+    unmount_under(&s.volumes_dir(uid));
     let _ = std::fs::remove_file(st.dir.join("net.done"));
     if let Some(ip) = st.ip.take() {
         if let Some(i) = s.ipam.lock().unwrap().as_mut() {
