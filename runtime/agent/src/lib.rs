@@ -23,7 +23,8 @@ pub use node::{run, Config};
 use std::path::{Path, PathBuf};
 
 /// `DIR/run`: what lasts only as long as the machine runs (container
-/// bundles, libcontainer's state, the pods' network namespace bindings), on
+/// bundles, libcontainer's state, the pods' network namespace bindings, pod
+/// records and sandbox files), on
 /// a tmpfs of the agent's own, as containerd keeps its under /run. A reboot
 /// leaves no bundle or pid file naming a process that is gone, and starting
 /// a container writes no file to disk but its writable layer and log: a
