@@ -3,9 +3,11 @@
 //! zygote), never by running a runtime binary. It owns the OCI spec a
 //! container gets (`spec`), the shim (`shim`), the fork server that starts
 //! shims (`zygote`) and the on-disk state of the containers of a node (`Runtime`):
-//! a bundle directory per container with `config.json`, `rootfs/`, the
-//! init's pid and, once it ended, `exit.json`. It knows nothing of pods, images
-//! or the API, and must not depend on them.
+//! a bundle directory per container with `config.json`, `setup.json` (what
+//! the shim prepares: network namespace, root filesystem mount), `rootfs/`,
+//! the init's pid and, once it ended, `exit.json`, and a directory per
+//! container for its writable layer. It knows nothing of pods, images or the
+//! API, and must not depend on them.
 pub mod shim;
 pub mod spec;
 pub mod zygote;
