@@ -35,12 +35,6 @@ pub fn run_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("run")
 }
 
-/// Where pod `uid`'s volumes live (`DIR/pods/UID/volumes`, on disk: an
-/// emptyDir outlives a reboot, as the kubelet's does).
-pub fn volumes_dir(data_dir: &Path, uid: &str) -> PathBuf {
-    data_dir.join("pods").join(uid).join("volumes")
-}
-
 /// Where the pods' network namespaces are bound (a private mount point).
 pub fn netns_dir(data_dir: &Path) -> PathBuf {
     run_dir(data_dir).join("netns")

@@ -33,9 +33,18 @@ impl Shared {
     pub fn pods_dir(&self) -> PathBuf {
         crate::run_dir(&self.cfg.data_dir).join("pods")
     }
-    /// Pod `uid`'s volumes, on disk.
+    /// What pod `uid` keeps on disk (`DIR/pods/UID`): its volumes, under
+    /// `volumes` (an emptyDir outlives a reboot, as the kubelet's does).
+    fn disk_dir(&self, uid: &str) -> PathBuf {
+        self.cfg.data_dir.join("pods").join(uid)
+    }
     fn volumes_dir(&self, uid: &str) -> PathBuf {
-        crate::volumes_dir(&self.cfg.data_dir, uid)
+        self.disk_dir(uid).join("volumes")
+    }
+    /// Remove pod `uid`'s records (`dir`) and what it kept on disk.
+    fn forget(&self, uid: &str, dir: &Path) {
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(self.disk_dir(uid));
     }
     fn netns(&self, uid: &str) -> PathBuf {
         crate::netns_dir(&self.cfg.data_dir).join(uid)
@@ -193,8 +202,7 @@ pub async fn run(s: Arc<Shared>, uid: String, mut rx: watch::Receiver<Option<Val
                     .and_then(|p| p["spec"]["terminationGracePeriodSeconds"].as_f64())
                     .unwrap_or(30.0);
                 teardown(&s, last_pod.as_ref(), &uid, &mut st, grace).await;
-                let _ = std::fs::remove_dir_all(&dir);
-                let _ = std::fs::remove_dir_all(s.volumes_dir(&uid).parent().unwrap());
+                s.forget(&uid, &dir);
                 return;
             }
             // Graceful deletion: stop everything, then let the pod go.
@@ -203,8 +211,7 @@ pub async fn run(s: Arc<Shared>, uid: String, mut rx: watch::Receiver<Option<Val
                     .as_f64()
                     .unwrap_or(30.0);
                 teardown(&s, Some(&p), &uid, &mut st, grace).await;
-                let _ = std::fs::remove_dir_all(&dir);
-                let _ = std::fs::remove_dir_all(s.volumes_dir(&uid).parent().unwrap());
+                s.forget(&uid, &dir);
                 let done = Request::Delete {
                     resource: "pods".into(),
                     namespace: util::namespace(&p).into(),

@@ -318,7 +318,8 @@ fn exec_inner(state_root: &Path, id: &str, args: Vec<String>, tty: bool) -> Resu
     // A container made with NetNs::Shim shares its shim's network
     // namespace, which its spec does not name, so youki's tenant would not
     // join it: join the init's here, and the command inherits it.
-    let init = Container::load(state_root.join(id))?
+    let container = Container::load(state_root.join(id))?;
+    let init = container
         .pid()
         .ok_or_else(|| crate::Error::Start(format!("container {id} is not running")))?;
     let ns_path = format!("/proc/{init}/ns/net");
@@ -330,9 +331,8 @@ fn exec_inner(state_root: &Path, id: &str, args: Vec<String>, tty: bool) -> Resu
     let mut process = None;
     if tty {
         // The init's process with a terminal and our command.
-        let c = Container::load(state_root.join(id))?;
         let spec: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(c.bundle().join("config.json"))
+            &std::fs::read(container.bundle().join("config.json"))
                 .map_err(|e| crate::Error::Io("config.json".into(), e))?,
         )
         .map_err(|e| crate::Error::Spec(e.to_string()))?;
