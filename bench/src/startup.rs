@@ -431,6 +431,7 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
         .await;
     let created: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
     eprintln!("image present; creating {pods} pods");
+    let busy0 = machine_busy();
     let t0 = Instant::now();
     let creator = {
         let (client, created) = (
@@ -470,7 +471,7 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
                     r?;
                 }
             }
-            anyhow::Ok(())
+            anyhow::Ok(t0.elapsed())
         })
     };
     let mut running: HashMap<String, f64> = HashMap::new();
@@ -499,7 +500,22 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
         }
     }
     let total = t0.elapsed().as_secs_f64();
-    creator.await??;
+    let busy = machine_busy().zip(busy0).map(|(b, a)| b - a);
+    let created_in = creator.await??;
+    if std::env::var_os("ORC_BENCH_TIMELINE").is_some() {
+        let created = created.lock().unwrap();
+        let mut rows: Vec<(f64, f64, &String)> = running
+            .iter()
+            .map(|(n, lat)| {
+                let c = created[n].duration_since(t0).as_secs_f64();
+                (c, c + lat, n)
+            })
+            .collect();
+        rows.sort_by(|a, b| a.1.total_cmp(&b.1));
+        for (c, r, n) in rows {
+            eprintln!("{n}: created {:.0} ms, Running {:.0} ms", c * 1e3, r * 1e3);
+        }
+    }
     let pace = if rate > 0.0 {
         format!("{rate} pods/s")
     } else {
@@ -512,8 +528,37 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
     summary("create -> Running", running.into_values().collect());
     println!();
     println!(
-        "all {pods} Running after {total:.1} s ({:.1} pods/s)",
-        pods as f64 / total
+        "all {pods} Running after {total:.1} s ({:.1} pods/s); the last create was answered after {:.2} s",
+        pods as f64 / total,
+        created_in.as_secs_f64()
     );
+    if let Some(busy) = busy {
+        println!(
+            "the machine's CPUs were busy for {busy:.2} CPU-s meanwhile ({:.1} ms per pod, {:.0} % of {} CPUs)",
+            busy * 1e3 / pods as f64,
+            busy * 100.0 / total / num_cpus() as f64,
+            num_cpus()
+        );
+    }
     Ok(())
+}
+
+/// CPU time the whole machine has spent busy (user, nice, system, irq,
+/// softirq), in seconds, from `/proc/stat`.
+fn machine_busy() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let ticks = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
+    // USER_HZ, 100 on Linux (as `cpu_ticks` assumes).
+    Some(ticks as f64 / 100.0)
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

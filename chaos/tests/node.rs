@@ -252,6 +252,16 @@ spec:
         w.stdout,
         w.stderr
     );
+    // The pod network is IPv4: eth0 has no IPv6 address (no link-local
+    // address, so no duplicate address detection or MLD on the bridge);
+    // lo keeps ::1.
+    let v6 = c.orc(&servers, &["exec", &web, "--", "cat", "/proc/net/if_inet6"]);
+    assert!(
+        v6.ok() && v6.stdout.contains(" lo\n") && !v6.stdout.contains("eth0"),
+        "the pod's IPv6 addresses: {} {}",
+        v6.stdout,
+        v6.stderr
+    );
     assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("out\n", "err\n"));
     let o = c.orc_stdin(
         &servers,

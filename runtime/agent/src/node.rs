@@ -306,6 +306,9 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
         std::fs::create_dir_all(cfg.data_dir.join(d))
             .map_err(|e| Error::Other(format!("{}: {e}", cfg.data_dir.join(d).display())))?;
     }
+    for d in ["rw", "logs"] {
+        crate::spread_subdirs(&cfg.data_dir.join(d));
+    }
     crate::mount_run_dir(&cfg.data_dir).map_err(Error::Other)?;
     orc_netlink::bind_netns_dir(&crate::netns_dir(&cfg.data_dir))?;
     let host = orc_netlink::connect()?;
