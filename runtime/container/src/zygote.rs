@@ -111,6 +111,11 @@ fn skip_exit_handlers() {
 pub fn run() -> i32 {
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     skip_exit_handlers();
+    // std detects the CPU's features once per process, when first asked
+    // (memchr asks); in a VM each CPUID traps to the hypervisor. Asked here,
+    // every shim and container process inherits the answer.
+    #[cfg(target_arch = "x86_64")]
+    let _ = std::is_x86_feature_detected!("avx2");
     let sock: RawFd = 0;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
