@@ -475,6 +475,8 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
         })
     };
     let mut running: HashMap<String, f64> = HashMap::new();
+    // When each pod was first seen bound to the node (for the timeline).
+    let mut bound: HashMap<String, f64> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     while running.len() < pods {
         let ev = tokio::time::timeout_at(deadline.into(), rx.recv())
@@ -490,6 +492,9 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
             .as_str()
             .unwrap_or("")
             .to_string();
+        if ev.object["spec"]["nodeName"].is_string() && !bound.contains_key(&name) {
+            bound.insert(name.clone(), t0.elapsed().as_secs_f64());
+        }
         if ev.object["status"]["phase"] == "Running"
             && name != "warmup"
             && !running.contains_key(&name)
@@ -504,16 +509,21 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
     let created_in = creator.await??;
     if std::env::var_os("ORC_BENCH_TIMELINE").is_some() {
         let created = created.lock().unwrap();
-        let mut rows: Vec<(f64, f64, &String)> = running
+        let mut rows: Vec<(f64, f64, f64, &String)> = running
             .iter()
             .map(|(n, lat)| {
                 let c = created[n].duration_since(t0).as_secs_f64();
-                (c, c + lat, n)
+                (c, bound.get(n).copied().unwrap_or(f64::NAN), c + lat, n)
             })
             .collect();
-        rows.sort_by(|a, b| a.1.total_cmp(&b.1));
-        for (c, r, n) in rows {
-            eprintln!("{n}: created {:.0} ms, Running {:.0} ms", c * 1e3, r * 1e3);
+        rows.sort_by(|a, b| a.2.total_cmp(&b.2));
+        for (c, b, r, n) in rows {
+            eprintln!(
+                "{n}: created {:.0} ms, bound {:.0} ms, Running {:.0} ms",
+                c * 1e3,
+                b * 1e3,
+                r * 1e3
+            );
         }
     }
     let pace = if rate > 0.0 {

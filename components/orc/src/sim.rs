@@ -86,6 +86,10 @@ pub struct SimArgs {
     /// (seconds); in between it changes only what changed.
     #[arg(long, default_value_t = 300.0)]
     pub proxy_resync: f64,
+    /// Containers started at once at most; more wait their turn, in the
+    /// order asked (0: four per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub parallel_starts: usize,
     /// Port of the agent's logs and exec service (on the node address).
     #[arg(long, default_value_t = 10250)]
     pub listen_port: u16,
@@ -454,6 +458,7 @@ async fn agent(a: SimArgs) -> Result<i32> {
         insecure_registries: a.insecure_registry,
         cluster_cidr: a.cluster_cidr,
         proxy_resync: Duration::from_secs_f64(a.proxy_resync.max(1.0)),
+        parallel_starts: a.parallel_starts,
     };
     tokio::select! {
         r = orc_agent::run(api, cfg) => r?,

@@ -43,6 +43,21 @@ pub struct Config {
     pub cluster_cidr: String,
     /// The Service proxy rewrites its whole table this often.
     pub proxy_resync: Duration,
+    /// At most this many containers are being started at once; the others
+    /// wait their turn, first come first served. A burst of pods then runs
+    /// in the order it came rather than all of it together at the end,
+    /// since starting a container is mostly CPU. 0: four per CPU.
+    pub parallel_starts: usize,
+}
+
+impl Config {
+    /// [`Config::parallel_starts`], 0 resolved.
+    pub fn parallel_starts(&self) -> usize {
+        match self.parallel_starts {
+            0 => 4 * std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -325,6 +340,7 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
         host,
         ipam: Mutex::new(None),
         net_ready,
+        starts: tokio::sync::Semaphore::new(cfg.parallel_starts()),
         cfg,
     });
     // Register, with retries while the masters come up.

@@ -116,6 +116,10 @@ pub fn run() -> i32 {
     // every shim and container process inherits the answer.
     #[cfg(target_arch = "x86_64")]
     let _ = std::is_x86_feature_detected!("avx2");
+    // Where the cgroup v1 hierarchies are mounted: libcgroups keeps it once
+    // read, and each container's intermediate process would otherwise read the
+    // mount table a dozen times, under a lock every mount on the machine takes.
+    let _ = libcgroups::v1::util::list_subsystem_mount_points();
     let sock: RawFd = 0;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
