@@ -182,6 +182,9 @@ impl PodState {
     }
 }
 
+/// How long one container start may hold its turn (`Shared::starts`).
+const START_TURN_MAX: Duration = Duration::from_secs(30);
+
 fn now() -> f64 {
     util::now_secs()
 }
@@ -976,12 +979,12 @@ async fn start(
     let log = log_path(&s.cfg.data_dir, p, name, attempt);
     let (s2, id2, img2, netns2) = (s.clone(), id.clone(), img.clone(), netns.to_path_buf());
     // Closed only when the agent ends.
-    let _turn = s
+    let turn = s
         .starts
         .acquire()
         .await
         .map_err(|e| ("RunContainerError".to_string(), e.to_string()))?;
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
+    let mut job = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let _ = s2.runtime.remove(&id2);
         let rw = s2.runtime.writable(&id2);
         // The shim mounts it, where only the container sees it.
@@ -1008,11 +1011,19 @@ async fn start(
             .map_err(|e| e.to_string())?;
         s2.runtime.start(&id2, &log).map_err(|e| e.to_string())?;
         Ok(())
-    })
-    .await
-    .map_err(|e| ("RunContainerError".to_string(), e.to_string()))?
-    // A failed bundle stays for inspection until the next attempt or teardown.
-    .map_err(|e| ("RunContainerError".to_string(), e))?;
+    });
+    // A start that hangs (a mount that never returns) keeps its turn only
+    // so long, then lets the next one go.
+    let done = match tokio::time::timeout(START_TURN_MAX, &mut job).await {
+        Ok(done) => done,
+        Err(_) => {
+            drop(turn);
+            job.await
+        }
+    };
+    done.map_err(|e| ("RunContainerError".to_string(), e.to_string()))?
+        // A failed bundle stays for inspection until the next attempt or teardown.
+        .map_err(|e| ("RunContainerError".to_string(), e))?;
     Ok((id, img.id))
 }
 
