@@ -55,7 +55,7 @@ impl Config {
     pub fn parallel_starts(&self) -> usize {
         match self.parallel_starts {
             0 => 4 * std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
+            n => n.min(tokio::sync::Semaphore::MAX_PERMITS),
         }
     }
 }
