@@ -229,6 +229,11 @@ impl ProxyHttp for Router {
         o.read_timeout = Some(route.policy.read_timeout);
         o.write_timeout = Some(route.policy.send_timeout);
         o.idle_timeout = Some(Duration::from_secs(60));
+        // Each proxy thread reuses the upstream connections it made, as each
+        // nginx worker keeps its own keepalive pool: a connection released on
+        // one thread and taken on another woke its idle watcher across
+        // threads (an eventfd write and a wake-up per request).
+        peer.group_key = thread_key();
         Ok(Box::new(peer))
     }
 
@@ -310,4 +315,15 @@ impl ProxyHttp for Router {
             .get_or_create(l)
             .observe(ctx.start.elapsed().as_secs_f64());
     }
+}
+
+/// A number of this thread's own, so that each proxy thread reuses only the
+/// upstream connections it made.
+fn thread_key() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static KEY: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    KEY.with(|k| *k)
 }
