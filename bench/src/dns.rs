@@ -138,9 +138,7 @@ pub async fn bench(services: usize, seconds: u64, clients: usize, rounds: usize)
         upstreams: vec![],
     };
     let server = tokio::spawn(orc_dns::serve(handler, orc_addr));
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = crate::num_cpus();
     let conf = dir.path().join("unbound.conf");
     std::fs::write(
         &conf,

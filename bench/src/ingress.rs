@@ -134,11 +134,7 @@ pub fn bench(
     updates: usize,
     workers: Option<usize>,
 ) -> Result<()> {
-    let workers = workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    let workers = workers.unwrap_or_else(crate::num_cpus);
     for addr in [ORC, NGINX, BACKENDS[0], BACKENDS[1], "127.0.0.1:18254"] {
         if std::net::TcpStream::connect(addr).is_ok() {
             bail!("{addr} is already in use (a bench left running?): the figures would not be this run's");

@@ -452,6 +452,11 @@ async fn list_all(client: &Client, resource: &str) -> Result<serde_json::Value> 
         .await?)
 }
 
+/// The CPUs this process may run on.
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())

@@ -546,8 +546,8 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
         println!(
             "the machine's CPUs were busy for {busy:.2} CPU-s meanwhile ({:.1} ms per pod, {:.0} % of {} CPUs)",
             busy * 1e3 / pods as f64,
-            busy * 100.0 / total / num_cpus() as f64,
-            num_cpus()
+            busy * 100.0 / total / crate::num_cpus() as f64,
+            crate::num_cpus()
         );
     }
     Ok(())
@@ -567,8 +567,4 @@ fn machine_busy() -> Option<f64> {
     let ticks = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
     // USER_HZ, 100 on Linux (as `cpu_ticks` assumes).
     Some(ticks as f64 / 100.0)
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

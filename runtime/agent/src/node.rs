@@ -54,7 +54,7 @@ impl Config {
     /// [`Config::parallel_starts`], 0 resolved.
     pub fn parallel_starts(&self) -> usize {
         match self.parallel_starts {
-            0 => 4 * std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => 4 * cpus(),
             n => n.min(tokio::sync::Semaphore::MAX_PERMITS),
         }
     }
@@ -107,10 +107,13 @@ impl Ipam {
     }
 }
 
+/// The CPUs this machine gives the agent.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn capacity() -> (String, String) {
-    let cpu = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpu = cpus();
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
