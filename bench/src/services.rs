@@ -11,6 +11,7 @@ use crate::startup::pct;
 use anyhow::{bail, Context, Result};
 use orc_proxy::{Backend, Proxy, Scheduler, VirtualServer};
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -239,16 +240,23 @@ pub(crate) fn parse_ms(s: &str) -> Option<f64> {
     None
 }
 
-/// Two wrk processes at once (one per URL), from namespace `ns`.
-fn wrk(ns: &str, urls: [&str; 2], conns: usize, secs: u64) -> Result<Wrk> {
+/// Two wrk processes at once (one per URL), from namespace `ns`, with one
+/// connection per thread, so that no thread's connections are tied to one
+/// backend more in one row than in another; with `script`, each thread's
+/// address is the script's.
+fn wrk(ns: &str, urls: [&str; 2], conns: usize, secs: u64, script: Option<&Path>) -> Result<Wrk> {
     let children: Vec<Child> = urls
         .iter()
         .map(|u| {
-            Command::new("ip")
-                .args(["netns", "exec", ns, "wrk", "-t1"])
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "wrk"])
+                .arg(format!("-t{}", conns / 2))
                 .arg(format!("-c{}", conns / 2))
-                .arg(format!("-d{secs}s"))
-                .args(["--latency", u])
+                .arg(format!("-d{secs}s"));
+            if let Some(s) = script {
+                c.arg("-s").arg(s);
+            }
+            c.args(["--latency", u])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
@@ -315,7 +323,13 @@ pub fn bench(
         bail!("needs root (network namespaces, nftables)");
     }
     let _lab = setup()?;
-    let mut proxy = Proxy::new(Some("198.18.200.0/24".into()));
+    // The agent's connect-time balancer, acting for the client pod.
+    let lb = orc_proxy::socklb::SockLb::attach().context("socket balancer (BPF)")?;
+    let pods = lb.pods();
+    let cookie =
+        orc_proxy::socklb::netns_cookie(std::path::Path::new(&format!("/run/netns/{CLI}")))
+            .context("netns cookie")?;
+    let mut proxy = Proxy::new(Some("198.18.200.0/24".into())).with_socket_lb(lb);
     proxy
         .resync(vec![("bench/web".into(), vec![web()])])
         .map_err(anyhow::Error::msg)?;
@@ -323,17 +337,42 @@ pub fn bench(
     println!("# Service throughput: wrk, {conns} connections in 2 processes, {seconds} s per run, {rounds} rounds");
     println!("path                          req/s    p99 ms  errors");
     let direct = ["http://198.18.200.2:8080/", "http://198.18.200.3:8080/"];
+    // Each wrk process's connections (threads) to the two backends in turn:
+    // the client spreads its connections over both, as a Service does.
+    let spread = _lab.dir.path().join("spread.lua");
+    std::fs::write(
+        &spread,
+        "local n = 0\nfunction setup(thread)\n  local ip = (n % 2 == 0) and \"198.18.200.2\" or \"198.18.200.3\"\n  thread.addr = wrk.lookup(ip, \"8080\")[1]\n  n = n + 1\nend\n",
+    )?;
     let vip = format!("http://{VIP}/");
     let np = format!("http://198.18.201.1:{NODE_PORT}/");
     let mut sums = std::collections::BTreeMap::<&str, (f64, f64)>::new();
     for _ in 0..rounds {
-        for (name, ns, urls) in [
-            ("pod IP (from a pod)", CLI, direct),
-            ("ClusterIP (from a pod)", CLI, [vip.as_str(), vip.as_str()]),
-            ("pod IP (routed, outside)", OUT, direct),
-            ("NodePort (outside)", OUT, [np.as_str(), np.as_str()]),
+        for (name, ns, urls, script) in [
+            ("pod IP (from a pod)", CLI, direct, Some(spread.as_path())),
+            (
+                "ClusterIP (from a pod)",
+                CLI,
+                [vip.as_str(), vip.as_str()],
+                None,
+            ),
+            (
+                "ClusterIP, NAT (from a pod)",
+                CLI,
+                [vip.as_str(), vip.as_str()],
+                None,
+            ),
+            ("pod IP (routed, outside)", OUT, direct, None),
+            ("NodePort (outside)", OUT, [np.as_str(), np.as_str()], None),
         ] {
-            let w = wrk(ns, urls, conns, seconds)?;
+            // The NAT row: the client pod without the socket balancer, as
+            // every pod is with `orc node --no-socket-lb`.
+            if name.contains("NAT") {
+                pods.remove(cookie)?;
+            } else {
+                pods.add(cookie)?;
+            }
+            let w = wrk(ns, urls, conns, seconds, script)?;
             println!(
                 "{name:<28} {:>8.0} {:>8.2} {:>7}",
                 w.rps, w.p99_ms, w.errors
@@ -345,10 +384,12 @@ pub fn bench(
     }
     let r = |a: &str, b: &str| sums[a].0 / sums[b].0;
     println!(
-        "ClusterIP/direct {:.3}x req/s; NodePort/direct (routed) {:.3}x req/s (means over rounds)",
+        "ClusterIP/direct {:.3}x req/s (NAT rules alone: {:.3}x); NodePort/direct (routed) {:.3}x req/s (means over rounds)",
         r("ClusterIP (from a pod)", "pod IP (from a pod)"),
+        r("ClusterIP, NAT (from a pod)", "pod IP (from a pod)"),
         r("NodePort (outside)", "pod IP (routed, outside)")
     );
+    pods.add(cookie)?;
 
     println!("\n# Programming latency: one endpoint change -> nft transaction committed");
     println!("services  resync ms  change p50 ms  change p99 ms  first request p50/p99 ms");

@@ -360,6 +360,29 @@ spec: {ports: [{port: 80}]}
     for (pod, n) in &hits {
         assert!(*n >= 60, "{pod} got {n} of 300: {hits:?}");
     }
+    // Those connections were balanced as the client's sockets connected
+    // (orc_proxy::socklb): none of them went to the ClusterIP itself, so no
+    // node tracked one with it as destination.
+    let to_vip = |lab: &Lab| {
+        let mut t = String::new();
+        for n in &lab.nodes {
+            let o = std::process::Command::new("ip")
+                .args(["netns", "exec", &n.netns, "cat", "/proc/net/nf_conntrack"])
+                .output()
+                .expect("conntrack table");
+            t.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+        let hits: Vec<&str> = t
+            .lines()
+            .filter(|l| l.contains(&format!(" dst={vip} ")))
+            .collect();
+        (
+            hits.len(),
+            hits.iter().take(3).copied().collect::<Vec<_>>().join("\n"),
+        )
+    };
+    let (n, t) = to_vip(&lab);
+    assert_eq!(n, 0, "ClusterIP connections went through NAT:\n{t}");
     // ... and with sessionAffinity ClientIP they all reach one.
     c.apply(&web_service("  sessionAffinity: ClientIP\n"));
     std::thread::sleep(Duration::from_secs(1));
@@ -373,6 +396,9 @@ spec: {ports: [{port: 80}]}
     let hits = count(&out);
     assert_eq!(hits.len(), 1, "affinity: {hits:?}");
     assert_eq!(hits.values().sum::<usize>(), 50);
+    // Affinity is the nftables rules' (the socket balancer leaves it to them).
+    let (n, _) = to_vip(&lab);
+    assert!(n > 0, "affinity: no connection to {vip} went through NAT");
 
     stage("ClusterIP and affinity checked");
     // b. NodePort 30002 at every node's address, from outside the cluster.

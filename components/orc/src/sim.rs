@@ -90,6 +90,11 @@ pub struct SimArgs {
     /// order asked (0: four per CPU).
     #[arg(long, default_value_t = 0)]
     pub parallel_starts: usize,
+    /// Do not balance pods' TCP connections to ClusterIPs at connect time
+    /// (a BPF program on the cgroup root): every Service connection then
+    /// goes through the nftables NAT rules.
+    #[arg(long)]
+    pub no_socket_lb: bool,
     /// Port of the agent's logs and exec service (on the node address).
     #[arg(long, default_value_t = 10250)]
     pub listen_port: u16,
@@ -459,6 +464,7 @@ async fn agent(a: SimArgs) -> Result<i32> {
         cluster_cidr: a.cluster_cidr,
         proxy_resync: Duration::from_secs_f64(a.proxy_resync.max(1.0)),
         parallel_starts: a.parallel_starts,
+        socket_lb: !a.no_socket_lb,
     };
     tokio::select! {
         r = orc_agent::run(api, cfg) => r?,

@@ -5,7 +5,12 @@
 //! one `nft -f -` transaction per batch of changes: incremental per Service,
 //! whole-table at start and on every resync. It owns the table `ip orc-svc`
 //! and nothing else; it must not depend on the API server, the agent or any
-//! network I/O beyond running `nft`.
+//! network I/O beyond running `nft` and the `bpf(2)` calls of `socklb`.
+//!
+//! With a [`socklb::SockLb`] (`Proxy::with_socket_lb`), TCP connections
+//! from the node's pods to a ClusterIP are also balanced when the socket
+//! connects (`socklb`), so they never go through the NAT rules; the rules
+//! stay for every other path and as the fallback.
 //!
 //! The kernel here has no IPVS. An IPVS backend would plug in at `Proxy`:
 //! each `VirtualServer` is an IPVS virtual service (ClusterIP, external and
@@ -15,6 +20,7 @@
 //! with the VIPs on a dummy interface and the masquerade rules kept here.
 pub mod model;
 pub mod rules;
+pub mod socklb;
 
 pub use model::{virtual_servers, Backend, Scheduler, VirtualServer};
 pub use rules::{Plan, Ruleset, TABLE};
@@ -64,6 +70,9 @@ pub struct Proxy {
     claims: BTreeMap<String, String>,
     /// Set when the kernel may differ from `applied` (a failed transaction).
     dirty: bool,
+    /// The connect-time balancer and what its map holds, per Service.
+    lb: Option<socklb::SockLb>,
+    lb_applied: BTreeMap<String, BTreeMap<socklb::Key, Vec<u8>>>,
 }
 
 impl Proxy {
@@ -74,6 +83,52 @@ impl Proxy {
             hairpin: BTreeMap::new(),
             claims: BTreeMap::new(),
             dirty: true,
+            lb: None,
+            lb_applied: BTreeMap::new(),
+        }
+    }
+
+    /// Also balance pods' TCP connections to ClusterIPs at connect time.
+    pub fn with_socket_lb(mut self, lb: socklb::SockLb) -> Self {
+        self.lb = Some(lb);
+        self
+    }
+
+    /// Bring the balancer's entries of Service `key` to those of `servers`
+    /// (none when the Service got no rules). A failed update removes the
+    /// entry, so the connection takes the nftables rules instead of a stale
+    /// endpoint.
+    fn sync_lb(&mut self, key: &str, servers: &[VirtualServer], has_rules: bool) {
+        let Some(lb) = &self.lb else { return };
+        let new: BTreeMap<socklb::Key, Vec<u8>> = if has_rules {
+            servers.iter().filter_map(socklb::entry).collect()
+        } else {
+            BTreeMap::new()
+        };
+        let old = self.lb_applied.remove(key).unwrap_or_default();
+        for k in old.keys().filter(|k| !new.contains_key(*k)) {
+            if let Err(e) = lb.remove(k) {
+                tracing::warn!("service {key}: socket balancer: {e}");
+            }
+        }
+        let mut held = BTreeMap::new();
+        for (k, v) in new {
+            if old.get(&k) == Some(&v) {
+                held.insert(k, v);
+                continue;
+            }
+            match lb.set(&k, &v) {
+                Ok(()) => {
+                    held.insert(k, v);
+                }
+                Err(e) => {
+                    tracing::warn!("service {key}: socket balancer: {e}; nftables serves it");
+                    let _ = lb.remove(&k);
+                }
+            }
+        }
+        if !held.is_empty() {
+            self.lb_applied.insert(key.to_string(), held);
         }
     }
 
@@ -134,6 +189,7 @@ impl Proxy {
                 }
             }
             plan.hairpin(&up, &down);
+            self.sync_lb(&key, &servers, !new.is_empty());
             next.push((key, new));
         }
         for (key, new) in next {
@@ -164,14 +220,26 @@ impl Proxy {
         self.claims.clear();
         let mut all = all;
         all.sort_by(|a, b| a.0.cmp(&b.0));
-        self.applied = all
-            .into_iter()
-            .map(|(k, s)| {
-                let r = self.claim(&k, &s);
-                (k, r)
-            })
-            .filter(|(_, r)| !r.is_empty())
+        let mut applied = BTreeMap::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (k, s) in all {
+            let r = self.claim(&k, &s);
+            self.sync_lb(&k, &s, !r.is_empty());
+            seen.insert(k.clone());
+            if !r.is_empty() {
+                applied.insert(k, r);
+            }
+        }
+        let gone: Vec<String> = self
+            .lb_applied
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
             .collect();
+        for k in gone {
+            self.sync_lb(&k, &[], false);
+        }
+        self.applied = applied;
         self.hairpin.clear();
         for r in self.applied.values() {
             for ip in &r.hairpin {

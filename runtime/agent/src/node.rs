@@ -48,6 +48,9 @@ pub struct Config {
     /// in the order it came rather than all of it together at the end,
     /// since starting a container is mostly CPU. 0: four per CPU.
     pub parallel_starts: usize,
+    /// Balance pods' TCP connections to ClusterIPs when they connect (a BPF
+    /// program on the cgroup root), besides the nftables rules.
+    pub socket_lb: bool,
 }
 
 impl Config {
@@ -336,7 +339,19 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
         })?);
     }
     let (net_ready, _) = watch::channel(false);
+    let lb = if cfg.socket_lb {
+        match orc_proxy::socklb::SockLb::attach() {
+            Ok(lb) => Some(lb),
+            Err(e) => {
+                tracing::warn!("socket balancer: {e}; Services go through the nftables rules only");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let s = Arc::new(Shared {
+        lb_pods: lb.as_ref().map(|l| l.pods()),
         runtime: crate::runtime(&cfg.data_dir, &cfg.exe),
         images: orc_image::Store::new(cfg.data_dir.join("images")),
         api: api.clone(),
@@ -445,6 +460,7 @@ pub async fn run(api: Arc<dyn Api>, mut cfg: Config) -> Result<(), Error> {
             s.cfg.name.clone(),
             cidr,
             s.cfg.proxy_resync,
+            lb,
         ));
     }
     pods(api, s).await

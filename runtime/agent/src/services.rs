@@ -87,10 +87,19 @@ fn servers_of(cache: &Cache, idx: &Index, key: &str, node: &str) -> Vec<VirtualS
 
 /// Run the proxy until the task is dropped. `cache` must watch Services and
 /// EndpointSlices.
-pub async fn run(cache: Arc<Cache>, node: String, cluster_cidr: Option<String>, resync: Duration) {
+pub async fn run(
+    cache: Arc<Cache>,
+    node: String,
+    cluster_cidr: Option<String>,
+    resync: Duration,
+    lb: Option<orc_proxy::socklb::SockLb>,
+) {
     let mut rx = cache.subscribe();
     cache.wait_synced(2).await;
     let mut proxy = Proxy::new(cluster_cidr);
+    if let Some(lb) = lb {
+        proxy = proxy.with_socket_lb(lb);
+    }
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
     // Each round starts with the whole table; it ends when a resync is due
     // or the change stream lagged.

@@ -28,6 +28,9 @@ pub struct Shared {
     /// Container starts in progress at once (`Config::parallel_starts`),
     /// granted in the order asked.
     pub starts: tokio::sync::Semaphore,
+    /// The pods' network namespaces the connect-time Service balancer acts
+    /// for (`orc_proxy::socklb`); None without it.
+    pub lb_pods: Option<orc_proxy::socklb::PodSet>,
 }
 
 impl Shared {
@@ -137,6 +140,9 @@ struct PodState {
     saved_records: Vec<u8>,
     /// The DNS and hosts files as last written.
     files: BTreeMap<&'static str, String>,
+    /// The cookie of the pod's network namespace, once the Service
+    /// balancer acts for it.
+    lb_cookie: Option<u64>,
 }
 
 #[derive(Default)]
@@ -319,6 +325,18 @@ async fn sync(s: &Arc<Shared>, p: &Value, st: &mut PodState) -> Result<(), Strin
             .await
             .map_err(|e| e.to_string())?;
         let _ = std::fs::write(st.dir.join("net.done"), b"");
+    }
+    if let (Some(pods), None) = (&s.lb_pods, st.lb_cookie) {
+        // ClusterIP connections from this pod are balanced as they connect
+        // (also after an agent restart: the balancer starts empty).
+        match orc_proxy::socklb::netns_cookie(&netns).and_then(|c| pods.add(c).map(|()| c)) {
+            Ok(c) => st.lb_cookie = Some(c),
+            Err(e) => tracing::warn!(
+                "pod {}/{}: socket balancer: {e}; its Service traffic takes the nftables rules",
+                util::namespace(p),
+                util::name(p)
+            ),
+        }
     }
     let files = [
         (
@@ -1307,6 +1325,9 @@ async fn teardown_sandbox(
                 finished_at: orc_api::now_rfc3339(),
             });
         }
+    }
+    if let (Some(pods), Some(c)) = (&s.lb_pods, st.lb_cookie.take()) {
+        let _ = pods.remove(c);
     }
     if let Err(e) = orc_netlink::detach(&s.host, &orc_netlink::veth_name(uid)).await {
         tracing::warn!("pod {uid}: {e}");
