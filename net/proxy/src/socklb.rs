@@ -121,32 +121,30 @@ pub fn program(pods: RawFd, services: RawFd) -> Vec<u64> {
     let mut p: Vec<u64> = Vec::new();
     // Jumps to the end are patched once its index is known.
     let mut to_pass: Vec<usize> = Vec::new();
+    // r0 = the value under the key at r10+key in map `map`, or pass.
+    let lookup = |p: &mut Vec<u64>, to_pass: &mut Vec<usize>, map: RawFd, key: i32| {
+        p.push(ins(LD_DW_IMM, 1, PSEUDO_MAP_FD, 0, map));
+        p.push(0);
+        p.push(ins(MOV64_X, 2, 10, 0, 0));
+        p.push(ins(ADD64_K, 2, 0, 0, key));
+        p.push(ins(CALL, 0, 0, 0, FN_MAP_LOOKUP));
+        to_pass.push(p.len());
+        p.push(ins(JEQ_K, 0, 0, 0, 0));
+    };
     p.push(ins(MOV64_X, 6, 1, 0, 0)); // r6 = ctx
     p.push(ins(LDX_W, 0, 6, CTX_PROTOCOL, 0));
     to_pass.push(p.len());
     p.push(ins(JNE_K, 0, 0, 0, IPPROTO_TCP));
     p.push(ins(CALL, 0, 0, 0, FN_NETNS_COOKIE)); // r1 is still ctx
     p.push(ins(STX_DW, 10, 0, -8, 0));
-    p.push(ins(LD_DW_IMM, 1, PSEUDO_MAP_FD, 0, pods));
-    p.push(0);
-    p.push(ins(MOV64_X, 2, 10, 0, 0));
-    p.push(ins(ADD64_K, 2, 0, 0, -8));
-    p.push(ins(CALL, 0, 0, 0, FN_MAP_LOOKUP));
-    to_pass.push(p.len());
-    p.push(ins(JEQ_K, 0, 0, 0, 0));
+    lookup(&mut p, &mut to_pass, pods, -8);
     // key at r10-16: user_ip4, then user_port as a 32-bit word
     p.push(ins(ST_DW, 10, 0, -16, 0));
     p.push(ins(LDX_W, 1, 6, CTX_USER_IP4, 0));
     p.push(ins(STX_W, 10, 1, -16, 0));
     p.push(ins(LDX_W, 1, 6, CTX_USER_PORT, 0));
     p.push(ins(STX_W, 10, 1, -12, 0));
-    p.push(ins(LD_DW_IMM, 1, PSEUDO_MAP_FD, 0, services));
-    p.push(0);
-    p.push(ins(MOV64_X, 2, 10, 0, 0));
-    p.push(ins(ADD64_K, 2, 0, 0, -16));
-    p.push(ins(CALL, 0, 0, 0, FN_MAP_LOOKUP));
-    to_pass.push(p.len());
-    p.push(ins(JEQ_K, 0, 0, 0, 0));
+    lookup(&mut p, &mut to_pass, services, -16);
     p.push(ins(MOV64_X, 7, 0, 0, 0)); // r7 = value
     p.push(ins(LDX_W, 8, 7, 0, 0)); // r8 = count
     to_pass.push(p.len());

@@ -107,28 +107,7 @@ fn connect_to_a_cluster_ip_goes_to_an_endpoint() {
             }
         });
     }
-    let (key, value) = socklb::entry(&orc_proxy::VirtualServer {
-        key: "t/web/".into(),
-        proto: "tcp",
-        cluster: Some((VIP, 80)),
-        external: vec![],
-        node_port: None,
-        internal_backends: backends
-            .iter()
-            .map(|a| orc_proxy::Backend {
-                ip: match a.ip() {
-                    std::net::IpAddr::V4(ip) => ip,
-                    _ => unreachable!(),
-                },
-                port: a.port(),
-            })
-            .collect(),
-        external_backends: vec![],
-        external_local: false,
-        affinity: None,
-        scheduler: orc_proxy::Scheduler::Random,
-    })
-    .unwrap();
+    let (key, value) = socklb::entry(&web(&backends)).unwrap();
     lb.set(&key, &value).unwrap();
 
     // Not registered yet: the connect is left alone (no route to the VIP).
@@ -161,22 +140,7 @@ fn connect_to_a_cluster_ip_goes_to_an_endpoint() {
     );
 
     // Endpoint removed: only the other one is chosen.
-    let (_, one) = socklb::entry(&orc_proxy::VirtualServer {
-        key: "t/web/".into(),
-        proto: "tcp",
-        cluster: Some((VIP, 80)),
-        external: vec![],
-        node_port: None,
-        internal_backends: vec![orc_proxy::Backend {
-            ip: Ipv4Addr::new(127, 0, 0, 3),
-            port: 8080,
-        }],
-        external_backends: vec![],
-        external_local: false,
-        affinity: None,
-        scheduler: orc_proxy::Scheduler::Random,
-    })
-    .unwrap();
+    let (_, one) = socklb::entry(&web(&backends[1..])).unwrap();
     lb.set(&key, &one).unwrap();
     for r in pod.run(|| connects(10)) {
         assert_eq!(r.unwrap(), backends[1]);
@@ -193,6 +157,31 @@ fn connect_to_a_cluster_ip_goes_to_an_endpoint() {
     assert!(pod.run(|| connects(1))[0].is_ok());
     drop(lb);
     assert!(pod.run(|| connects(1))[0].is_err());
+}
+
+/// The Service at VIP:80 with these endpoints.
+fn web(backends: &[SocketAddr]) -> orc_proxy::VirtualServer {
+    orc_proxy::VirtualServer {
+        key: "t/web/".into(),
+        proto: "tcp",
+        cluster: Some((VIP, 80)),
+        external: vec![],
+        node_port: None,
+        internal_backends: backends
+            .iter()
+            .map(|a| orc_proxy::Backend {
+                ip: match a.ip() {
+                    std::net::IpAddr::V4(ip) => ip,
+                    ip => panic!("{ip} is not IPv4"),
+                },
+                port: a.port(),
+            })
+            .collect(),
+        external_backends: vec![],
+        external_local: false,
+        affinity: None,
+        scheduler: orc_proxy::Scheduler::Random,
+    }
 }
 
 fn nix_is_root() -> bool {
