@@ -11,7 +11,6 @@ use crate::startup::pct;
 use anyhow::{bail, Context, Result};
 use orc_proxy::{Backend, Proxy, Scheduler, VirtualServer};
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -21,6 +20,13 @@ const CLI: &str = "orcb-cli";
 const EPS: [&str; 2] = ["orcb-ep1", "orcb-ep2"];
 const VIP: &str = "198.19.0.1";
 const NODE_PORT: u16 = 30080;
+const DIRECT: &str = "pod IP (from a pod)";
+const CLUSTER_IP: &str = "ClusterIP (from a pod)";
+const CLUSTER_IP_NAT: &str = "ClusterIP, NAT (from a pod)";
+const MIXED: &str = "ClusterIP, 2 endpoints";
+const MIXED_NAT: &str = "ClusterIP, 2 endpoints, NAT";
+const ROUTED: &str = "pod IP (routed, outside)";
+const NODE_PORT_ROW: &str = "NodePort (outside)";
 
 fn run(args: &[&str]) -> Result<()> {
     let s = Command::new(args[0])
@@ -166,6 +172,22 @@ fn web() -> VirtualServer {
     }
 }
 
+/// The Service of backend `i` alone: ClusterIP 198.19.0.2+i, NodePort
+/// 30081+i.
+fn single(i: usize) -> VirtualServer {
+    let mut v = web();
+    v.key = format!("bench/web-{i}/http");
+    v.cluster = Some((Ipv4Addr::new(198, 19, 0, 2 + i as u8), 80));
+    v.node_port = Some(NODE_PORT + 1 + i as u16);
+    v.internal_backends = vec![v.internal_backends[i]];
+    v.external_backends = v.internal_backends.clone();
+    v
+}
+
+fn single_url(i: usize) -> String {
+    format!("http://198.19.0.{}/", 2 + i)
+}
+
 fn dummy(i: usize, gen: usize) -> (String, Vec<VirtualServer>) {
     let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 1, 0)) + i as u32);
     let b = |n: usize| Backend {
@@ -240,23 +262,16 @@ pub(crate) fn parse_ms(s: &str) -> Option<f64> {
     None
 }
 
-/// Two wrk processes at once (one per URL), from namespace `ns`, with one
-/// connection per thread, so that no thread's connections are tied to one
-/// backend more in one row than in another; with `script`, each thread's
-/// address is the script's.
-fn wrk(ns: &str, urls: [&str; 2], conns: usize, secs: u64, script: Option<&Path>) -> Result<Wrk> {
+/// Two wrk processes at once (one per URL), from namespace `ns`.
+fn wrk(ns: &str, urls: [&str; 2], conns: usize, secs: u64) -> Result<Wrk> {
     let children: Vec<Child> = urls
         .iter()
         .map(|u| {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "wrk"])
-                .arg(format!("-t{}", conns / 2))
+            Command::new("ip")
+                .args(["netns", "exec", ns, "wrk", "-t1"])
                 .arg(format!("-c{}", conns / 2))
-                .arg(format!("-d{secs}s"));
-            if let Some(s) = script {
-                c.arg("-s").arg(s);
-            }
-            c.args(["--latency", u])
+                .arg(format!("-d{secs}s"))
+                .args(["--latency", u])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
@@ -330,49 +345,47 @@ pub fn bench(
         orc_proxy::socklb::netns_cookie(std::path::Path::new(&format!("/run/netns/{CLI}")))
             .context("netns cookie")?;
     let mut proxy = Proxy::new(Some("198.18.200.0/24".into())).with_socket_lb(lb);
-    proxy
-        .resync(vec![("bench/web".into(), vec![web()])])
-        .map_err(anyhow::Error::msg)?;
+    let mut services = vec![("bench/web".to_string(), vec![web()])];
+    for i in 0..2 {
+        services.push((format!("bench/web-{i}"), vec![single(i)]));
+    }
+    proxy.resync(services).map_err(anyhow::Error::msg)?;
     ip(Some(OUT), &format!("route add {VIP}/32 via 198.18.201.1"))?;
     println!("# Service throughput: wrk, {conns} connections in 2 processes, {seconds} s per run, {rounds} rounds");
     println!("path                          req/s    p99 ms  errors");
     let direct = ["http://198.18.200.2:8080/", "http://198.18.200.3:8080/"];
-    // Each wrk process's connections (threads) to the two backends in turn:
-    // the client spreads its connections over both, as a Service does.
-    let spread = _lab.dir.path().join("spread.lua");
-    std::fs::write(
-        &spread,
-        "local n = 0\nfunction setup(thread)\n  local ip = (n % 2 == 0) and \"198.18.200.2\" or \"198.18.200.3\"\n  thread.addr = wrk.lookup(ip, \"8080\")[1]\n  n = n + 1\nend\n",
-    )?;
+    // Each wrk process to one backend, directly or through a Service of its
+    // own (one endpoint): the same connections on the same backends, only
+    // the path differs. Then both processes through the one Service of two
+    // endpoints, which mixes each process's connections over both backends.
+    let own = [single_url(0), single_url(1)];
+    let own = [own[0].as_str(), own[1].as_str()];
     let vip = format!("http://{VIP}/");
-    let np = format!("http://198.18.201.1:{NODE_PORT}/");
+    let both = [vip.as_str(), vip.as_str()];
+    let nps = [
+        format!("http://198.18.201.1:{}/", NODE_PORT + 1),
+        format!("http://198.18.201.1:{}/", NODE_PORT + 2),
+    ];
+    let nps = [nps[0].as_str(), nps[1].as_str()];
     let mut sums = std::collections::BTreeMap::<&str, (f64, f64)>::new();
     for _ in 0..rounds {
-        for (name, ns, urls, script) in [
-            ("pod IP (from a pod)", CLI, direct, Some(spread.as_path())),
-            (
-                "ClusterIP (from a pod)",
-                CLI,
-                [vip.as_str(), vip.as_str()],
-                None,
-            ),
-            (
-                "ClusterIP, NAT (from a pod)",
-                CLI,
-                [vip.as_str(), vip.as_str()],
-                None,
-            ),
-            ("pod IP (routed, outside)", OUT, direct, None),
-            ("NodePort (outside)", OUT, [np.as_str(), np.as_str()], None),
+        for (name, ns, urls) in [
+            (DIRECT, CLI, direct),
+            (CLUSTER_IP, CLI, own),
+            (CLUSTER_IP_NAT, CLI, own),
+            (MIXED, CLI, both),
+            (MIXED_NAT, CLI, both),
+            (ROUTED, OUT, direct),
+            (NODE_PORT_ROW, OUT, nps),
         ] {
-            // The NAT row: the client pod without the socket balancer, as
+            // The NAT rows: the client pod without the socket balancer, as
             // every pod is with `orc node --no-socket-lb`.
             if name.contains("NAT") {
                 pods.remove(cookie)?;
             } else {
                 pods.add(cookie)?;
             }
-            let w = wrk(ns, urls, conns, seconds, script)?;
+            let w = wrk(ns, urls, conns, seconds)?;
             println!(
                 "{name:<28} {:>8.0} {:>8.2} {:>7}",
                 w.rps, w.p99_ms, w.errors
@@ -384,10 +397,12 @@ pub fn bench(
     }
     let r = |a: &str, b: &str| sums[a].0 / sums[b].0;
     println!(
-        "ClusterIP/direct {:.3}x req/s (NAT rules alone: {:.3}x); NodePort/direct (routed) {:.3}x req/s (means over rounds)",
-        r("ClusterIP (from a pod)", "pod IP (from a pod)"),
-        r("ClusterIP, NAT (from a pod)", "pod IP (from a pod)"),
-        r("NodePort (outside)", "pod IP (routed, outside)")
+        "ClusterIP/direct {:.3}x req/s (NAT rules alone: {:.3}x); two endpoints/direct {:.3}x (NAT: {:.3}x); NodePort/direct (routed) {:.3}x (means over rounds)",
+        r(CLUSTER_IP, DIRECT),
+        r(CLUSTER_IP_NAT, DIRECT),
+        r(MIXED, DIRECT),
+        r(MIXED_NAT, DIRECT),
+        r(NODE_PORT_ROW, ROUTED)
     );
     pods.add(cookie)?;
 

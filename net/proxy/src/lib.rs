@@ -18,6 +18,7 @@
 //! for sessionAffinity) and each `Backend` a real server, added and removed
 //! through the `ip_vs` generic-netlink family instead of nftables chains,
 //! with the VIPs on a dummy interface and the masquerade rules kept here.
+pub mod libnft;
 pub mod model;
 pub mod rules;
 pub mod socklb;
@@ -73,6 +74,11 @@ pub struct Proxy {
     /// The connect-time balancer and what its map holds, per Service.
     lb: Option<socklb::SockLb>,
     lb_applied: BTreeMap<String, BTreeMap<socklb::Key, Vec<u8>>>,
+    /// The libnftables context transactions go through, opened at the
+    /// first one (in the namespace of the thread that makes it); None
+    /// before, or when libnftables is missing (then `nft -f -` runs).
+    lib: Option<libnft::Nft>,
+    lib_tried: bool,
 }
 
 impl Proxy {
@@ -85,6 +91,23 @@ impl Proxy {
             dirty: true,
             lb: None,
             lb_applied: BTreeMap::new(),
+            lib: None,
+            lib_tried: false,
+        }
+    }
+
+    /// Run one transaction: through libnftables when it is there.
+    fn nft(&mut self, script: &str) -> Result<(), Error> {
+        if !self.lib_tried {
+            self.lib_tried = true;
+            self.lib = libnft::Nft::open();
+            if self.lib.is_none() {
+                tracing::warn!("libnftables.so.1 not found: each change runs nft");
+            }
+        }
+        match &mut self.lib {
+            Some(l) => l.run(script).map_err(Error::Nft),
+            None => nft(script),
         }
     }
 
@@ -206,7 +229,7 @@ impl Proxy {
         if cmds.is_empty() {
             return Ok(0);
         }
-        if let Err(e) = nft(&plan.script()) {
+        if let Err(e) = self.nft(&plan.script()) {
             self.dirty = true;
             tracing::warn!("service rules: {e}; rewriting the table");
             return self.write_all();
@@ -255,7 +278,7 @@ impl Proxy {
             all.extend(r.clone());
         }
         let script = rules::full(&all, self.cluster_cidr.as_deref());
-        nft(&script)?;
+        self.nft(&script)?;
         self.dirty = false;
         Ok(script.lines().count())
     }

@@ -240,3 +240,37 @@ fn proxy_keeps_the_table_valid_when_services_collide() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn libnftables_runs_transactions_and_reports_errors() {
+    assert!(
+        nix_is_root(),
+        "this test makes a network namespace: run it as root"
+    );
+    std::thread::spawn(|| {
+        // A thread's own network namespace, gone when the thread ends.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        let mut nft = orc_proxy::libnft::Nft::open().expect("libnftables.so.1 (apt: libnftables1)");
+        nft.run("add table ip orc-t\nadd set ip orc-t s { type ipv4_addr; }\n")
+            .unwrap();
+        let e = nft
+            .run("add element ip orc-t nosuch { 198.18.0.1 }\n")
+            .unwrap_err();
+        assert!(e.contains("nosuch") || e.contains("No such file"), "{e}");
+        // A failed transaction leaves nothing half done, and the next works.
+        let e = nft
+            .run("add element ip orc-t s { 198.18.0.1 }\nadd element ip orc-t nosuch { 198.18.0.2 }\n")
+            .unwrap_err();
+        assert!(!e.is_empty());
+        nft.run("add element ip orc-t s { 198.18.0.3 }\ndelete element ip orc-t s { 198.18.0.3 }\nadd element ip orc-t s { 198.18.0.4 }\n")
+            .unwrap();
+        let o = Command::new("nft")
+            .args(["list", "set", "ip", "orc-t", "s"])
+            .output()
+            .unwrap();
+        let l = String::from_utf8_lossy(&o.stdout);
+        assert!(l.contains("198.18.0.4") && !l.contains("198.18.0.1"), "{l}");
+    })
+    .join()
+    .unwrap();
+}
