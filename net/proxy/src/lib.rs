@@ -1,11 +1,13 @@
 //! orc-proxy: the Service data path of a node, IPVS-style balancing in
 //! nftables. `model` turns a Service and its EndpointSlices into virtual
 //! servers (pure), `rules` turns virtual servers into nftables objects and
-//! the transactions between two states (pure), and `Proxy` applies them with
-//! one `nft -f -` transaction per batch of changes: incremental per Service,
-//! whole-table at start and on every resync. It owns the table `ip orc-svc`
-//! and nothing else; it must not depend on the API server, the agent or any
-//! network I/O beyond running `nft` and the `bpf(2)` calls of `socklb`.
+//! the transactions between two states (pure), and `Proxy` applies them as
+//! one nftables transaction per batch of changes (through `libnft`, one
+//! libnftables context kept open; `nft -f -` without it): incremental per
+//! Service, whole-table at start and on every resync. It owns the table
+//! `ip orc-svc` and nothing else; it must not depend on the API server, the
+//! agent or any network I/O beyond nftables' netlink and the `bpf(2)` calls
+//! of `socklb`.
 //!
 //! With a [`socklb::SockLb`] (`Proxy::with_socket_lb`), TCP connections
 //! from the node's pods to a ClusterIP are also balanced when the socket
