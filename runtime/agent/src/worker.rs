@@ -143,6 +143,9 @@ struct PodState {
     /// The cookie of the pod's network namespace, once the Service
     /// balancer acts for it.
     lb_cookie: Option<u64>,
+    /// Registering with the balancer was tried (once per sandbox: a failure
+    /// is logged once, and the pod keeps to the nftables rules).
+    lb_tried: bool,
 }
 
 #[derive(Default)]
@@ -326,7 +329,8 @@ async fn sync(s: &Arc<Shared>, p: &Value, st: &mut PodState) -> Result<(), Strin
             .map_err(|e| e.to_string())?;
         let _ = std::fs::write(st.dir.join("net.done"), b"");
     }
-    if let (Some(pods), None) = (&s.lb_pods, st.lb_cookie) {
+    if let (Some(pods), false) = (&s.lb_pods, st.lb_tried) {
+        st.lb_tried = true;
         // ClusterIP connections from this pod are balanced as they connect
         // (also after an agent restart: the balancer starts empty).
         match orc_proxy::socklb::netns_cookie(&netns).and_then(|c| pods.add(c).map(|()| c)) {
@@ -1329,6 +1333,7 @@ async fn teardown_sandbox(
     if let (Some(pods), Some(c)) = (&s.lb_pods, st.lb_cookie.take()) {
         let _ = pods.remove(c);
     }
+    st.lb_tried = false;
     if let Err(e) = orc_netlink::detach(&s.host, &orc_netlink::veth_name(uid)).await {
         tracing::warn!("pod {uid}: {e}");
     }
