@@ -4,7 +4,9 @@
 //! socket connects to, from the ClusterIP and port to one ready endpoint,
 //! before any packet exists. The connection then runs exactly as one made
 //! to the pod IP: no DNAT, no per-packet conntrack rewrite, no detour
-//! through the node's IP stack. The nftables table stays the data path for
+//! through the node's IP stack. It remembers the ClusterIP and port each
+//! socket asked for, and a second program, on `getpeername4`, reports them
+//! as the socket's peer, as NAT would. The nftables table stays the data path for
 //! everything else (NodePort, external and LoadBalancer addresses, UDP,
 //! sessionAffinity, the round-robin scheduler, processes outside pods) and
 //! for a pod whose connect the program passes over.
@@ -15,8 +17,8 @@
 //! link, program and maps belong to the agent process: when it exits they go
 //! with it, and its pods fall back to the nftables rules, which stay.
 //!
-//! [`entry`] (which Services it serves, the map's bytes) and [`program`]
-//! (the instructions) are pure; the rest is the `bpf(2)` calls, made
+//! [`entry`] (which Services it serves, the map's bytes), [`program`] and
+//! [`peer_program`] (the instructions) are pure; the rest is the `bpf(2)` calls, made
 //! directly (a few dozen instructions do not call for a BPF toolchain).
 use crate::model::{Scheduler, VirtualServer};
 use std::io;
@@ -90,7 +92,9 @@ const EXIT: u8 = 0x95;
 const LD_DW_IMM: u8 = 0x18;
 const PSEUDO_MAP_FD: u8 = 1;
 const FN_MAP_LOOKUP: i32 = 1;
+const FN_MAP_UPDATE: i32 = 2;
 const FN_PRANDOM: i32 = 7;
+const FN_SOCKET_COOKIE: i32 = 46;
 const FN_NETNS_COOKIE: i32 = 122;
 // struct bpf_sock_addr
 const CTX_USER_IP4: i16 = 4;
@@ -106,17 +110,18 @@ fn ins(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
         | ((imm as u32 as u64) << 32)
 }
 
-/// The `connect4` program, with the two maps' file descriptors:
+/// The `connect4` program, with the three maps' file descriptors:
 ///
 /// ```text
 /// if protocol != TCP                          -> pass
 /// if netns cookie not in pods                 -> pass
 /// v = services[user_ip4, user_port] or        -> pass
 /// i = random % v.count
+/// peers[socket cookie] = user_ip4, user_port  (for getpeername)
 /// user_ip4, user_port = v.backends[i]
 /// pass (1: the connect goes on, to wherever the context now says)
 /// ```
-pub fn program(pods: RawFd, services: RawFd) -> Vec<u64> {
+pub fn program(pods: RawFd, services: RawFd, peers: RawFd) -> Vec<u64> {
     let pass = |at: usize, here: usize| (at as i64 - here as i64 - 1) as i16;
     let mut p: Vec<u64> = Vec::new();
     // Jumps to the end are patched once its index is known.
@@ -155,6 +160,18 @@ pub fn program(pods: RawFd, services: RawFd) -> Vec<u64> {
     p.push(ins(JGE_K, 0, 0, 0, MAX_BACKENDS as i32));
     p.push(ins(LSH64_K, 0, 0, 0, 3));
     p.push(ins(ADD64_X, 7, 0, 0, 0));
+    // peers[cookie] = the key (the ClusterIP and port asked for)
+    p.push(ins(MOV64_X, 1, 6, 0, 0));
+    p.push(ins(CALL, 0, 0, 0, FN_SOCKET_COOKIE));
+    p.push(ins(STX_DW, 10, 0, -24, 0));
+    p.push(ins(LD_DW_IMM, 1, PSEUDO_MAP_FD, 0, peers));
+    p.push(0);
+    p.push(ins(MOV64_X, 2, 10, 0, 0));
+    p.push(ins(ADD64_K, 2, 0, 0, -24));
+    p.push(ins(MOV64_X, 3, 10, 0, 0));
+    p.push(ins(ADD64_K, 3, 0, 0, -16));
+    p.push(ins(MOV64_K, 4, 0, 0, 0));
+    p.push(ins(CALL, 0, 0, 0, FN_MAP_UPDATE));
     p.push(ins(LDX_W, 1, 7, 8, 0));
     p.push(ins(STX_W, 6, 1, CTX_USER_IP4, 0));
     p.push(ins(LDX_W, 1, 7, 12, 0));
@@ -167,6 +184,34 @@ pub fn program(pods: RawFd, services: RawFd) -> Vec<u64> {
         p[at] = (p[at] & !(0xffff << 16)) | (off << 16);
     }
     p
+}
+
+/// The `getpeername4` program: a socket the connect program sent to an
+/// endpoint shows the ClusterIP and port it asked for as its peer, as it
+/// would through the NAT rules.
+///
+/// ```text
+/// if peers[socket cookie] is (ip, port): user_ip4, user_port = ip, port
+/// 1
+/// ```
+pub fn peer_program(peers: RawFd) -> Vec<u64> {
+    vec![
+        ins(MOV64_X, 6, 1, 0, 0),
+        ins(CALL, 0, 0, 0, FN_SOCKET_COOKIE),
+        ins(STX_DW, 10, 0, -8, 0),
+        ins(LD_DW_IMM, 1, PSEUDO_MAP_FD, 0, peers),
+        0,
+        ins(MOV64_X, 2, 10, 0, 0),
+        ins(ADD64_K, 2, 0, 0, -8),
+        ins(CALL, 0, 0, 0, FN_MAP_LOOKUP),
+        ins(JEQ_K, 0, 0, 4, 0),
+        ins(LDX_W, 1, 0, 0, 0),
+        ins(STX_W, 6, 1, CTX_USER_IP4, 0),
+        ins(LDX_W, 1, 0, 4, 0),
+        ins(STX_W, 6, 1, CTX_USER_PORT, 0),
+        ins(MOV64_K, 0, 0, 0, 1),
+        ins(EXIT, 0, 0, 0, 0),
+    ]
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,9 +235,14 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const MAP_HASH: u32 = 1;
+const MAP_LRU_HASH: u32 = 9;
 const F_NO_PREALLOC: u32 = 1;
 const PROG_CGROUP_SOCK_ADDR: u32 = 18;
 const ATTACH_INET4_CONNECT: u32 = 10;
+const ATTACH_INET4_GETPEERNAME: u32 = 29;
+/// Sockets whose ClusterIP is remembered for getpeername (least recently
+/// used ones make room).
+const MAX_PEERS: u32 = 65_536;
 
 /// `union bpf_attr`, as bytes: what each command reads is at the front and
 /// the kernel wants the rest zero.
@@ -241,12 +291,23 @@ fn fd(r: i64) -> OwnedFd {
 }
 
 fn map_create(name: &str, key: u32, value: u32, max: u32) -> Result<OwnedFd, Error> {
+    map_create_of(MAP_HASH, F_NO_PREALLOC, name, key, value, max)
+}
+
+fn map_create_of(
+    kind: u32,
+    flags: u32,
+    name: &str,
+    key: u32,
+    value: u32,
+    max: u32,
+) -> Result<OwnedFd, Error> {
     let mut a = Attr::new()
-        .u32(0, MAP_HASH)
+        .u32(0, kind)
         .u32(4, key)
         .u32(8, value)
         .u32(12, max)
-        .u32(16, F_NO_PREALLOC)
+        .u32(16, flags)
         .name(28, name);
     bpf(BPF_MAP_CREATE, &mut a)
         .map(fd)
@@ -315,8 +376,63 @@ impl PodSet {
 pub struct SockLb {
     pods: PodSet,
     services: OwnedFd,
-    _prog: OwnedFd,
-    _link: OwnedFd,
+    /// The programs, their links and the peers map.
+    _held: [OwnedFd; 5],
+}
+
+/// Load a `cgroup/sock_addr` program for the hook `attach`.
+fn load(insns: &[u64], name: &str, attach: u32) -> Result<OwnedFd, Error> {
+    let license = c"Apache-2.0";
+    let mut log = vec![0u8; 64 * 1024];
+    let mut try_load = |log_level: u32| {
+        let mut a = Attr::new()
+            .u32(0, PROG_CGROUP_SOCK_ADDR)
+            .u32(4, insns.len() as u32)
+            .u64(8, insns.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .u32(24, log_level)
+            .u32(28, if log_level > 0 { log.len() as u32 } else { 0 })
+            .u64(
+                32,
+                if log_level > 0 {
+                    log.as_mut_ptr() as u64
+                } else {
+                    0
+                },
+            )
+            .name(48, name)
+            .u32(68, attach);
+        bpf(BPF_PROG_LOAD, &mut a)
+    };
+    match try_load(0) {
+        Ok(r) => Ok(fd(r)),
+        Err(_) => {
+            // Again, with the verifier's log to say why.
+            let source = try_load(1)
+                .err()
+                .unwrap_or_else(|| io::Error::other("rejected once, accepted on the second try"));
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            Err(Error::Verifier {
+                source,
+                log: String::from_utf8_lossy(&log[..end]).into_owned(),
+            })
+        }
+    }
+}
+
+/// Attach `prog` to the cgroup `cg` for the hook `attach`, for as long as
+/// the returned link is open.
+fn link(prog: &OwnedFd, cg: &std::fs::File, attach: u32) -> Result<OwnedFd, Error> {
+    let mut a = Attr::new()
+        .u32(0, prog.as_raw_fd() as u32)
+        .u32(4, cg.as_raw_fd() as u32)
+        .u32(8, attach);
+    bpf(BPF_LINK_CREATE, &mut a)
+        .map(fd)
+        .map_err(|source| Error::Bpf {
+            what: "link create",
+            source,
+        })
 }
 
 impl SockLb {
@@ -329,61 +445,33 @@ impl SockLb {
             VALUE_SIZE as u32,
             MAX_SERVICES,
         )?;
-        let insns = program(pods.as_raw_fd(), services.as_raw_fd());
-        let license = c"Apache-2.0";
-        let mut log = vec![0u8; 64 * 1024];
-        let load = |log_level: u32, log: &mut Vec<u8>| {
-            let mut a = Attr::new()
-                .u32(0, PROG_CGROUP_SOCK_ADDR)
-                .u32(4, insns.len() as u32)
-                .u64(8, insns.as_ptr() as u64)
-                .u64(16, license.as_ptr() as u64)
-                .u32(24, log_level)
-                .u32(28, if log_level > 0 { log.len() as u32 } else { 0 })
-                .u64(
-                    32,
-                    if log_level > 0 {
-                        log.as_mut_ptr() as u64
-                    } else {
-                        0
-                    },
-                )
-                .name(48, "orc_connect4")
-                .u32(68, ATTACH_INET4_CONNECT);
-            bpf(BPF_PROG_LOAD, &mut a)
-        };
-        let prog = match load(0, &mut log) {
-            Ok(r) => fd(r),
-            Err(_) => {
-                // Again, with the verifier's log to say why.
-                let source = load(1, &mut log).err().unwrap_or_else(|| {
-                    io::Error::other("rejected once, accepted on the second try")
-                });
-                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                return Err(Error::Verifier {
-                    source,
-                    log: String::from_utf8_lossy(&log[..end]).into_owned(),
-                });
-            }
-        };
+        let peers = map_create_of(
+            MAP_LRU_HASH,
+            0,
+            "orc_lb_peers",
+            8,
+            KEY_SIZE as u32,
+            MAX_PEERS,
+        )?;
         let root = cgroup2_root()?;
         let cg =
             std::fs::File::open(&root).map_err(|e| Error::Io(root.display().to_string(), e))?;
-        let mut a = Attr::new()
-            .u32(0, prog.as_raw_fd() as u32)
-            .u32(4, cg.as_raw_fd() as u32)
-            .u32(8, ATTACH_INET4_CONNECT);
-        let link = bpf(BPF_LINK_CREATE, &mut a)
-            .map(fd)
-            .map_err(|source| Error::Bpf {
-                what: "link create",
-                source,
-            })?;
+        let connect = load(
+            &program(pods.as_raw_fd(), services.as_raw_fd(), peers.as_raw_fd()),
+            "orc_connect4",
+            ATTACH_INET4_CONNECT,
+        )?;
+        let connect_link = link(&connect, &cg, ATTACH_INET4_CONNECT)?;
+        let peer = load(
+            &peer_program(peers.as_raw_fd()),
+            "orc_peername4",
+            ATTACH_INET4_GETPEERNAME,
+        )?;
+        let peer_link = link(&peer, &cg, ATTACH_INET4_GETPEERNAME)?;
         Ok(SockLb {
             pods: PodSet(Arc::new(pods)),
             services,
-            _prog: prog,
-            _link: link,
+            _held: [connect, connect_link, peer, peer_link, peers],
         })
     }
 
@@ -511,7 +599,7 @@ mod tests {
 
     #[test]
     fn jumps_land_on_the_exit() {
-        let p = program(3, 4);
+        let p = program(3, 4, 5);
         let end = p.len() - 2;
         assert_eq!(p[end], ins(MOV64_K, 0, 0, 0, 1));
         let mut jumps = 0;
@@ -530,6 +618,12 @@ mod tests {
             .filter(|&&x| (x & 0xff) as u8 == LD_DW_IMM)
             .map(|&x| (x >> 32) as i32)
             .collect();
-        assert_eq!(fds, vec![3, 4]);
+        assert_eq!(fds, vec![3, 4, 5]);
+        // The getpeername program's one jump skips the rewrite to its exit.
+        let q = peer_program(5);
+        let at = q.iter().position(|&x| (x & 0xff) as u8 == JEQ_K).unwrap();
+        let off = ((q[at] >> 16) & 0xffff) as u16 as i16;
+        assert_eq!(at as i64 + 1 + off as i64, q.len() as i64 - 2);
+        assert_eq!(q[q.len() - 2], ins(MOV64_K, 0, 0, 0, 1));
     }
 }
