@@ -333,7 +333,15 @@ async fn sync(s: &Arc<Shared>, p: &Value, st: &mut PodState) -> Result<(), Strin
         st.lb_tried = true;
         // ClusterIP connections from this pod are balanced as they connect
         // (also after an agent restart: the balancer starts empty).
-        match orc_proxy::socklb::netns_cookie(&netns).and_then(|c| pods.add(c).map(|()| c)) {
+        // Entering the namespace takes a thread of its own: off the async workers.
+        let (ns, pods) = (netns.clone(), pods.clone());
+        let added = tokio::task::spawn_blocking(move || {
+            orc_proxy::socklb::netns_cookie(&ns).and_then(|c| pods.add(c).map(|()| c))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        match added {
             Ok(c) => st.lb_cookie = Some(c),
             Err(e) => tracing::warn!(
                 "pod {}/{}: socket balancer: {e}; its Service traffic takes the nftables rules",
