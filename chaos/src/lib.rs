@@ -31,12 +31,25 @@ pub fn orc_bin() -> PathBuf {
 }
 
 /// A free loopback port (bound and released).
+/// A port nothing listens on, for a server a test starts. It comes from
+/// below Linux's ephemeral range (32768-60999), where a port the kernel
+/// handed out with `bind(:0)` could be taken, before the server binds it,
+/// as the local port of some other test's outgoing connection (a master
+/// once failed with "Address already in use" that way). Ports are not
+/// handed out twice in one test process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use rand::Rng;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(20_000..32_000);
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999");
 }
 
 pub struct CliOutput {
