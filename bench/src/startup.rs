@@ -157,6 +157,7 @@ impl RuntimeBench {
         let rb = self.dir.path().join("runc").join(id);
         std::fs::create_dir_all(&rb)?;
         let mut spec = orc_container::spec::oci_spec(cfg);
+        orc_container::spec::inline_seccomp(&mut spec);
         spec["root"]["path"] = json!(self.rootfs);
         std::fs::write(rb.join("config.json"), serde_json::to_vec(&spec)?)?;
         Ok(rb)

@@ -620,6 +620,34 @@ spec:
         out.contains("mount-refused"),
         "root without CAP_SYS_ADMIN cannot mount: {out}"
     );
+    // The default seccomp profile, on its own: CAP_SYS_ADMIN is granted,
+    // mount and unshare are still refused (EPERM from the filter).
+    c.apply(
+        &single_pod(
+            "filtered",
+            "node-2",
+            "Never",
+            "",
+            "  - {name: c, image: busybox:1.35, securityContext: {capabilities: {add: [SYS_ADMIN]}}, command: [sh, -c, 'grep -E \"CapEff|Seccomp:\" /proc/self/status; mkdir -p /tmp/m; mount -t tmpfs none /tmp/m && echo MOUNTED || echo mount-refused; unshare -n true && echo UNSHARED || echo unshare-refused']}\n",
+        ),
+    );
+    let p = wait_phase(&c, "filtered", "Succeeded", &lab);
+    let out = log_of(&lab, &p, "c");
+    let cap = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|s| u64::from_str_radix(s.trim(), 16).unwrap())
+        .expect("CapEff");
+    assert_ne!(cap & (1 << 21), 0, "CAP_SYS_ADMIN was asked for: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2')),
+        "a seccomp filter is installed: {out}"
+    );
+    assert!(
+        out.contains("mount-refused") && out.contains("unshare-refused"),
+        "the default profile refuses mount and unshare: {out}"
+    );
 
     // e. kill -9 of the agent: containers keep running; the restarted agent
     // adopts them with restartCount unchanged.
@@ -758,6 +786,7 @@ spec:
         "cm",
         "sec",
         "root",
+        "filtered",
         "zygote1",
         "zygote2",
     ] {

@@ -8,6 +8,7 @@
 //! the init's pid and, once it ended, `exit.json`, and a directory per
 //! container for its writable layer. It knows nothing of pods, images or the
 //! API, and must not depend on them.
+pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod zygote;

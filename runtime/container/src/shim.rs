@@ -223,6 +223,7 @@ fn start(a: &ShimArgs) -> Result<Started> {
     let devnull = File::open("/dev/null").map_err(|e| crate::Error::Io("/dev/null".into(), e))?;
     let mut c = ContainerBuilder::new(a.id.clone(), SyscallType::default())
         .with_root_path(&a.state_root)?
+        .with_executor(crate::seccomp::OrcExecutor)
         .with_stdin(OwnedFd::from(devnull))
         .with_stdout(out_w)
         .with_stderr(err_w)
@@ -313,8 +314,9 @@ pub fn exec(state_root: &Path, id: &str, args: Vec<String>, tty: bool) -> i32 {
 }
 
 fn exec_inner(state_root: &Path, id: &str, args: Vec<String>, tty: bool) -> Result<i32> {
-    let mut b =
-        ContainerBuilder::new(id.to_string(), SyscallType::default()).with_root_path(state_root)?;
+    let mut b = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(state_root)?
+        .with_executor(crate::seccomp::OrcExecutor);
     // A container made with NetNs::Shim shares its shim's network
     // namespace, which its spec does not name, so youki's tenant would not
     // join it: join the init's here, and the command inherits it.

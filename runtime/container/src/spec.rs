@@ -121,6 +121,27 @@ pub const ALL_CAPS: &[&str] = &[
     "CAP_CHECKPOINT_RESTORE",
 ];
 
+/// The default seccomp profile as OCI's `linux.seccomp`: [`DENIED_SYSCALLS`]
+/// refused with EPERM, on the three x86 architectures.
+pub fn default_seccomp() -> serde_json::Value {
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [{"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+    })
+}
+
+/// A spec of [`oci_spec`] for another OCI runtime (runc): the profile that
+/// orc's executor installs is written out as `linux.seccomp`.
+pub fn inline_seccomp(spec: &mut serde_json::Value) {
+    let named = spec["annotations"]
+        .as_object_mut()
+        .and_then(|a| a.remove(crate::seccomp::ANNOTATION));
+    if named.is_some() {
+        spec["linux"]["seccomp"] = default_seccomp();
+    }
+}
+
 /// System calls the default seccomp profile refuses with EPERM: kernel
 /// modules, mounts, kexec, reboot, namespaces, keyrings, clocks, BPF and the
 /// other calls Docker's default profile keeps from unprivileged containers.
@@ -276,11 +297,18 @@ pub fn oci_spec(c: &ContainerConfig) -> Value {
             "/proc/sys",
             "/proc/sysrq-trigger"
         ]);
-        linux["seccomp"] = json!({
-            "defaultAction": "SCMP_ACT_ALLOW",
-            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-            "syscalls": [{"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
-        });
+    }
+    let no_new_privileges = !c.allow_privilege_escalation && !c.privileged;
+    let mut annotations = json!({});
+    if !c.privileged {
+        if no_new_privileges {
+            // Installed by orc's executor from a program compiled once per
+            // node (see crate::seccomp); `inline_seccomp` spells it out.
+            annotations[crate::seccomp::ANNOTATION] = json!(crate::seccomp::DEFAULT_PROFILE);
+        } else {
+            // Loaded by libcontainer while the process may still do so.
+            linux["seccomp"] = default_seccomp();
+        }
     }
     json!({
         "ociVersion": "1.0.2",
@@ -291,12 +319,13 @@ pub fn oci_spec(c: &ContainerConfig) -> Value {
             "env": c.env,
             "cwd": if c.cwd.is_empty() { "/" } else { &c.cwd },
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "noNewPrivileges": !c.allow_privilege_escalation && !c.privileged,
+            "noNewPrivileges": no_new_privileges,
         },
         "root": {"path": "rootfs", "readonly": c.readonly_rootfs},
         "hostname": c.hostname,
         "mounts": mounts,
         "linux": linux,
+        "annotations": annotations,
     })
 }
 
@@ -331,8 +360,28 @@ mod tests {
         assert!(!caps.contains(&"CAP_SYS_ADMIN"));
         assert!(!caps.contains(&"CAP_SYS_MODULE"));
         assert_eq!(v["process"]["noNewPrivileges"], true);
-        assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
-        assert!(v["linux"]["seccomp"]["syscalls"][0]["names"]
+        // The default profile, named for orc's executor; spelled out for runc.
+        assert_eq!(v["annotations"][crate::seccomp::ANNOTATION], "default");
+        assert!(v["linux"]["seccomp"].is_null());
+        let mut runc = v.clone();
+        inline_seccomp(&mut runc);
+        parse(&runc);
+        assert!(runc["annotations"][crate::seccomp::ANNOTATION].is_null());
+        assert_eq!(runc["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+        assert!(runc["linux"]["seccomp"]["syscalls"][0]["names"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("mount")));
+        // Without no_new_privs the filter must be loaded while the process
+        // still may: by libcontainer, from the spec.
+        let esc = oci_spec(&ContainerConfig {
+            allow_privilege_escalation: true,
+            ..c.clone()
+        });
+        parse(&esc);
+        assert_eq!(esc["process"]["noNewPrivileges"], false);
+        assert!(esc["annotations"][crate::seccomp::ANNOTATION].is_null());
+        assert!(esc["linux"]["seccomp"]["syscalls"][0]["names"]
             .as_array()
             .unwrap()
             .contains(&json!("mount")));
@@ -371,6 +420,7 @@ mod tests {
         let v = oci_spec(&p);
         parse(&v);
         assert!(v["linux"]["seccomp"].is_null());
+        assert!(v["annotations"][crate::seccomp::ANNOTATION].is_null());
         assert_eq!(v["process"]["noNewPrivileges"], false);
     }
 

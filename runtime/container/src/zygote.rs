@@ -120,6 +120,9 @@ pub fn run() -> i32 {
     // read, and each container's intermediate process would otherwise read the
     // mount table a dozen times, under a lock every mount on the machine takes.
     let _ = libcgroups::v1::util::list_subsystem_mount_points();
+    // The default seccomp profile, compiled once for every container of
+    // this runtime (an error is reported by the container that needs it).
+    let _ = crate::seccomp::default_program();
     let sock: RawFd = 0;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
