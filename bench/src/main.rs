@@ -127,6 +127,8 @@ enum Cmd {
     /// (`orc up --nodes 1`), and create/start/delete of a busybox container
     /// through orc's libcontainer path against runc. Needs root.
     Startup {
+        /// Pods of the end-to-end part and containers of the runtime
+        /// burst (0: the runtime path alone).
         #[arg(long, default_value_t = 100)]
         pods: usize,
         /// Pods created at once.

@@ -89,8 +89,14 @@ pub async fn run(
     if runs > 0 {
         runtime_path(&bin, &runc, runs)?;
         println!();
-        runtime_burst(&bin, &runc, pods, concurrency)?;
-        println!();
+        if pods > 0 {
+            runtime_burst(&bin, &runc, pods, concurrency)?;
+            println!();
+        }
+    }
+    if pods == 0 {
+        // `--pods 0`: the runtime path alone.
+        return Ok(());
     }
     // Interrupted (Ctrl-C, or `timeout`'s SIGTERM): the end-to-end future is
     // dropped, and with it the cluster it started (`orc down --purge`).
