@@ -60,6 +60,14 @@ fn zygotes_of(parent: u32) -> Vec<i32> {
 }
 
 /// Whether process `pid` has ended (gone, or a zombie not yet reaped).
+/// The effective capabilities a container printed (`grep CapEff /proc/self/status`).
+fn cap_eff(out: &str) -> u64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|s| u64::from_str_radix(s.trim(), 16).unwrap())
+        .unwrap_or_else(|| panic!("no CapEff line in {out}"))
+}
+
 fn gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/status")) {
         Err(_) => true,
@@ -598,11 +606,7 @@ spec:
         procs <= 5,
         "the container sees only its own processes: {out}"
     );
-    let cap = out
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .map(|s| u64::from_str_radix(s.trim(), 16).unwrap())
-        .expect("CapEff");
+    let cap = cap_eff(&out);
     assert_eq!(cap & (1 << 21), 0, "no CAP_SYS_ADMIN");
     assert_eq!(cap & (1 << 16), 0, "no CAP_SYS_MODULE");
     c.apply(
@@ -633,11 +637,7 @@ spec:
     );
     let p = wait_phase(&c, "filtered", "Succeeded", &lab);
     let out = log_of(&lab, &p, "c");
-    let cap = out
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .map(|s| u64::from_str_radix(s.trim(), 16).unwrap())
-        .expect("CapEff");
+    let cap = cap_eff(&out);
     assert_ne!(cap & (1 << 21), 0, "CAP_SYS_ADMIN was asked for: {out}");
     assert!(
         out.lines()
