@@ -27,10 +27,6 @@ pub const ANNOTATION: &str = "run.orc.seccomp";
 /// The one value [`ANNOTATION`] takes.
 pub const DEFAULT_PROFILE: &str = "default";
 
-/// Architectures the profile covers, as in Docker's default profile: 32-bit
-/// programs (x86, x32) get the same rules as 64-bit ones.
-const ARCHES: [ScmpArch; 3] = [ScmpArch::X8664, ScmpArch::X86, ScmpArch::X32];
-
 /// The compiled default profile: `struct sock_filter` instructions, 8 bytes
 /// each, as the kernel takes them. Compiled on first use and kept.
 pub fn default_program() -> Result<&'static [u8]> {
@@ -41,13 +37,15 @@ pub fn default_program() -> Result<&'static [u8]> {
         .map_err(|e| Error::Spec(format!("default seccomp profile: {e}")))
 }
 
-/// `denied` refused with EPERM on every architecture of [`ARCHES`],
-/// everything else allowed; names the kernel's tables do not know are
-/// skipped, as libcontainer does.
+/// `denied` refused with EPERM on every architecture of
+/// [`crate::spec::SECCOMP_ARCHES`] (the ones `linux.seccomp` lists for other
+/// runtimes), everything else allowed; names the kernel's tables do not
+/// know are skipped, as libcontainer does.
 fn compile(denied: &[&str]) -> std::result::Result<Vec<u8>, String> {
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(|e| e.to_string())?;
-    for arch in ARCHES {
-        ctx.add_arch(arch).map_err(|e| format!("{arch:?}: {e}"))?;
+    for name in crate::spec::SECCOMP_ARCHES {
+        let arch: ScmpArch = name.parse().map_err(|e| format!("{name}: {e}"))?;
+        ctx.add_arch(arch).map_err(|e| format!("{name}: {e}"))?;
     }
     // The caller sets no_new_privs (libcontainer does, from the spec).
     ctx.set_ctl_nnp(false).map_err(|e| e.to_string())?;
@@ -109,30 +107,30 @@ pub fn install(prog: &[u8]) -> Result<()> {
 #[derive(Clone, Default)]
 pub struct OrcExecutor;
 
+/// Whether the spec asks for the default profile; an error names any other
+/// value of [`ANNOTATION`].
+fn wants_default(spec: &Spec) -> std::result::Result<bool, String> {
+    match spec.annotations().as_ref().and_then(|a| a.get(ANNOTATION)) {
+        None => Ok(false),
+        Some(p) if p == DEFAULT_PROFILE => Ok(true),
+        Some(p) => Err(format!(
+            "annotation {ANNOTATION}: unknown seccomp profile {p:?}"
+        )),
+    }
+}
+
 impl Executor for OrcExecutor {
     fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
-        let profile = spec.annotations().as_ref().and_then(|a| a.get(ANNOTATION));
-        match profile.map(String::as_str) {
-            None => {}
-            Some(DEFAULT_PROFILE) => default_program()
+        if wants_default(spec).map_err(ExecutorError::Other)? {
+            default_program()
                 .and_then(install)
-                .map_err(|e| ExecutorError::Other(e.to_string()))?,
-            Some(other) => {
-                return Err(ExecutorError::Other(format!(
-                    "annotation {ANNOTATION}: unknown seccomp profile {other:?}"
-                )))
-            }
+                .map_err(|e| ExecutorError::Other(e.to_string()))?;
         }
         DefaultExecutor {}.exec(spec)
     }
 
     fn validate(&self, spec: &Spec) -> std::result::Result<(), ExecutorValidationError> {
-        let profile = spec.annotations().as_ref().and_then(|a| a.get(ANNOTATION));
-        if let Some(p) = profile.filter(|p| p.as_str() != DEFAULT_PROFILE) {
-            return Err(ExecutorValidationError::ArgValidationError(format!(
-                "annotation {ANNOTATION}: unknown seccomp profile {p:?}"
-            )));
-        }
+        wants_default(spec).map_err(ExecutorValidationError::ArgValidationError)?;
         DefaultExecutor {}.validate(spec)
     }
 }

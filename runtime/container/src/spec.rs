@@ -121,12 +121,17 @@ pub const ALL_CAPS: &[&str] = &[
     "CAP_CHECKPOINT_RESTORE",
 ];
 
+/// Architectures the default seccomp profile covers, as in Docker's default
+/// profile: 32-bit programs (x86, x32) get the same rules as 64-bit ones.
+pub const SECCOMP_ARCHES: &[&str] = &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"];
+
 /// The default seccomp profile as OCI's `linux.seccomp`: [`DENIED_SYSCALLS`]
-/// refused with EPERM, on the three x86 architectures.
+/// refused with EPERM (errno 1), on [`SECCOMP_ARCHES`]. orc's own containers
+/// get the same profile compiled once (`crate::seccomp`).
 pub fn default_seccomp() -> serde_json::Value {
     json!({
         "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "architectures": SECCOMP_ARCHES,
         "syscalls": [{"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
     })
 }
