@@ -15,9 +15,8 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::wait::{waitpid, WaitStatus};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 /// What a shim is asked to run (sent to the zygote as JSON).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -47,36 +46,106 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
 
-/// Copy one stream into the log, a line at a time.
-fn pump(mut from: File, stream: &'static str, log: Arc<Mutex<File>>) {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut pending: Vec<u8> = vec![];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        pending.extend_from_slice(&buf[..n]);
+/// The longest piece of a line kept back waiting for its end; a longer
+/// line is written as partial pieces of this size.
+const LINE_MAX: usize = 16 * 1024;
+
+/// One output stream of the container on its way into the log: its name
+/// and what it has sent of a line not yet ended.
+struct Lines {
+    name: &'static str,
+    pending: Vec<u8>,
+}
+
+impl Lines {
+    /// The CRI lines for `data`, read from this stream at `time`.
+    fn lines(&mut self, time: &str, data: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(data);
         let mut out = vec![];
-        let t = now();
-        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
-            out.extend(cri_line(&t, stream, false, &pending[..i]));
-            pending.drain(..=i);
+        while let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
+            out.extend(cri_line(time, self.name, false, &self.pending[..i]));
+            self.pending.drain(..=i);
         }
-        // A long line without an end is written as partial pieces.
-        if pending.len() >= 16 * 1024 {
-            out.extend(cri_line(&t, stream, true, &pending));
-            pending.clear();
+        if self.pending.len() >= LINE_MAX {
+            out.extend(cri_line(time, self.name, true, &self.pending));
+            self.pending.clear();
         }
-        if !out.is_empty() {
-            let _ = log.lock().unwrap().write_all(&out);
-        }
+        out
     }
-    if !pending.is_empty() {
-        let _ = log
-            .lock()
-            .unwrap()
-            .write_all(&cri_line(&now(), stream, false, &pending));
+
+    /// The stream ended: the rest of its last line.
+    fn rest(&mut self) -> Vec<u8> {
+        if self.pending.is_empty() {
+            return vec![];
+        }
+        let out = cri_line(&now(), self.name, false, &self.pending);
+        self.pending.clear();
+        out
+    }
+}
+
+/// Copy the container's standard output and error into the log, a line at
+/// a time, until both have ended: when the container's pid namespace is
+/// gone (or, sharing the host's, when the last process holding them ends).
+/// One thread, polling both: a thread per stream cost every container start
+/// two thread creations and an allocator arena each.
+fn copy_output(streams: [File; 2], log: &mut dyn Write) {
+    let mut open: Vec<(File, Lines)> = streams
+        .into_iter()
+        .zip(["stdout", "stderr"])
+        .map(|(from, name)| {
+            (
+                from,
+                Lines {
+                    name,
+                    pending: vec![],
+                },
+            )
+        })
+        .collect();
+    let mut buf = vec![0u8; LINE_MAX];
+    while !open.is_empty() {
+        let mut fds: Vec<libc::pollfd> = open
+            .iter()
+            .map(|(from, _)| libc::pollfd {
+                fd: from.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: fds is a valid array of fds.len() pollfd structures.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        let mut ended = vec![];
+        for (i, fd) in fds.iter().enumerate() {
+            if fd.revents == 0 {
+                continue;
+            }
+            let (from, s) = &mut open[i];
+            let out = match from.read(&mut buf) {
+                Ok(0) => {
+                    ended.push(i);
+                    s.rest()
+                }
+                Ok(n) => s.lines(&now(), &buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    ended.push(i);
+                    s.rest()
+                }
+            };
+            if !out.is_empty() {
+                let _ = log.write_all(&out);
+            }
+        }
+        for i in ended.into_iter().rev() {
+            open.remove(i);
+        }
     }
 }
 
@@ -204,17 +273,30 @@ fn prepare(bundle: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The spec's `linux.cgroupsPath` ("" when it has none), read without
+/// building the rest of the document: libcontainer parses it anyway.
+fn cgroups_path(config: &[u8]) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Spec {
+        #[serde(default)]
+        linux: Option<Linux>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Linux {
+        #[serde(rename = "cgroupsPath", default)]
+        cgroups_path: Option<String>,
+    }
+    let spec: Spec =
+        serde_json::from_slice(config).map_err(|e| crate::Error::Spec(e.to_string()))?;
+    Ok(spec.linux.and_then(|l| l.cgroups_path).unwrap_or_default())
+}
+
 fn start(a: &ShimArgs) -> Result<Started> {
     prepare(&a.bundle)?;
-    let spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(a.bundle.join("config.json")).map_err(|e| {
+    let cgroup =
+        cgroups_path(&std::fs::read(a.bundle.join("config.json")).map_err(|e| {
             crate::Error::Io(format!("read {}/config.json", a.bundle.display()), e)
-        })?)
-        .map_err(|e| crate::Error::Spec(e.to_string()))?;
-    let cgroup = spec["linux"]["cgroupsPath"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+        })?)?;
     if let Some(dir) = a.log.parent() {
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::Io("log dir".into(), e))?;
     }
@@ -243,14 +325,11 @@ fn start(a: &ShimArgs) -> Result<Started> {
 }
 
 fn supervise(a: &ShimArgs, pid: i32, out: File, err: File, cgroup: &str, started: String) -> i32 {
-    let log = match File::options().create(true).append(true).open(&a.log) {
-        Ok(f) => Arc::new(Mutex::new(f)),
-        Err(_) => Arc::new(Mutex::new(
-            File::options().write(true).open("/dev/null").unwrap(),
-        )),
-    };
-    let pumps = [(out, "stdout", log.clone()), (err, "stderr", log.clone())]
-        .map(|(f, s, l)| std::thread::spawn(move || pump(f, s, l)));
+    match File::options().create(true).append(true).open(&a.log) {
+        Ok(mut log) => copy_output([out, err], &mut log),
+        // Still read them: a container must not block on a full pipe.
+        Err(_) => copy_output([out, err], &mut std::io::sink()),
+    }
     let (mut code, mut signal) = (255, None);
     loop {
         match waitpid(None, None) {
@@ -268,10 +347,6 @@ fn supervise(a: &ShimArgs, pid: i32, out: File, err: File, cgroup: &str, started
         }
     }
     let oom = signal == Some(libc::SIGKILL) && oom_kills(cgroup) > 0;
-    // The pid namespace is gone with its init: the pipes close.
-    for p in pumps {
-        let _ = p.join();
-    }
     // Reap whatever else was reparented to us.
     while let Ok(s) = waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
         if s == WaitStatus::StillAlive {
@@ -448,5 +523,67 @@ mod tests {
             b"2026-01-01T00:00:00.000000000Z stdout F hi\n"
         );
         assert_eq!(cri_line("T", "stderr", true, b"x"), b"T stderr P x\n");
+    }
+
+    #[test]
+    fn lines_end_where_the_stream_ends_them() {
+        let mut l = Lines {
+            name: "stdout",
+            pending: vec![],
+        };
+        assert_eq!(l.lines("T", b"a\nb"), b"T stdout F a\n");
+        assert_eq!(l.lines("U", b"c\nd\n"), b"U stdout F bc\nU stdout F d\n");
+        assert!(l.rest().is_empty());
+        // A line longer than LINE_MAX goes out in partial pieces.
+        let long = vec![b'x'; LINE_MAX];
+        let out = l.lines("V", &long);
+        assert!(out.starts_with(b"V stdout P xx"));
+        assert_eq!(out.len(), "V stdout P ".len() + LINE_MAX + 1);
+        assert!(l.lines("W", b"tail").is_empty());
+        assert!(l.rest().ends_with(b" stdout F tail\n"));
+    }
+
+    #[test]
+    fn both_streams_reach_the_log_until_they_close() {
+        let (out_r, out_w) = pipe().unwrap();
+        let (err_r, err_w) = pipe().unwrap();
+        let writer = std::thread::spawn(move || {
+            let (mut o, mut e) = (File::from(out_w), File::from(err_w));
+            o.write_all(b"one\n").unwrap();
+            e.write_all(b"two\nthree").unwrap();
+            drop(e);
+            o.write_all(b"four\n").unwrap();
+        });
+        let mut log = vec![];
+        copy_output([out_r, err_r], &mut log);
+        writer.join().unwrap();
+        let text = String::from_utf8(log).unwrap();
+        let lines: Vec<(&str, &str)> = text
+            .lines()
+            .map(|l| {
+                let mut f = l.splitn(4, ' ');
+                let (_, stream, tag) = (f.next(), f.next().unwrap(), f.next().unwrap());
+                assert_eq!(tag, "F");
+                (stream, f.next().unwrap())
+            })
+            .collect();
+        for want in [
+            ("stdout", "one"),
+            ("stderr", "two"),
+            ("stderr", "three"),
+            ("stdout", "four"),
+        ] {
+            assert!(lines.contains(&want), "{want:?} missing from {text}");
+        }
+        assert_eq!(lines.len(), 4, "{text}");
+    }
+
+    #[test]
+    fn cgroups_path_alone() {
+        let spec = br#"{"ociVersion":"1.0.2","process":{"args":["sh"]},"linux":{"namespaces":[{"type":"pid"}],"cgroupsPath":"/orc/podu/c"}}"#;
+        assert_eq!(cgroups_path(spec).unwrap(), "/orc/podu/c");
+        assert_eq!(cgroups_path(br#"{"linux":{}}"#).unwrap(), "");
+        assert_eq!(cgroups_path(b"{}").unwrap(), "");
+        assert!(cgroups_path(b"{").is_err());
     }
 }
