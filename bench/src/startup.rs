@@ -438,7 +438,7 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
         .await;
     let created: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
     eprintln!("image present; creating {pods} pods");
-    let busy0 = machine_busy();
+    let busy0 = machine_cpu();
     let t0 = Instant::now();
     let creator = {
         let (client, created) = (
@@ -512,7 +512,9 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
         }
     }
     let total = t0.elapsed().as_secs_f64();
-    let busy = machine_busy().zip(busy0).map(|(b, a)| b - a);
+    let cpu = machine_cpu()
+        .zip(busy0)
+        .map(|(b, a)| (b.0 - a.0, b.1 - a.1));
     let created_in = creator.await??;
     if std::env::var_os("ORC_BENCH_TIMELINE").is_some() {
         let created = created.lock().unwrap();
@@ -549,20 +551,22 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
         pods as f64 / total,
         created_in.as_secs_f64()
     );
-    if let Some(busy) = busy {
+    if let Some((busy, steal)) = cpu {
         println!(
-            "the machine's CPUs were busy for {busy:.2} CPU-s meanwhile ({:.1} ms per pod, {:.0} % of {} CPUs)",
+            "the machine's CPUs were busy for {busy:.2} CPU-s meanwhile ({:.1} ms per pod, {:.0} % of {} CPUs); the hypervisor took {:.0} ms of CPU time from this VM (steal)",
             busy * 1e3 / pods as f64,
             busy * 100.0 / total / crate::num_cpus() as f64,
-            crate::num_cpus()
+            crate::num_cpus(),
+            steal * 1e3
         );
     }
     Ok(())
 }
 
 /// CPU time the whole machine has spent busy (user, nice, system, irq,
-/// softirq), in seconds, from `/proc/stat`.
-fn machine_busy() -> Option<f64> {
+/// softirq) and, in a VM, the time the hypervisor ran something else while
+/// this machine had work (steal), in seconds, from `/proc/stat`.
+fn machine_cpu() -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let v: Vec<u64> = stat
         .lines()
@@ -572,6 +576,7 @@ fn machine_busy() -> Option<f64> {
         .filter_map(|x| x.parse().ok())
         .collect();
     let ticks = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
+    let steal = v.get(7).copied().unwrap_or(0);
     // USER_HZ, 100 on Linux (as `cpu_ticks` assumes).
-    Some(ticks as f64 / 100.0)
+    Some((ticks as f64 / 100.0, steal as f64 / 100.0))
 }
