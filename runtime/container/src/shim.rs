@@ -85,10 +85,10 @@ impl Lines {
 }
 
 /// Copy the container's standard output and error into the log, a line at
-/// a time, until both have ended: when the container's pid namespace is
-/// gone (or, sharing the host's, when the last process holding them ends).
-/// One thread, polling both: a thread per stream cost every container start
-/// two thread creations and an allocator arena each.
+/// a time, until both have ended (at the latest when the container's pid
+/// namespace is gone, and its processes with it). One thread, polling both:
+/// a thread per stream cost every container start two thread creations and
+/// an allocator arena each.
 fn copy_output(streams: [File; 2], log: &mut dyn Write) {
     let mut open: Vec<(File, Lines)> = streams
         .into_iter()
