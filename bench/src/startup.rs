@@ -438,7 +438,7 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
         .await;
     let created: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
     eprintln!("image present; creating {pods} pods");
-    let busy0 = machine_cpu();
+    let cpu0 = machine_cpu();
     let t0 = Instant::now();
     let creator = {
         let (client, created) = (
@@ -512,9 +512,7 @@ async fn end_to_end(bin: &Path, pods: usize, concurrency: usize, rate: f64) -> R
         }
     }
     let total = t0.elapsed().as_secs_f64();
-    let cpu = machine_cpu()
-        .zip(busy0)
-        .map(|(b, a)| (b.0 - a.0, b.1 - a.1));
+    let cpu = machine_cpu().zip(cpu0).map(|(b, a)| (b.0 - a.0, b.1 - a.1));
     let created_in = creator.await??;
     if std::env::var_os("ORC_BENCH_TIMELINE").is_some() {
         let created = created.lock().unwrap();

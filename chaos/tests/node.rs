@@ -59,7 +59,6 @@ fn zygotes_of(parent: u32) -> Vec<i32> {
         .collect()
 }
 
-/// Whether process `pid` has ended (gone, or a zombie not yet reaped).
 /// The effective capabilities a container printed (`grep CapEff /proc/self/status`).
 fn cap_eff(out: &str) -> u64 {
     out.lines()
@@ -68,6 +67,7 @@ fn cap_eff(out: &str) -> u64 {
         .unwrap_or_else(|| panic!("no CapEff line in {out}"))
 }
 
+/// Whether process `pid` has ended (gone, or a zombie not yet reaped).
 fn gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/status")) {
         Err(_) => true,
