@@ -1,6 +1,8 @@
 //! L7 ingress: requests/s and p99 through `orc ingress` (Pingora) against
 //! Debian's nginx as a reverse proxy to the same two nginx backends, same
-//! wrk settings (keepalive on both sides), in one run; then failed requests
+//! wrk settings (keepalive on both sides), in one run, with Pingora's own
+//! proxy and nothing of orc's (`bare-pingora`) beside them: the most any
+//! ingress built on Pingora's proxy can reach; then failed requests
 //! across 100 configuration updates under load (Ingress changes through the
 //! API for orc, `nginx -s reload` for nginx). A one-master orc cluster feeds
 //! the ingress; the backends are a selector-less Service with its own
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 const BACKENDS: [&str; 2] = ["127.0.0.2:18081", "127.0.0.3:18081"];
 const ORC: &str = "127.0.0.1:18080";
 const NGINX: &str = "127.0.0.1:18090";
+const BARE: &str = "127.0.0.1:18070";
 const HOST: &str = "bench.test";
 
 struct Procs(Vec<Child>);
@@ -135,7 +138,14 @@ pub fn bench(
     workers: Option<usize>,
 ) -> Result<()> {
     let workers = workers.unwrap_or_else(crate::num_cpus);
-    for addr in [ORC, NGINX, BACKENDS[0], BACKENDS[1], "127.0.0.1:18254"] {
+    for addr in [
+        ORC,
+        NGINX,
+        BARE,
+        BACKENDS[0],
+        BACKENDS[1],
+        "127.0.0.1:18254",
+    ] {
         if std::net::TcpStream::connect(addr).is_ok() {
             bail!("{addr} is already in use (a bench left running?): the figures would not be this run's");
         }
@@ -165,6 +175,14 @@ pub fn bench(
         Command::new("nginx").arg("-c").arg(&proxy_conf),
         &d.join("proxy.log"),
         "nginx proxy",
+    )?);
+    procs.0.push(spawn(
+        Command::new(std::env::current_exe()?)
+            .args(["bare-pingora", "--listen", BARE])
+            .args(["--backends", &BACKENDS.join(",")])
+            .args(["--threads", &workers.to_string()]),
+        &d.join("bare.log"),
+        "bare Pingora proxy",
     )?);
     let port = crate::free_port();
     let master = format!("127.0.0.1:{port}");
@@ -214,7 +232,11 @@ pub fn bench(
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
-    for (addr, what) in [(ORC, "orc ingress"), (NGINX, "nginx proxy")] {
+    for (addr, what) in [
+        (ORC, "orc ingress"),
+        (NGINX, "nginx proxy"),
+        (BARE, "bare Pingora proxy"),
+    ] {
         wait_port(addr, what)?;
     }
     let t = Instant::now();
@@ -238,16 +260,19 @@ pub fn bench(
 
     println!(
         "ingress: wrk -t2 -c{connections} -d{seconds}s, Host: {HOST}, 2 nginx backends, \
-         keepalive on both sides, {workers} nginx workers and {workers} orc threads"
+         keepalive on both sides, {workers} nginx workers and {workers} orc threads; \
+         pingora: Pingora's proxy alone (no routing, balancing or headers of orc's; \
+         orc's server settings)"
     );
     println!(
         "{:<8} {:>6} {:>12} {:>10} {:>8}",
         "proxy", "round", "req/s", "p99 ms", "errors"
     );
     let mut ratios = Vec::new();
+    let mut floor = Vec::new();
     for round in 1..=rounds {
         let mut pair = Vec::new();
-        for (name, addr) in [("nginx", NGINX), ("orc", ORC)] {
+        for (name, addr) in [("nginx", NGINX), ("pingora", BARE), ("orc", ORC)] {
             let w = wrk_end(wrk_start(&format!("http://{addr}/"), connections, seconds)?)?;
             println!(
                 "{name:<8} {round:>6} {:>12.0} {:>10.2} {:>8}",
@@ -256,9 +281,10 @@ pub fn bench(
             pair.push(w);
         }
         ratios.push((
-            pair[1].rps / pair[0].rps,
-            pair[1].p99_ms / pair[0].p99_ms.max(0.001),
+            pair[2].rps / pair[0].rps,
+            pair[2].p99_ms / pair[0].p99_ms.max(0.001),
         ));
+        floor.push((pair[1].rps / pair[0].rps, pair[2].rps / pair[1].rps));
     }
     let mut rps: Vec<f64> = ratios.iter().map(|r| r.0).collect();
     let mut p99: Vec<f64> = ratios.iter().map(|r| r.1).collect();
@@ -268,6 +294,15 @@ pub fn bench(
         "orc/nginx: req/s {:.2}x (median of {rounds} rounds), p99 {:.2}x",
         pct(&rps, 0.5),
         pct(&p99, 0.5)
+    );
+    let mut bare: Vec<f64> = floor.iter().map(|r| r.0).collect();
+    let mut over: Vec<f64> = floor.iter().map(|r| r.1).collect();
+    bare.sort_by(f64::total_cmp);
+    over.sort_by(f64::total_cmp);
+    println!(
+        "pingora/nginx: req/s {:.2}x; orc/pingora: req/s {:.2}x (medians)",
+        pct(&bare, 0.5),
+        pct(&over, 0.5)
     );
 
     // Configuration updates under load.
@@ -315,4 +350,77 @@ pub fn bench(
     );
     drop(procs);
     Ok(())
+}
+
+/// Pingora's proxy with nothing of orc's: every request goes to the next
+/// backend in turn, unchanged. The ingress bench runs it beside nginx and
+/// `orc ingress` so the figures show what Pingora itself costs.
+struct Bare {
+    backends: Vec<std::net::SocketAddr>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl pingora::proxy::ProxyHttp for Bare {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut pingora::proxy::Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<Box<pingora::upstreams::peer::HttpPeer>> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.backends.len();
+        let mut peer =
+            pingora::upstreams::peer::HttpPeer::new(self.backends[i], false, String::new());
+        // One keepalive pool per proxy thread, as `orc ingress` keeps them.
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        thread_local! {
+            static KEY: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        peer.group_key = KEY.with(|k| *k);
+        Ok(Box::new(peer))
+    }
+}
+
+/// `orc-bench bare-pingora`: serve [`Bare`] on `listen` with the server
+/// settings of `orc ingress` (`threads` runtimes without work stealing)
+/// until stopped.
+pub fn bare_pingora(listen: &str, backends: &str, threads: usize) -> Result<()> {
+    let backends = backends
+        .split(',')
+        .map(|b| b.trim().parse().with_context(|| format!("--backends: {b}")))
+        .collect::<Result<Vec<std::net::SocketAddr>>>()?;
+    if backends.is_empty() {
+        bail!("--backends: no address");
+    }
+    let listen = listen.to_string();
+    // Pingora makes its own runtimes: not from inside this process's.
+    let t = std::thread::spawn(move || {
+        use pingora::server::configuration::{Opt, ServerConf};
+        let conf = ServerConf {
+            threads: threads.max(1),
+            work_stealing: false,
+            grace_period_seconds: Some(0),
+            graceful_shutdown_timeout_seconds: Some(1),
+            ..ServerConf::default()
+        };
+        let mut server = pingora::server::Server::new_with_opt_and_conf(Opt::default(), conf);
+        server.bootstrap();
+        let mut svc = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            Bare {
+                backends,
+                next: Default::default(),
+            },
+            "bare",
+        );
+        svc.add_tcp(&listen);
+        server.add_service(svc);
+        server.run_forever()
+    });
+    let _ = t.join();
+    bail!("the bare Pingora proxy stopped")
 }

@@ -111,6 +111,19 @@ enum Cmd {
         #[arg(long)]
         orc_bin: Option<PathBuf>,
     },
+    /// The ingress bench's reference: Pingora's own proxy with no routing,
+    /// balancing or headers of orc's, on the proxy settings `orc ingress`
+    /// uses. Started by `ingress`; runs until stopped.
+    #[command(hide = true)]
+    BarePingora {
+        #[arg(long)]
+        listen: String,
+        /// Backend addresses, comma-separated (taken in turn).
+        #[arg(long)]
+        backends: String,
+        #[arg(long)]
+        threads: usize,
+    },
     /// Cluster DNS against unbound: QPS and latency with dnsperf. Needs
     /// dnsperf and unbound.
     Dns {
@@ -545,6 +558,11 @@ async fn main() -> Result<()> {
             clients,
             rounds,
         } => dns::bench(services, seconds, clients, rounds).await,
+        Cmd::BarePingora {
+            listen,
+            backends,
+            threads,
+        } => ingress::bare_pingora(&listen, &backends, threads),
         Cmd::Ingress {
             seconds,
             connections,
