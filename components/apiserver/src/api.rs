@@ -88,9 +88,9 @@ const MAX_BATCH: usize = 512;
 /// see `max_payload_entries`) must stay small enough for a loaded machine.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Log entries proposed and not yet committed, at most. While they are in flight
-/// new writes queue up and go together in the next entry: openraft 0.9 flushes the
-/// leader's log one entry at a time, so this is what lets concurrent writes share
-/// an fsync and a replication round.
+/// new writes queue up and go together in the next entry, so concurrent writes
+/// share an fsync and a replication round (openraft appends and replicates each
+/// entry on its own).
 const MAX_IN_FLIGHT: usize = 2;
 
 fn command_bytes(cmd: &Command) -> usize {
