@@ -1659,22 +1659,9 @@ where
                 // (`Notify::LocalLogFlushed`). A follower still answers only
                 // once its log is flushed.
                 if self.engine.leader_handler().is_ok() {
-                    let (tx, rx) = C::AsyncRuntime::oneshot();
                     let log_io_id = LogIOId::new(vote.clone(), Some(last_log_id.clone()));
-                    self.log_store.append(entries, LogFlushed::new(log_io_id, tx)).await?;
-                    let notify = self.tx_notify.clone();
-                    let _ = C::AsyncRuntime::spawn(async move {
-                        let result = match rx.await {
-                            Ok(Ok(_)) => Ok(()),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        let _ = notify.send(Notify::LocalLogFlushed {
-                            vote,
-                            log_id: last_log_id,
-                            result,
-                        });
-                    });
+                    let callback = LogFlushed::notify(log_io_id, self.tx_notify.clone(), vote, last_log_id);
+                    self.log_store.append(entries, callback).await?;
                     return Ok(None);
                 }
 
