@@ -269,7 +269,7 @@ pub fn bench(
         "proxy", "round", "req/s", "p99 ms", "errors"
     );
     let mut ratios = Vec::new();
-    let mut floor = Vec::new();
+    let mut against_bare = Vec::new();
     for round in 1..=rounds {
         let mut pair = Vec::new();
         for (name, addr) in [("nginx", NGINX), ("pingora", BARE), ("orc", ORC)] {
@@ -284,7 +284,7 @@ pub fn bench(
             pair[2].rps / pair[0].rps,
             pair[2].p99_ms / pair[0].p99_ms.max(0.001),
         ));
-        floor.push((pair[1].rps / pair[0].rps, pair[2].rps / pair[1].rps));
+        against_bare.push((pair[1].rps / pair[0].rps, pair[2].rps / pair[1].rps));
     }
     let mut rps: Vec<f64> = ratios.iter().map(|r| r.0).collect();
     let mut p99: Vec<f64> = ratios.iter().map(|r| r.1).collect();
@@ -295,8 +295,8 @@ pub fn bench(
         pct(&rps, 0.5),
         pct(&p99, 0.5)
     );
-    let mut bare: Vec<f64> = floor.iter().map(|r| r.0).collect();
-    let mut over: Vec<f64> = floor.iter().map(|r| r.1).collect();
+    let mut bare: Vec<f64> = against_bare.iter().map(|r| r.0).collect();
+    let mut over: Vec<f64> = against_bare.iter().map(|r| r.1).collect();
     bare.sort_by(f64::total_cmp);
     over.sort_by(f64::total_cmp);
     println!(
