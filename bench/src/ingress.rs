@@ -371,16 +371,11 @@ impl pingora::proxy::ProxyHttp for Bare {
         _session: &mut pingora::proxy::Session,
         _ctx: &mut (),
     ) -> pingora::Result<Box<pingora::upstreams::peer::HttpPeer>> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.backends.len();
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.backends.len();
         let mut peer =
             pingora::upstreams::peer::HttpPeer::new(self.backends[i], false, String::new());
         // One keepalive pool per proxy thread, as `orc ingress` keeps them.
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        thread_local! {
-            static KEY: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
-        }
-        peer.group_key = KEY.with(|k| *k);
+        peer.group_key = orc_ingress::proxy::thread_key();
         Ok(Box::new(peer))
     }
 }

@@ -318,8 +318,8 @@ impl ProxyHttp for Router {
 }
 
 /// A number of this thread's own, so that each proxy thread reuses only the
-/// upstream connections it made.
-fn thread_key() -> u64 {
+/// upstream connections it made (an `HttpPeer`'s `group_key`).
+pub fn thread_key() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
     thread_local! {
