@@ -28,10 +28,9 @@ pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::
     };
     Ok(Endpoint::from_shared(uri)?
         .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+        .connect_with_connector_lazy(orc_proto::wire::connector()))
 }
 
 pub fn client(ch: Channel) -> OrcClient<Channel> {

@@ -34,6 +34,11 @@ pub enum MasterError {
     },
     #[error("starting raft: {0}")]
     Raft(String),
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("serving gRPC on {addr}: {source}")]
     Serve {
         addr: SocketAddr,

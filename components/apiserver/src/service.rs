@@ -188,15 +188,16 @@ pub async fn serve(master: Arc<Master>, addr: SocketAddr) -> Result<(), crate::M
     let svc = OrcServer::new(Service { master })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = orc_proto::wire::incoming(addr)
+        .map_err(|source| crate::MasterError::Bind { addr, source })?;
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         // Clients cancel requests that time out under load; hyper's default (20
         // reset streams awaiting accept) then drops the whole connection with
         // every request on it, which turned a busy master into an unreachable one
         // with 1,000 simulated nodes.
         .http2_max_pending_accept_reset_streams(Some(4096))
         .add_service(svc)
-        .serve(addr)
+        .serve_with_incoming(incoming)
         .await
         .map_err(|source| crate::MasterError::Serve { addr, source })
 }

@@ -50,8 +50,7 @@ fn connect(addr: &str) -> Result<OrcClient<Channel>, String> {
     let ch = Endpoint::from_shared(uri)
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_millis(700))
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .connect_with_connector_lazy(orc_proto::wire::connector());
     Ok(OrcClient::new(ch)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20))
