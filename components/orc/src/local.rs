@@ -291,6 +291,36 @@ spec:
       - {path: /, pathType: Prefix, backend: {service: {name: web, port: {name: http}}}}
 "#;
 
+/// The masters' addresses a local cluster was made with, in its directory.
+const MASTERS_FILE: &str = "masters";
+
+/// Whether `orc up` may start masters on `now` (comma-separated addresses) over
+/// the data of one whose masters were on `before` (None: no data yet, or data
+/// older than `MASTERS_FILE`). Masters keep each other's addresses in their
+/// logs: started on others, they would not find each other (and would call the
+/// node bridge's address with no bridge there, i.e. outside this machine).
+fn same_masters(before: Option<&str>, now: &str) -> Result<(), String> {
+    let Some(before) = before.map(str::trim) else {
+        return Ok(());
+    };
+    if before == now {
+        return Ok(());
+    }
+    let host = |addrs: &str| addrs.split(':').next().unwrap_or("").to_string();
+    let nodes = std::net::Ipv4Addr::from(UP_HOST_IP).to_string();
+    let how = if host(before) == nodes && host(now) != nodes {
+        "It was started with --nodes: to keep its data, run `orc up --nodes N` again"
+    } else if host(before) != nodes && host(now) == nodes {
+        "It was started without --nodes: to keep its data, run `orc up` without --nodes"
+    } else {
+        "To keep its data, run `orc up` with the --port it was started with"
+    };
+    Err(format!(
+        "this cluster's masters are on {before}; started on {now} they would not find each other. \
+         {how}; to start a new cluster instead, run `orc down --purge` first"
+    ))
+}
+
 pub async fn up(a: UpArgs) -> Result<i32> {
     let dir = a.dir.unwrap_or_else(default_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -301,12 +331,24 @@ pub async fn up(a: UpArgs) -> Result<i32> {
         if !nix::unistd::geteuid().is_root() {
             bail!("--nodes runs containers and builds network namespaces: run it as root");
         }
-        node_network(a.nodes).await?;
         std::net::Ipv4Addr::from(UP_HOST_IP).to_string()
     } else {
         "127.0.0.1".to_string()
     };
     let addrs: Vec<String> = (1..=3).map(|i| format!("{host}:{}", a.port + i)).collect();
+    let marker = dir.join(MASTERS_FILE);
+    let before = if dir.join("master-1").exists() {
+        std::fs::read_to_string(&marker).ok()
+    } else {
+        None
+    };
+    same_masters(before.as_deref(), &addrs.join(","))
+        .map_err(|m| anyhow::anyhow!("{}: {m}", dir.display()))?;
+    if a.nodes > 0 {
+        node_network(a.nodes).await?;
+    }
+    std::fs::write(&marker, addrs.join(","))
+        .with_context(|| format!("writing {}", marker.display()))?;
     let initial: Vec<String> = addrs
         .iter()
         .enumerate()
@@ -508,4 +550,27 @@ pub async fn down(a: DownArgs) -> Result<i32> {
         println!("removed {}", dir.display());
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_masters;
+
+    #[test]
+    fn masters_restart_where_they_were() {
+        let local = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
+        let bridge = "198.18.253.254:7001,198.18.253.254:7002,198.18.253.254:7003";
+        assert!(same_masters(None, local).is_ok());
+        assert!(same_masters(Some(&format!("{local}\n")), local).is_ok());
+        let e = same_masters(Some(bridge), local).unwrap_err();
+        assert!(e.contains("--nodes N") && e.contains(bridge), "{e}");
+        let e = same_masters(Some(local), bridge).unwrap_err();
+        assert!(e.contains("without --nodes"), "{e}");
+        let e =
+            same_masters(Some(local), "127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003").unwrap_err();
+        assert!(
+            e.contains("--port") && e.contains("orc down --purge"),
+            "{e}"
+        );
+    }
 }
