@@ -1,5 +1,8 @@
 //! The Raft network: masters send AppendEntries, Vote and InstallSnapshot to each
 //! other as JSON inside the `orc.Orc` gRPC service (the same port as the API).
+//! AppendEntries go on one long-lived stream per leader and follower
+//! (`AppendStream`), so each costs one message each way rather than an HTTP/2
+//! request with its headers and trailers.
 use crate::{NodeId, TypeConfig};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -52,6 +55,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             addr: node.addr.clone(),
             client,
+            appends: None,
         }
     }
 }
@@ -60,6 +64,16 @@ pub struct Network {
     target: NodeId,
     addr: String,
     client: Option<OrcClient<Channel>>,
+    /// The AppendEntries stream to this peer: opened on first use, dropped after
+    /// any failure or timeout (its next answer would belong to a call given up).
+    appends: Option<Appends>,
+}
+
+struct Appends {
+    tx: tokio::sync::mpsc::Sender<Blob>,
+    rx: tonic::Streaming<Blob>,
+    /// A request is out and its answer not read: set if a call was dropped mid-way.
+    waiting: bool,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
@@ -85,7 +99,6 @@ impl Network {
         let mut request = tonic::Request::new(Blob { json: body });
         request.set_timeout(ttl);
         let reply = match method {
-            Method::Append => client.append_entries(request).await,
             Method::Vote => client.vote(request).await,
             Method::Snapshot => client.install_snapshot(request).await,
         };
@@ -110,9 +123,69 @@ fn rpc_error<E: std::error::Error>(s: tonic::Status) -> RPCError<NodeId, BasicNo
     }
 }
 
+impl Network {
+    /// One AppendEntries on the stream, opening it if need be.
+    async fn append_on_stream(&mut self, body: Vec<u8>) -> Result<Blob, tonic::Status> {
+        if self.appends.as_ref().is_some_and(|a| a.waiting) {
+            self.appends = None;
+        }
+        if self.appends.is_none() {
+            let client = self
+                .client
+                .as_mut()
+                .ok_or_else(|| tonic::Status::unavailable(format!("bad address {}", self.addr)))?;
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let answers = client
+                .append_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            self.appends = Some(Appends {
+                tx,
+                rx: answers,
+                waiting: false,
+            });
+        }
+        let a = self.appends.as_mut().expect("opened above");
+        a.waiting = true;
+        if a.tx.send(Blob { json: body }).await.is_err() {
+            return Err(tonic::Status::unavailable(
+                "the AppendEntries stream closed",
+            ));
+        }
+        let answer =
+            a.rx.message()
+                .await?
+                .ok_or_else(|| tonic::Status::unavailable("the AppendEntries stream ended"))?;
+        a.waiting = false;
+        Ok(answer)
+    }
+
+    async fn append(
+        &mut self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        ttl: Duration,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        let body = serde_json::to_vec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let answer = match tokio::time::timeout(ttl, self.append_on_stream(body)).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(s)) => {
+                self.appends = None;
+                return Err(rpc_error(s));
+            }
+            Err(_) => {
+                self.appends = None;
+                return Err(rpc_error(tonic::Status::cancelled("Timeout expired")));
+            }
+        };
+        let res: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+            serde_json::from_slice(&answer.json)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Method {
-    Append,
     Vote,
     Snapshot,
 }
@@ -123,7 +196,7 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(Method::Append, &rpc, option.hard_ttl()).await
+        self.append(&rpc, option.hard_ttl()).await
     }
 
     async fn install_snapshot(

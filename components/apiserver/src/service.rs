@@ -38,6 +38,27 @@ impl Orc for Service {
         encode(&self.master.raft.append_entries(req).await)
     }
 
+    type AppendStreamStream = WatchStream;
+
+    /// AppendEntries from a leader on one stream, answered in order. The
+    /// stream ends when the leader drops it (a timeout, a new term elsewhere).
+    async fn append_stream(
+        &self,
+        r: tonic::Request<tonic::Streaming<Blob>>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let raft = self.master.raft.clone();
+        let out = r.into_inner().take_while(|m| m.is_ok()).then(move |m| {
+            let raft = raft.clone();
+            async move {
+                let req = decode(&m.unwrap_or_default())?;
+                serde_json::to_vec(&raft.append_entries(req).await)
+                    .map(|json| Blob { json })
+                    .map_err(|e| Status::internal(e.to_string()))
+            }
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
     async fn vote(&self, r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {
         let req = decode(r.get_ref())?;
         encode(&self.master.raft.vote(req).await)
