@@ -431,6 +431,9 @@ struct ObjectCache {
     /// Bumped by every write: a reader that missed inserts what it read from
     /// RocksDB only if no write came between (it could be older).
     generation: u64,
+    /// The store revision as of the last applied batch or installed snapshot
+    /// (None until the first), so an apply does not read it back from RocksDB.
+    revision: Option<u64>,
 }
 
 const OBJECT_CACHE_MAX: usize = 200_000;
@@ -743,7 +746,12 @@ impl StateMachine {
         let mut replies = Vec::new();
         let mut events = Vec::new();
         let mut last = None;
-        let mut revision = read_revision(&self.db, None);
+        let cached = self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .revision;
+        let mut revision = cached.unwrap_or_else(|| read_revision(&self.db, None));
         for ent in entries {
             last = Some(ent.log_id);
             match ent.payload {
@@ -863,6 +871,7 @@ impl StateMachine {
                 .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
             let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
             c.generation += 1;
+            c.revision = Some(revision);
             for (k, o) in fetched.into_inner() {
                 if !overlay.contains_key(&k) {
                     c.insert(&k, o);
@@ -975,6 +984,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
             c.generation += 1;
             c.objects.clear();
+            c.revision = Some(revision);
         }
         save_snapshot(&self.db, meta, &data)?;
         self.hub.reset(revision);

@@ -1073,7 +1073,9 @@ impl orc_controllers::Api for InProcess {
 /// While this master leads: the bootstrap namespaces exist and the controllers
 /// run; when it stops leading they stop.
 pub async fn leader_duties(master: std::sync::Arc<Master>) {
-    let mut metrics = master.raft.metrics();
+    // Only the server's state: the full metrics change with every entry
+    // appended or applied, and each change would wake this task.
+    let mut metrics = master.raft.server_metrics();
     let mut running: Option<orc_controllers::Controllers> = None;
     loop {
         let is_leader = metrics.borrow().current_leader == Some(master.cfg.id);
