@@ -78,6 +78,38 @@ impl Orc for Service {
         encode(&results)
     }
 
+    type ProposeStreamStream = WatchStream;
+
+    /// Batches forwarded by one follower on one stream; each is answered (with
+    /// its id) as soon as all its commands are, so answers may overtake.
+    async fn propose_stream(
+        &self,
+        r: tonic::Request<tonic::Streaming<Blob>>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let master = self.master.clone();
+        let out = r.into_inner().take_while(|m| m.is_ok()).map(move |m| {
+            let master = master.clone();
+            async move {
+                let m = m.unwrap_or_default();
+                let (id, json) = crate::api::split_id(&m.json)
+                    .ok_or_else(|| Status::invalid_argument("a batch without its id"))?;
+                let cmds: Vec<orc_api::Command> = serde_json::from_slice(json)
+                    .map_err(|e| Status::invalid_argument(format!("bad request body: {e}")))?;
+                let results =
+                    futures::future::join_all(cmds.into_iter().map(|c| master.propose_local(c)))
+                        .await;
+                serde_json::to_vec(&results)
+                    .map(|json| Blob {
+                        json: crate::api::with_id(id, &json),
+                    })
+                    .map_err(|e| Status::internal(e.to_string()))
+            }
+        });
+        Ok(Response::new(Box::pin(
+            futures::StreamExt::buffer_unordered(out, 64),
+        )))
+    }
+
     async fn read_index(&self, _r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {
         encode(&self.master.read_index_local().await)
     }
