@@ -10,6 +10,7 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
@@ -100,6 +101,37 @@ pub fn wanted_taints(node: &Value, alive: bool) -> Vec<&'static str> {
     }
 }
 
+/// A free podCIDR for node `name`, reserved in `assigned` (node -> CIDR) before
+/// it is written: the other nodes of a batch are decided while that write is in
+/// flight, and must not get the same one. `nodes` is the cache's view; what it
+/// shows assigned (or nodes since gone) is forgotten from `assigned`.
+pub fn reserve_cidr(
+    assigned: &mut std::collections::HashMap<String, String>,
+    nodes: &[Arc<Value>],
+    name: &str,
+    cluster: &str,
+    mask: u8,
+) -> Option<String> {
+    let mut used: HashSet<String> = nodes
+        .iter()
+        .filter_map(|x| x["spec"]["podCIDR"].as_str().map(String::from))
+        .collect();
+    assigned.retain(|node, _| {
+        nodes.iter().any(|x| {
+            util::name(x) == node && x["spec"]["podCIDR"].as_str().is_none_or(str::is_empty)
+        })
+    });
+    used.extend(
+        assigned
+            .iter()
+            .filter(|(node, _)| *node != name)
+            .map(|(_, c)| c.clone()),
+    );
+    let c = next_cidr(cluster, mask, &used)?;
+    assigned.insert(name.to_string(), c.clone());
+    Some(c)
+}
+
 /// Node lifecycle and IPAM. `assigned` holds the podCIDRs this controller
 /// handed out that its cache may not show yet: nodes registering together
 /// are decided in one batch, before the cache has the first one's update.
@@ -127,35 +159,21 @@ impl NodeLifecycle {
         // IPAM.
         if n["spec"]["podCIDR"].as_str().is_none_or(str::is_empty) {
             let nodes = ctx.store.list("nodes");
-            let mut used: HashSet<String> = nodes
-                .iter()
-                .filter_map(|x| x["spec"]["podCIDR"].as_str().map(String::from))
-                .collect();
-            {
-                let mut assigned = self.assigned.lock().unwrap();
-                // Forget what the cache shows now, or what belonged to nodes since gone.
-                assigned.retain(|node, _| {
-                    nodes.iter().any(|x| {
-                        util::name(x) == node
-                            && x["spec"]["podCIDR"].as_str().is_none_or(str::is_empty)
-                    })
-                });
-                used.extend(
-                    assigned
-                        .iter()
-                        .filter(|(node, _)| *node != name)
-                        .map(|(_, c)| c.clone()),
-                );
-            }
-            match next_cidr(&s.cluster_cidr, s.node_cidr_mask, &used) {
+            let picked = reserve_cidr(
+                &mut self.assigned.lock().unwrap(),
+                &nodes,
+                name,
+                &s.cluster_cidr,
+                s.node_cidr_mask,
+            );
+            match picked {
                 Some(c) => {
                     n["spec"]["podCIDR"] = json!(c);
                     n["spec"]["podCIDRs"] = json!([c]);
-                    ctx.update(n).await?;
-                    self.assigned
-                        .lock()
-                        .unwrap()
-                        .insert(name.to_string(), c.clone());
+                    if let Err(e) = ctx.update(n).await {
+                        self.assigned.lock().unwrap().remove(name);
+                        return Err(e);
+                    }
                     ctx.event(
                         &node,
                         "Normal",
@@ -293,6 +311,35 @@ impl Reconciler for NodeLifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two nodes decided in one batch (neither one's podCIDR in the cache yet)
+    /// get different ones; a node the cache shows with its CIDR frees the
+    /// reservation, and a node's own reservation is offered to it again.
+    #[test]
+    fn nodes_registering_together_get_different_cidrs() {
+        let node = |name: &str, cidr: Option<&str>| {
+            Arc::new(json!({"metadata": {"name": name}, "spec": {"podCIDR": cidr}}))
+        };
+        let mut assigned = std::collections::HashMap::new();
+        let view = vec![node("node-1", None), node("node-2", None)];
+        let a = reserve_cidr(&mut assigned, &view, "node-1", "198.18.0.0/17", 24).unwrap();
+        let b = reserve_cidr(&mut assigned, &view, "node-2", "198.18.0.0/17", 24).unwrap();
+        assert_ne!(a, b);
+        // Asked again before the cache caught up, node-1 is offered its own.
+        assert_eq!(
+            reserve_cidr(&mut assigned, &view, "node-1", "198.18.0.0/17", 24).unwrap(),
+            a
+        );
+        // Once the cache shows both, a third node gets a third CIDR.
+        let later = vec![
+            node("node-1", Some(&a)),
+            node("node-2", Some(&b)),
+            node("node-3", None),
+        ];
+        let c = reserve_cidr(&mut assigned, &later, "node-3", "198.18.0.0/17", 24).unwrap();
+        assert!(c != a && c != b);
+        assert_eq!(assigned.len(), 1, "{assigned:?}");
+    }
 
     #[test]
     fn cidrs() {
