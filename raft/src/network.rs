@@ -56,6 +56,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.addr.clone(),
             client,
             appends: None,
+            unary_appends: false,
         }
     }
 }
@@ -67,6 +68,8 @@ pub struct Network {
     /// The AppendEntries stream to this peer: opened on first use, dropped after
     /// any failure or timeout (its next answer would belong to a call given up).
     appends: Option<Appends>,
+    /// The peer does not serve `AppendStream` (an older build): use `AppendEntries`.
+    unary_appends: bool,
 }
 
 struct Appends {
@@ -99,6 +102,7 @@ impl Network {
         let mut request = tonic::Request::new(Blob { json: body });
         request.set_timeout(ttl);
         let reply = match method {
+            Method::Append => client.append_entries(request).await,
             Method::Vote => client.vote(request).await,
             Method::Snapshot => client.install_snapshot(request).await,
         };
@@ -165,9 +169,17 @@ impl Network {
         rpc: &AppendEntriesRequest<TypeConfig>,
         ttl: Duration,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        if self.unary_appends {
+            return self.call(Method::Append, rpc, ttl).await;
+        }
         let body = serde_json::to_vec(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let answer = match tokio::time::timeout(ttl, self.append_on_stream(body)).await {
             Ok(Ok(a)) => a,
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                self.appends = None;
+                self.unary_appends = true;
+                return self.call(Method::Append, rpc, ttl).await;
+            }
             Ok(Err(s)) => {
                 self.appends = None;
                 return Err(rpc_error(s));
@@ -186,6 +198,7 @@ impl Network {
 
 #[derive(Clone, Copy)]
 enum Method {
+    Append,
     Vote,
     Snapshot,
 }

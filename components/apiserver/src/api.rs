@@ -170,6 +170,8 @@ fn all_failed<T, E>(n: usize, e: impl Fn() -> E) -> Vec<Result<T, E>> {
 struct ProposeLink {
     ch: tonic::transport::Channel,
     open: tokio::sync::Mutex<Option<LinkConn>>,
+    /// The leader does not serve `ProposeStream` (an older build): use `Propose`.
+    unary: std::sync::atomic::AtomicBool,
 }
 
 /// Where the answer to one batch goes.
@@ -200,13 +202,25 @@ pub(crate) fn with_id(id: u64, json: &[u8]) -> Vec<u8> {
 
 impl ProposeLink {
     async fn send(&self, json: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, tonic::Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.unary.load(Relaxed) {
+            return self.send_unary(json, timeout).await;
+        }
         let rx = {
             let mut open = self.open.lock().await;
             if open
                 .as_ref()
                 .is_none_or(|c| c.tx.is_closed() || lock_waiting(&c.waiting).is_none())
             {
-                *open = Some(self.connect().await?);
+                match self.connect().await {
+                    Ok(c) => *open = Some(c),
+                    Err(s) if s.code() == tonic::Code::Unimplemented => {
+                        self.unary.store(true, Relaxed);
+                        drop(open);
+                        return self.send_unary(json, timeout).await;
+                    }
+                    Err(s) => return Err(s),
+                }
             }
             let c = open.as_mut().expect("connected above");
             let id = c.next;
@@ -235,6 +249,15 @@ impl ProposeLink {
         }
     }
 
+    async fn send_unary(&self, json: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, tonic::Status> {
+        let mut req = tonic::Request::new(Blob { json });
+        req.set_timeout(timeout);
+        let r = orc_raft::network::client(self.ch.clone())
+            .propose(req)
+            .await?;
+        Ok(r.into_inner().json)
+    }
+
     async fn connect(&self) -> Result<LinkConn, tonic::Status> {
         let (tx, rx) = mpsc::channel(64);
         let mut answers = orc_raft::network::client(self.ch.clone())
@@ -256,8 +279,17 @@ impl ProposeLink {
                         }
                     }
                     Ok(None) => break tonic::Status::unavailable("the propose stream ended"),
-                    // Whatever broke the stream, the batches on it may be sent again
-                    // (to whichever master leads by then).
+                    // The leader could not read a batch: say so.
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::InvalidArgument | tonic::Code::Internal
+                        ) =>
+                    {
+                        break s
+                    }
+                    // Whatever else broke the stream, the batches on it may be sent
+                    // again (to whichever master leads by then).
                     Err(s) => {
                         break tonic::Status::unavailable(format!(
                             "the propose stream failed: {}",
@@ -293,6 +325,7 @@ fn spawn_forwarder(
     let link = Arc::new(ProposeLink {
         ch,
         open: tokio::sync::Mutex::new(None),
+        unary: Default::default(),
     });
     spawn_batcher(move |cmds: Vec<Arc<Command>>| {
         let link = link.clone();
