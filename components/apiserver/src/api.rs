@@ -452,7 +452,6 @@ impl Master {
         let mut req = tonic::Request::new(Blob { json: body });
         req.set_timeout(timeout);
         let r = match method {
-            "propose" => c.propose(req).await,
             "read_index" => c.read_index(req).await,
             _ => c.call(req).await,
         }?;

@@ -40,10 +40,6 @@ impl<T> Gathered<T> {
             sent: 0,
         }
     }
-
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
 }
 
 impl<T: AsyncWrite + Unpin> Gathered<T> {
