@@ -22,7 +22,7 @@ pub type NodeId = u64;
 /// batch carries several; blank and membership entries none).
 pub type Response = Vec<Result<Change, ApiError>>;
 
-/// A log entry's command together with its JSON, each made at most once.
+/// A log entry's command and its JSON, each made at most once.
 ///
 /// The leader writes an entry to its own log and sends it to each follower;
 /// each follower writes what it received to its log. All of these are the
@@ -32,41 +32,49 @@ pub type Response = Vec<Result<Change, ApiError>>;
 /// it: an AppendEntries is answered once its entries are durable, not after
 /// every object in them has been parsed (a megabyte of pods takes tens of
 /// milliseconds, and openraft gives the whole call one heartbeat interval).
+///
+/// The state machine takes the command ([`Logged::take_command`]): a created
+/// object becomes the stored one without a copy, and the log's cache of
+/// recent entries keeps only the JSON.
 #[derive(Debug)]
 pub struct Logged {
-    cmd: std::sync::OnceLock<Result<Command, String>>,
+    /// The command made on this master, until the state machine takes it.
+    cmd: std::sync::Mutex<Option<Command>>,
     json: std::sync::OnceLock<Box<serde_json::value::RawValue>>,
 }
 
 impl Logged {
     pub fn new(cmd: Command) -> Self {
         Logged {
-            cmd: std::sync::OnceLock::from(Ok(cmd)),
+            cmd: std::sync::Mutex::new(Some(cmd)),
             json: std::sync::OnceLock::new(),
         }
     }
 
-    /// The command (parsed now if it arrived as JSON and was not yet), or why
-    /// its JSON is not a command.
-    pub fn command(&self) -> Result<&Command, &str> {
-        self.cmd
-            .get_or_init(|| {
-                let raw = self
-                    .json
-                    .get()
-                    .expect("a Logged has its command or its JSON");
-                serde_json::from_str(raw.get()).map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(String::as_str)
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Command>> {
+        self.cmd.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The command, to apply: the one made here if it is still here (taken
+    /// out, after its JSON is made, so the entry can still be replicated and
+    /// read back), else parsed from the JSON; or why the JSON is not a command.
+    pub fn take_command(&self) -> Result<Command, String> {
+        let json = self.json();
+        if let Some(cmd) = self.held().take() {
+            return Ok(cmd);
+        }
+        serde_json::from_str(json.get()).map_err(|e| e.to_string())
     }
 
     /// The command's JSON (encoded now if it was not yet).
     pub fn json(&self) -> &serde_json::value::RawValue {
         self.json.get_or_init(|| {
-            let cmd = self.cmd.get().and_then(|c| c.as_ref().ok());
-            serde_json::value::to_raw_value(cmd.expect("a Logged has its command or its JSON"))
-                .expect("a command encodes as JSON")
+            serde_json::value::to_raw_value(
+                self.held()
+                    .as_ref()
+                    .expect("a Logged has its command or its JSON"),
+            )
+            .expect("a command encodes as JSON")
         })
     }
 }
@@ -81,7 +89,7 @@ impl<'de> serde::Deserialize<'de> for Logged {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
         Ok(Logged {
-            cmd: std::sync::OnceLock::new(),
+            cmd: std::sync::Mutex::new(None),
             json: std::sync::OnceLock::from(raw),
         })
     }
@@ -118,18 +126,23 @@ mod tests {
         // before, so logs written by earlier versions still read.
         let plain = serde_json::to_string(&cmd).unwrap();
         let logged = Logged::new(cmd);
+        // The command made here is taken as it is; the JSON stays, for
+        // replication and the log, and still gives the command.
+        assert!(
+            matches!(logged.take_command(), Ok(Command::Create { key, .. }) if key.name == "a")
+        );
         assert_eq!(serde_json::to_string(&logged).unwrap(), plain);
+        assert!(
+            matches!(logged.take_command(), Ok(Command::Create { key, .. }) if key.name == "a")
+        );
         // What arrives is kept as it arrived, and parsed for the state machine.
         let back: Logged = serde_json::from_str(&plain).unwrap();
         assert_eq!(back.json().get(), plain);
-        assert!(matches!(back.command(), Ok(Command::Create { key, .. }) if key.name == "a"));
+        assert!(matches!(back.take_command(), Ok(Command::Create { key, .. }) if key.name == "a"));
         // JSON that is not a command is kept, and refused when it is applied.
         let bad: Logged = serde_json::from_str(r#"{"Nonsense": 1}"#).unwrap();
-        assert!(
-            bad.command().unwrap_err().contains("Nonsense"),
-            "{:?}",
-            bad.command()
-        );
+        let e = bad.take_command().unwrap_err();
+        assert!(e.contains("Nonsense"), "{e}");
         // Inside an entry too.
         let ent: openraft::Entry<TypeConfig> = openraft::Entry {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 7),

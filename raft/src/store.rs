@@ -765,14 +765,14 @@ impl StateMachine {
                 }
                 EntryPayload::Normal(logged) => {
                     let mut results = Vec::new();
-                    let cmd = logged.command().map_err(|e| {
+                    let cmd = logged.take_command().map_err(|e| {
                         io_err(
                             ErrorSubject::Log(ent.log_id),
                             ErrorVerb::Read,
                             std::io::Error::other(format!("entry {}: {e}", ent.log_id)),
                         )
                     })?;
-                    for cmd in cmd.commands() {
+                    for cmd in cmd.into_commands() {
                         revision += 1;
                         let get = |k: &str| -> Option<Arc<Value>> {
                             if let Some(o) = overlay.get(k) {

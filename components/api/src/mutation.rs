@@ -171,6 +171,14 @@ impl Command {
         }
     }
 
+    /// The commands to apply, in order, taken out of a batch.
+    pub fn into_commands(self) -> Vec<Command> {
+        match self {
+            Command::Batch(cmds) => cmds,
+            one => vec![one],
+        }
+    }
+
     /// About how many bytes its JSON takes, without writing it: the object's
     /// strings, escapes and punctuation counted, numbers at their longest,
     /// 256 bytes for the rest. Never less than the JSON by more than that.
@@ -304,9 +312,10 @@ fn describe(key: &ObjectKey) -> String {
 }
 
 /// Apply `cmd` as store revision `revision` to a store read through `get`.
-/// (A batch is opened with `Command::commands` first.)
+/// (A batch is opened with `Command::into_commands` first.) The command is
+/// taken: a created or replaced object becomes the stored one, not a copy.
 pub fn apply(
-    cmd: &Command,
+    cmd: Command,
     revision: u64,
     get: &dyn Fn(&str) -> Option<Arc<Value>>,
 ) -> Result<Change, ApiError> {
@@ -319,6 +328,7 @@ pub fn apply(
             object: Arc::new(Value::Null),
         }),
         Command::Create { key, object } => {
+            let key = &key;
             let k = key.encode();
             if get(&k).is_some() {
                 return Err(ApiError::new(
@@ -343,8 +353,8 @@ pub fn apply(
                     _ => {}
                 }
             }
-            check_allocations(key, object, get)?;
-            let mut obj = object.clone();
+            check_allocations(key, &object, get)?;
+            let mut obj = object;
             set_meta(&mut obj, "resourceVersion", rv);
             if obj.get("spec").is_some() {
                 set_meta(&mut obj, "generation", Value::from(1));
@@ -362,13 +372,14 @@ pub fn apply(
             resource_version,
             status,
         } => {
+            let key = &key;
             let current = get(&key.encode())
                 .ok_or_else(|| ApiError::not_found(format!("{} not found", describe(key))))?;
             if rv_of(&current) != Some(resource_version.as_str()) {
                 return Err(stale(key));
             }
             let mut new = (*current).clone();
-            if *status {
+            if status {
                 if let Some(s) = patch.get("status") {
                     crate::merge_patch(&mut new["status"], s);
                 }
@@ -376,7 +387,7 @@ pub fn apply(
                     new.as_object_mut().map(|m| m.remove("status"));
                 }
             } else {
-                crate::merge_patch(&mut new, patch);
+                crate::merge_patch(&mut new, &patch);
                 if let (Some(m), true) = (new.as_object_mut(), object_has_status_subresource(key)) {
                     match current.get("status") {
                         Some(s) => m.insert("status".into(), s.clone()),
@@ -384,22 +395,23 @@ pub fn apply(
                     };
                 }
             }
-            finish_update(key, current, new, *status, rv, get)
+            finish_update(key, current, new, status, rv, get)
         }
         Command::Update {
             key,
-            object,
+            mut object,
             status,
         } => {
+            let key = &key;
             let k = key.encode();
             let current = get(&k)
                 .ok_or_else(|| ApiError::not_found(format!("{} not found", describe(key))))?;
-            if let Some(want) = rv_of(object) {
+            if let Some(want) = rv_of(&object) {
                 if Some(want) != rv_of(&current) {
                     return Err(stale(key));
                 }
             }
-            if let Some(uid) = meta_field(object, "uid") {
+            if let Some(uid) = meta_field(&object, "uid") {
                 if Some(uid) != meta_field(&current, "uid") {
                     return Err(ApiError::conflict(format!(
                         "{}: the uid in the request does not match the stored object",
@@ -407,17 +419,17 @@ pub fn apply(
                     )));
                 }
             }
-            let new = if *status {
+            let new = if status {
                 let mut n = (*current).clone();
-                match object.get("status") {
-                    Some(s) => n["status"] = s.clone(),
+                match object.get_mut("status").map(Value::take) {
+                    Some(s) => n["status"] = s,
                     None => {
                         n.as_object_mut().map(|m| m.remove("status"));
                     }
                 }
                 n
             } else {
-                let mut n = object.clone();
+                let mut n = object;
                 // Status belongs to the status subresource where there is one.
                 if let (Some(m), true) = (n.as_object_mut(), object_has_status_subresource(key)) {
                     match current.get("status") {
@@ -427,7 +439,7 @@ pub fn apply(
                 }
                 n
             };
-            finish_update(key, current, new, *status, rv, get)
+            finish_update(key, current, new, status, rv, get)
         }
         Command::Delete {
             key,
@@ -436,6 +448,7 @@ pub fn apply(
             now,
             grace,
         } => {
+            let key = &key;
             let k = key.encode();
             let current = get(&k)
                 .ok_or_else(|| ApiError::not_found(format!("{} not found", describe(key))))?;
@@ -677,7 +690,9 @@ mod tests {
         }
         fn run(&mut self, cmd: &Command, index: u64) -> Result<Change, ApiError> {
             let snapshot = self.0.clone();
-            let ch = apply(cmd, index, &|k| snapshot.get(k).cloned().map(Arc::new))?;
+            let ch = apply(cmd.clone(), index, &|k| {
+                snapshot.get(k).cloned().map(Arc::new)
+            })?;
             match &ch {
                 Change::Put { key, object, .. } => {
                     self.0.insert(key.clone(), (**object).clone());
