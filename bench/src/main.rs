@@ -454,6 +454,43 @@ async fn etcd_load(
     .await)
 }
 
+/// orc's masters, the leader first (by `cluster status`).
+async fn orc_leader_first(addrs: &[String]) -> Result<Vec<String>> {
+    let status = Client::new(addrs.to_vec())
+        .call(&Request::ClusterStatus)
+        .await
+        .map_err(|e| anyhow::anyhow!("orc cluster status: {e}"))?;
+    let leader = status["leader"].as_u64().context("orc: no leader")?;
+    let addr = status["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["id"].as_u64() == Some(leader)))
+        .and_then(|m| m["address"].as_str())
+        .context("orc: the leader's address")?;
+    Ok(leader_first(addrs, addr))
+}
+
+/// etcd's members, the leader first (by each member's status).
+async fn etcd_leader_first(eps: &[String]) -> Result<Vec<String>> {
+    for e in eps {
+        let st = etcd_client::Client::connect([e.as_str()], None)
+            .await?
+            .maintenance_client()
+            .status()
+            .await?;
+        if st.header().map(|h| h.member_id()) == Some(st.leader()) {
+            return Ok(leader_first(eps, e));
+        }
+    }
+    bail!("etcd: no member says it is the leader")
+}
+
+/// `all`, starting with `leader`, the others in their order.
+fn leader_first(all: &[String], leader: &str) -> Vec<String> {
+    let mut v: Vec<String> = all.iter().filter(|a| *a != leader).cloned().collect();
+    v.insert(0, leader.to_string());
+    v
+}
+
 /// CPU time (user + system, clock ticks) the processes have used so far.
 /// Every `resource` object in the cluster (a List through any master).
 async fn list_all(client: &Client, resource: &str) -> Result<serde_json::Value> {
@@ -615,6 +652,22 @@ async fn writes(
     } else {
         Some(start_etcd(&etcd_bin, dir.path(), &mut procs).await?)
     };
+    // Client task i starts at member i % 3 of this order. With many clients
+    // each member gets a third of them; a single client is run twice, at the
+    // leader and at a follower, in both systems alike (the first member of
+    // each need not be its leader: orc's never was, etcd's sometimes).
+    let orc = orc_leader_first(&orc).await?;
+    let etcd = match etcd {
+        Some(eps) => Some(etcd_leader_first(&eps).await?),
+        None => None,
+    };
+    let runs: Vec<(usize, &str)> = levels
+        .iter()
+        .flat_map(|&n| match n {
+            1 => vec![(1, "leader"), (1, "follower")],
+            n => vec![(n, "")],
+        })
+        .collect();
     let value = Arc::new("x".repeat(value_bytes));
     println!("writes of {value_bytes}-byte values, {seconds} s per run, 3 members each on 127.0.0.1, fsync on; orc: {}", orc_bin.display());
     println!();
@@ -623,7 +676,22 @@ async fn writes(
     // The first three processes are orc's masters, the rest etcd's members.
     let orc_pids: Vec<u32> = procs.0.iter().take(3).map(Child::id).collect();
     let etcd_pids: Vec<u32> = procs.0.iter().skip(3).map(Child::id).collect();
-    for (round, &n) in levels.iter().enumerate() {
+    for (round, &(n, at)) in runs.iter().enumerate() {
+        // A follower first: the leader's successor in the order.
+        let rotated = |v: &[String]| {
+            let mut v = v.to_vec();
+            if at == "follower" {
+                v.rotate_left(1);
+            }
+            v
+        };
+        let label = if at.is_empty() {
+            n.to_string()
+        } else {
+            format!("{n} (at the {at})")
+        };
+        let orc = rotated(&orc);
+        let etcd = etcd.as_deref().map(rotated);
         let t0 = cpu_ticks(&orc_pids);
         let o = orc_load(&orc, n, seconds, value.clone(), round).await;
         let orc_cpu = cpu_per_write(cpu_ticks(&orc_pids) - t0, o.writes);
@@ -646,7 +714,7 @@ async fn writes(
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         println!(
-            "| {n} | {:.0} | {} | {} | {orc_cpu} | {ew} | {ep50} | {ep99} | {etcd_cpu} | {ratio} |",
+            "| {label} | {:.0} | {} | {} | {orc_cpu} | {ew} | {ep50} | {ep99} | {etcd_cpu} | {ratio} |",
             o.per_sec,
             ms(o.p50),
             ms(o.p99)
