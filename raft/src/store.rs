@@ -9,8 +9,7 @@
 //! Log appends and votes are fsynced before they are acknowledged. Appends use
 //! group commit: `append` writes the batch and hands openraft's callback to the
 //! syncer thread, which fsyncs the write-ahead log once for every append queued
-//! meanwhile and only then acknowledges them, so concurrent writes share fsyncs
-//! (writes only fill the WAL's buffer: `manual_wal_flush`). State-machine
+//! meanwhile and only then acknowledges them, so concurrent writes share fsyncs. State-machine
 //! writes are not: they share the write-ahead log with the synced log writes, and
 //! each apply batch (objects + applied index) is one atomic RocksDB batch, so after a
 //! crash the state machine is consistent at some index and Raft re-applies the rest.
@@ -75,11 +74,6 @@ pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), Store
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    // Writes go to the write-ahead log's buffer, not each to the file with a
-    // write(2): the syncer's `flush_wal(true)` writes out and fsyncs all of
-    // them at once (a write with `sync` set flushes the buffer first too).
-    // Nothing unsynced was ever acknowledged, so a crash loses nothing more.
-    opts.set_manual_wal_flush(true);
     // Objects: every create looks its key up first and mostly finds
     // nothing; bloom filters (in the memtable and in each table file) answer
     // that without searching.
