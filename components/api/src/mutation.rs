@@ -163,14 +163,6 @@ pub enum Command {
 }
 
 impl Command {
-    /// The commands to apply, in order (a batch is opened, others stand alone).
-    pub fn commands(&self) -> &[Command] {
-        match self {
-            Command::Batch(cmds) => cmds,
-            one => std::slice::from_ref(one),
-        }
-    }
-
     /// The commands to apply, in order, taken out of a batch.
     pub fn into_commands(self) -> Vec<Command> {
         match self {
