@@ -31,7 +31,8 @@ struct Cli {
 enum Cmd {
     /// ConfigMap writes to 3 orc masters vs key writes to 3 etcd members.
     Writes {
-        /// Concurrent clients, comma-separated.
+        /// Concurrent clients, comma-separated (1 is run twice: at each
+        /// system's leader, then at a follower).
         #[arg(long, default_value = "1,64,256")]
         clients: String,
         /// Seconds of load per system and concurrency.
