@@ -1,5 +1,6 @@
 //! Request handling: admission, the decisions a master makes before proposing a
 //! write, forwarding to the leader, linearizable reads, membership and status.
+use crate::batch::{Batcher, Limits};
 use crate::MasterConfig;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{BasicNode, ServerState};
@@ -13,17 +14,16 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 pub struct Master {
     pub cfg: MasterConfig,
     pub raft: Raft,
     pub sm: StateMachine,
-    /// Writes waiting to be proposed (see `spawn_proposer`).
-    proposer: mpsc::UnboundedSender<Pending>,
-    /// Per leader address: writes waiting to be forwarded (see `spawn_forwarder`).
-    forwarders:
-        std::sync::Mutex<std::collections::HashMap<String, mpsc::UnboundedSender<Forwarded>>>,
+    /// Writes waiting to be proposed (see `proposer`).
+    proposer: Arc<Batcher<Result<Change, Submit>>>,
+    /// Per leader address: writes waiting to be forwarded (see `forwarder`).
+    forwarders: std::sync::Mutex<std::collections::HashMap<String, Arc<Batcher<Forwarded>>>>,
     /// One HTTP/2 channel per peer address, reused by every forwarded request.
     peers: std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
     /// ReadIndex rounds shared by concurrent reads (here, and for followers).
@@ -77,8 +77,6 @@ enum Submit {
     Api(ApiError),
 }
 
-type Pending = (Arc<Command>, oneshot::Sender<Result<Change, Submit>>);
-
 /// Commands proposed together in one log entry, at most.
 const MAX_BATCH: usize = 512;
 /// Serialized bytes proposed together in one log entry, at most (a larger single
@@ -93,10 +91,6 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// entry on its own).
 const MAX_IN_FLIGHT: usize = 2;
 
-fn command_bytes(cmd: &Command) -> usize {
-    cmd.approx_json_len()
-}
-
 /// The leader's answer to one forwarded command (`Propose` RPC).
 #[derive(serde::Serialize, serde::Deserialize)]
 pub enum ProposeReply {
@@ -106,55 +100,16 @@ pub enum ProposeReply {
     NotLeader,
 }
 
-type Forwarded = (
-    Arc<Command>,
-    oneshot::Sender<Result<ProposeReply, tonic::Status>>,
-);
+/// A forwarded command's answer from the leader.
+type Forwarded = Result<ProposeReply, tonic::Status>;
 
-/// Run `send` on batches of queued commands. At most `MAX_IN_FLIGHT` batches are in
-/// flight; meanwhile new commands queue up and go together in the next batch
-/// (at most `MAX_BATCH` commands and `MAX_BATCH_BYTES` serialized; a larger single
-/// command goes alone).
-///
-/// Commands are shared (`Arc`): the caller keeps one to retry with elsewhere.
-fn spawn_batcher<R, F, Fut>(send: F) -> mpsc::UnboundedSender<(Arc<Command>, oneshot::Sender<R>)>
-where
-    R: Send + 'static,
-    F: Fn(Vec<Arc<Command>>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Vec<R>> + Send + 'static,
-{
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Arc<Command>, oneshot::Sender<R>)>();
-    let send = Arc::new(send);
-    tokio::spawn(async move {
-        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        loop {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                return;
-            };
-            let Some(first) = rx.recv().await else { return };
-            let mut size = command_bytes(&first.0);
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH && size < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(p) => {
-                        size += command_bytes(&p.0);
-                        batch.push(p);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let send = send.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let (cmds, txs): (Vec<Arc<Command>>, Vec<_>) = batch.into_iter().unzip();
-                for (tx, r) in txs.into_iter().zip(send(cmds).await) {
-                    let _ = tx.send(r);
-                }
-            });
-        }
-    });
-    tx
-}
+/// Batches of at most `MAX_BATCH` commands and `MAX_BATCH_BYTES`, with at most
+/// `MAX_IN_FLIGHT` in flight (see `batch`).
+const LIMITS: Limits = Limits {
+    max_in_flight: MAX_IN_FLIGHT,
+    max_batch: MAX_BATCH,
+    max_batch_bytes: MAX_BATCH_BYTES,
+};
 
 /// `n` copies of one failure.
 fn all_failed<T, E>(n: usize, e: impl Fn() -> E) -> Vec<Result<T, E>> {
@@ -318,16 +273,13 @@ fn lock_waiting(w: &Waiting) -> std::sync::MutexGuard<'_, Batches> {
 
 /// The forwarder to one leader: writes that reach this follower go to the leader in
 /// batches (a JSON list of commands each) on one `ProposeLink`.
-fn spawn_forwarder(
-    ch: tonic::transport::Channel,
-    timeout: Duration,
-) -> mpsc::UnboundedSender<Forwarded> {
+fn forwarder(ch: tonic::transport::Channel, timeout: Duration) -> Arc<Batcher<Forwarded>> {
     let link = Arc::new(ProposeLink {
         ch,
         open: tokio::sync::Mutex::new(None),
         unary: Default::default(),
     });
-    spawn_batcher(move |cmds: Vec<Arc<Command>>| {
+    Batcher::new(LIMITS, move |cmds: Vec<Arc<Command>>| {
         let link = link.clone();
         async move {
             let n = cmds.len();
@@ -351,12 +303,12 @@ fn spawn_forwarder(
 
 /// The proposer: every write this master commits goes through it, in batches of
 /// one log entry each; each caller gets its own result.
-fn spawn_proposer(
+fn proposer(
     raft: Raft,
     write_timeout: Duration,
     no_quorum: ApiError,
-) -> mpsc::UnboundedSender<Pending> {
-    spawn_batcher(move |cmds: Vec<Arc<Command>>| {
+) -> Arc<Batcher<Result<Change, Submit>>> {
+    Batcher::new(LIMITS, move |cmds: Vec<Arc<Command>>| {
         let (raft, no_quorum) = (raft.clone(), no_quorum.clone());
         async move {
             let n = cmds.len();
@@ -406,7 +358,7 @@ fn unavailable_no_quorum(cfg: &MasterConfig) -> ApiError {
 
 impl Master {
     pub fn new(cfg: MasterConfig, raft: Raft, sm: StateMachine) -> Self {
-        let proposer = spawn_proposer(raft.clone(), cfg.write_timeout, unavailable_no_quorum(&cfg));
+        let proposer = proposer(raft.clone(), cfg.write_timeout, unavailable_no_quorum(&cfg));
         Master {
             cfg,
             raft,
@@ -470,33 +422,25 @@ impl Master {
         let queue = {
             let mut f = self.forwarders.lock().expect("forwarders lock");
             match f.get(addr) {
-                Some(q) if !q.is_closed() => q.clone(),
-                _ => {
-                    let q = spawn_forwarder(self.peer_channel(addr)?, self.cfg.write_timeout);
+                Some(q) => q.clone(),
+                None => {
+                    let q = forwarder(self.peer_channel(addr)?, self.cfg.write_timeout);
                     f.insert(addr.to_string(), q.clone());
                     q
                 }
             }
         };
-        let (tx, rx) = oneshot::channel();
-        queue
-            .send((cmd, tx))
-            .map_err(|_| tonic::Status::unavailable("forwarder stopped"))?;
-        match tokio::time::timeout(timeout, rx).await {
+        match tokio::time::timeout(timeout, queue.submit(cmd)).await {
             Err(_) => Err(tonic::Status::deadline_exceeded(
                 "forwarded write timed out",
             )),
-            Ok(r) => r.unwrap_or_else(|_| Err(tonic::Status::unavailable("forwarder stopped"))),
+            Ok(r) => r.unwrap_or_else(|| Err(tonic::Status::unavailable("forwarder stopped"))),
         }
     }
 
     /// Hand `cmd` to the batching proposer of this master's Raft node.
     async fn submit(&self, cmd: Arc<Command>) -> Result<Change, Submit> {
-        let (tx, rx) = oneshot::channel();
-        self.proposer
-            .send((cmd, tx))
-            .map_err(|_| Submit::Api(ApiError::unavailable("this master is shutting down")))?;
-        rx.await.unwrap_or_else(|_| {
+        self.proposer.submit(cmd).await.unwrap_or_else(|| {
             Err(Submit::Api(ApiError::unavailable(
                 "this master is shutting down",
             )))

@@ -9,6 +9,7 @@
 
 mod alloc;
 mod api;
+mod batch;
 mod service;
 mod watch;
 

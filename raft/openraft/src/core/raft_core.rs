@@ -116,6 +116,10 @@ impl<NID: NodeId, N: Node> ApplyingEntry<NID, N> {
     pub(crate) fn new(log_id: LogId<NID>, membership: Option<Membership<NID, N>>) -> Self {
         Self { log_id, membership }
     }
+
+    pub(crate) fn log_id(&self) -> &LogId<NID> {
+        &self.log_id
+    }
 }
 
 /// The result of applying log entries to state machine.
@@ -760,7 +764,11 @@ where
 
         let last_applied = entries[entries.len() - 1].get_log_id().clone();
 
-        let cmd = sm::Command::apply(entries).with_seq(seq);
+        // orc: the callers waiting for these entries go with them.
+        let mut responders = self.client_resp_channels.split_off(&since);
+        let rest = responders.split_off(&end);
+        self.client_resp_channels.extend(rest);
+        let cmd = sm::Command::apply(entries, responders).with_seq(seq);
         self.sm_handle.send(cmd).map_err(|e| StorageIOError::apply(last_applied, AnyError::error(e)))?;
 
         Ok(())
@@ -772,37 +780,12 @@ where
     pub(crate) fn handle_apply_result(&mut self, res: ApplyResult<C>) {
         tracing::debug!(last_applied = display(res.last_applied), "{}", func_name!());
 
-        let mut results = res.apply_results.into_iter();
-        let mut applying_entries = res.applying_entries.into_iter();
-
-        for log_index in res.since..res.end {
-            let ent = applying_entries.next().unwrap();
-            let apply_res = results.next().unwrap();
-            let tx = self.client_resp_channels.remove(&log_index);
-
-            Self::send_response(ent, apply_res, tx);
+        // orc: the state machine worker answers the callers it was handed
+        // (`sm::Command::apply`); what is left here is answered as released.
+        for (ent, apply_res) in res.applying_entries.into_iter().zip(res.apply_results) {
+            let tx = self.client_resp_channels.remove(&ent.log_id.index);
+            send_response::<C>(ent, apply_res, tx);
         }
-    }
-
-    /// Send result of applying a log entry to its client.
-    #[tracing::instrument(level = "debug", skip_all)]
-    pub(super) fn send_response(entry: ApplyingEntry<C::NodeId, C::Node>, resp: C::R, tx: Option<ResponderOf<C>>) {
-        tracing::debug!(entry = debug(&entry), "send_response");
-
-        let tx = match tx {
-            None => return,
-            Some(x) => x,
-        };
-
-        let membership = entry.membership;
-
-        let res = Ok(ClientWriteResponse {
-            log_id: entry.log_id,
-            data: resp,
-            membership,
-        });
-
-        tx.send(res);
     }
 
     /// Spawn a new replication stream returning its replication state handle.
@@ -1766,4 +1749,29 @@ where
 
         Ok(None)
     }
+}
+
+/// Send result of applying a log entry to its client.
+#[tracing::instrument(level = "debug", skip_all)]
+pub(crate) fn send_response<C: RaftTypeConfig>(
+    entry: ApplyingEntry<C::NodeId, C::Node>,
+    resp: C::R,
+    tx: Option<ResponderOf<C>>,
+) {
+    tracing::debug!(entry = debug(&entry), "send_response");
+
+    let tx = match tx {
+        None => return,
+        Some(x) => x,
+    };
+
+    let membership = entry.membership;
+
+    let res = Ok(ClientWriteResponse {
+        log_id: entry.log_id,
+        data: resp,
+        membership,
+    });
+
+    tx.send(res);
 }
