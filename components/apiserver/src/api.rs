@@ -8,13 +8,13 @@ use orc_api::mutation::{Change, Command, ObjectKey};
 use orc_api::request::Request;
 use orc_api::selector::{FieldSelector, LabelSelector};
 use orc_api::{resources, validate, ApiError, Reason};
+use orc_proto::link::{Link, LinkError};
 use orc_proto::Blob;
 use orc_raft::{NodeId, Raft, StateMachine};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
 
 pub struct Master {
     pub cfg: MasterConfig,
@@ -117,90 +117,28 @@ fn all_failed<T, E>(n: usize, e: impl Fn() -> E) -> Vec<Result<T, E>> {
 }
 
 /// Batches a follower forwards to one leader travel on one long-lived
-/// `ProposeStream`: each message is a batch id (8 bytes, big-endian) and then
-/// the JSON list of commands; each answer the same id and the JSON list of
-/// results. Answers come as batches commit, so they are matched by id. A
-/// stream that fails fails every batch waiting on it, and the next batch opens
-/// a new one.
+/// `ProposeStream` (an `orc_proto::link::Link`): each message is a batch id and
+/// then the JSON list of commands; each answer the same id and the JSON list of
+/// results, as batches commit. A stream that fails fails every batch waiting on
+/// it, and the next batch opens a new one.
 struct ProposeLink {
     ch: tonic::transport::Channel,
-    open: tokio::sync::Mutex<Option<LinkConn>>,
-    /// The leader does not serve `ProposeStream` (an older build): use `Propose`.
-    unary: std::sync::atomic::AtomicBool,
-}
-
-/// Where the answer to one batch goes.
-type Answer = oneshot::Sender<Result<Vec<u8>, tonic::Status>>;
-/// The batches waiting on a stream, by id (None once it has failed).
-type Batches = Option<std::collections::HashMap<u64, Answer>>;
-type Waiting = Arc<std::sync::Mutex<Batches>>;
-
-struct LinkConn {
-    tx: mpsc::Sender<Blob>,
-    /// None once the stream has failed.
-    waiting: Waiting,
-    next: u64,
-}
-
-/// The batch id in front of a `ProposeStream` message, and the rest.
-pub(crate) fn split_id(b: &[u8]) -> Option<(u64, &[u8])> {
-    let (id, rest) = b.split_at_checked(8)?;
-    Some((u64::from_be_bytes(id.try_into().ok()?), rest))
-}
-
-pub(crate) fn with_id(id: u64, json: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(8 + json.len());
-    b.extend_from_slice(&id.to_be_bytes());
-    b.extend_from_slice(json);
-    b
+    link: Link,
 }
 
 impl ProposeLink {
     async fn send(&self, json: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, tonic::Status> {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.unary.load(Relaxed) {
-            return self.send_unary(json, timeout).await;
-        }
-        let rx = {
-            let mut open = self.open.lock().await;
-            if open
-                .as_ref()
-                .is_none_or(|c| c.tx.is_closed() || lock_waiting(&c.waiting).is_none())
-            {
-                match self.connect().await {
-                    Ok(c) => *open = Some(c),
-                    Err(s) if s.code() == tonic::Code::Unimplemented => {
-                        self.unary.store(true, Relaxed);
-                        drop(open);
-                        return self.send_unary(json, timeout).await;
-                    }
-                    Err(s) => return Err(s),
-                }
-            }
-            let c = open.as_mut().expect("connected above");
-            let id = c.next;
-            c.next += 1;
-            let (tx, rx) = oneshot::channel();
-            match lock_waiting(&c.waiting).as_mut() {
-                Some(w) => w.insert(id, tx),
-                None => return Err(tonic::Status::unavailable("the propose stream failed")),
-            };
-            if c.tx
-                .send(Blob {
-                    json: with_id(id, &json),
-                })
-                .await
-                .is_err()
-            {
-                return Err(tonic::Status::unavailable("the propose stream closed"));
-            }
-            rx
+        let open = |out| async {
+            Ok(orc_raft::network::client(self.ch.clone())
+                .propose_stream(out)
+                .await?
+                .into_inner())
         };
-        match tokio::time::timeout(timeout, rx).await {
-            Err(_) => Err(tonic::Status::cancelled("Timeout expired")),
-            Ok(r) => {
-                r.unwrap_or_else(|_| Err(tonic::Status::unavailable("the propose stream failed")))
-            }
+        match self.link.send(&json, timeout, open).await {
+            Ok(r) => Ok(r),
+            Err(LinkError::Status(s)) => Err(s),
+            // The leader does not serve `ProposeStream` (an older build): use `Propose`.
+            Err(LinkError::Unsupported) => self.send_unary(json, timeout).await,
         }
     }
 
@@ -212,63 +150,6 @@ impl ProposeLink {
             .await?;
         Ok(r.into_inner().json)
     }
-
-    async fn connect(&self) -> Result<LinkConn, tonic::Status> {
-        let (tx, rx) = mpsc::channel(64);
-        let mut answers = orc_raft::network::client(self.ch.clone())
-            .propose_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let waiting: Waiting = Arc::new(std::sync::Mutex::new(Some(Default::default())));
-        let w = waiting.clone();
-        tokio::spawn(async move {
-            let failure = loop {
-                match answers.message().await {
-                    Ok(Some(m)) => {
-                        let Some((id, json)) = split_id(&m.json) else {
-                            break tonic::Status::internal("a propose answer without its id");
-                        };
-                        let tx = lock_waiting(&w).as_mut().and_then(|m| m.remove(&id));
-                        if let Some(tx) = tx {
-                            let _ = tx.send(Ok(json.to_vec()));
-                        }
-                    }
-                    Ok(None) => break tonic::Status::unavailable("the propose stream ended"),
-                    // The leader could not read a batch: say so.
-                    Err(s)
-                        if matches!(
-                            s.code(),
-                            tonic::Code::InvalidArgument | tonic::Code::Internal
-                        ) =>
-                    {
-                        break s
-                    }
-                    // Whatever else broke the stream, the batches on it may be sent
-                    // again (to whichever master leads by then).
-                    Err(s) => {
-                        break tonic::Status::unavailable(format!(
-                            "the propose stream failed: {}",
-                            s.message()
-                        ))
-                    }
-                }
-            };
-            if let Some(all) = lock_waiting(&w).take() {
-                for (_, tx) in all {
-                    let _ = tx.send(Err(failure.clone()));
-                }
-            }
-        });
-        Ok(LinkConn {
-            tx,
-            waiting,
-            next: 0,
-        })
-    }
-}
-
-fn lock_waiting(w: &Waiting) -> std::sync::MutexGuard<'_, Batches> {
-    w.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The forwarder to one leader: writes that reach this follower go to the leader in
@@ -276,8 +157,7 @@ fn lock_waiting(w: &Waiting) -> std::sync::MutexGuard<'_, Batches> {
 fn forwarder(ch: tonic::transport::Channel, timeout: Duration) -> Arc<Batcher<Forwarded>> {
     let link = Arc::new(ProposeLink {
         ch,
-        open: tokio::sync::Mutex::new(None),
-        unary: Default::default(),
+        link: Link::new("propose stream"),
     });
     Batcher::new(LIMITS, move |cmds: Vec<Arc<Command>>| {
         let link = link.clone();

@@ -3,6 +3,7 @@
 use crate::api::Master;
 use orc_api::request::{Request, WatchRequest};
 use orc_api::{ApiError, Reason};
+use orc_proto::link::{split_id, with_id};
 use orc_proto::node_client::NodeClient;
 use orc_proto::orc_server::{Orc, OrcServer};
 use orc_proto::Blob;
@@ -30,6 +31,31 @@ fn encode<T: Serialize>(v: &T) -> Result<Response<Blob>, Status> {
 }
 
 type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<Blob, Status>> + Send>>;
+
+/// Calls of one `CallStream` handled at once, at most.
+const CALLS_PER_STREAM: usize = 256;
+
+/// The answer to one API request (`Call`, or one call on a `CallStream`): the
+/// JSON of the result or of the error.
+async fn answer(master: &Master, body: &[u8]) -> Result<Vec<u8>, Status> {
+    // The envelope adds a little to the object: allow for it, then judge the object.
+    let res = if body.len() > orc_api::MAX_REQUEST_BYTES + 4096 {
+        Err(ApiError::new(
+            Reason::RequestEntityTooLarge,
+            format!(
+                "the request is {} bytes; the limit is {} bytes (3 MiB)",
+                body.len(),
+                orc_api::MAX_REQUEST_BYTES
+            ),
+        ))
+    } else {
+        match serde_json::from_slice::<Request>(body) {
+            Ok(req) => master.handle(req).await,
+            Err(e) => Err(ApiError::bad_request(format!("cannot decode request: {e}"))),
+        }
+    };
+    serde_json::to_vec(&res).map_err(|e| Status::internal(e.to_string()))
+}
 
 #[tonic::async_trait]
 impl Orc for Service {
@@ -91,7 +117,7 @@ impl Orc for Service {
             let master = master.clone();
             async move {
                 let m = m.unwrap_or_default();
-                let (id, json) = crate::api::split_id(&m.json)
+                let (id, json) = split_id(&m.json)
                     .ok_or_else(|| Status::invalid_argument("a batch without its id"))?;
                 let cmds: Vec<orc_api::Command> = serde_json::from_slice(json)
                     .map_err(|e| Status::invalid_argument(format!("bad request body: {e}")))?;
@@ -100,7 +126,7 @@ impl Orc for Service {
                         .await;
                 serde_json::to_vec(&results)
                     .map(|json| Blob {
-                        json: crate::api::with_id(id, &json),
+                        json: with_id(id, &json),
                     })
                     .map_err(|e| Status::internal(e.to_string()))
             }
@@ -115,24 +141,50 @@ impl Orc for Service {
     }
 
     async fn call(&self, r: tonic::Request<Blob>) -> Result<Response<Blob>, Status> {
-        let body = &r.get_ref().json;
-        // The envelope adds a little to the object: allow for it, then judge the object.
-        if body.len() > orc_api::MAX_REQUEST_BYTES + 4096 {
-            let e = ApiError::new(
-                Reason::RequestEntityTooLarge,
-                format!(
-                    "the request is {} bytes; the limit is {} bytes (3 MiB)",
-                    body.len(),
-                    orc_api::MAX_REQUEST_BYTES
-                ),
-            );
-            return encode(&Err::<(), _>(e));
-        }
-        let res = match serde_json::from_slice::<Request>(body) {
-            Ok(req) => self.master.handle(req).await,
-            Err(e) => Err(ApiError::bad_request(format!("cannot decode request: {e}"))),
-        };
-        encode(&res)
+        Ok(Response::new(Blob {
+            json: answer(&self.master, &r.get_ref().json).await?,
+        }))
+    }
+
+    type CallStreamStream = WatchStream;
+
+    /// Calls from one client on one stream (see `orc_proto::link`): each is
+    /// handled in a task of its own, as a unary call is, and answered with its
+    /// id as soon as it is done, so answers may overtake.
+    async fn call_stream(
+        &self,
+        r: tonic::Request<tonic::Streaming<Blob>>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let mut input = r.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(CALLS_PER_STREAM);
+        let master = self.master.clone();
+        tokio::spawn(async move {
+            // At most this many calls of one stream in progress: beyond, the
+            // stream is not read (HTTP/2 flow control holds the client).
+            let slots = Arc::new(tokio::sync::Semaphore::new(CALLS_PER_STREAM));
+            while let Ok(Some(m)) = input.message().await {
+                let Some((id, _)) = split_id(&m.json) else {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument("a call without its id")))
+                        .await;
+                    return;
+                };
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (master, tx) = (master.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let res = answer(&master, &m.json[8..]).await.map(|json| Blob {
+                        json: with_id(id, &json),
+                    });
+                    let _ = tx.send(res).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type WatchStream = WatchStream;

@@ -8,6 +8,7 @@
 use futures::StreamExt;
 use orc_api::request::{Request, WatchEvent, WatchRequest};
 use orc_api::{ApiError, EventType, Reason};
+use orc_proto::link::{Link, LinkError};
 use orc_proto::orc_client::OrcClient;
 use orc_proto::Blob;
 use serde_json::{json, Value};
@@ -37,6 +38,8 @@ pub struct Client {
     servers: Vec<String>,
     /// One lazily connected channel per server, shared by every call.
     channels: Vec<Result<OrcClient<Channel>, String>>,
+    /// Per server, the stream that carries calls (opened on the first).
+    links: Vec<Link>,
     current: AtomicUsize,
     timeout: Duration,
 }
@@ -82,9 +85,11 @@ impl std::fmt::Display for ApplyOutcome {
 impl Client {
     pub fn new(servers: Vec<String>) -> Self {
         let channels = servers.iter().map(|s| connect(s)).collect();
+        let links = servers.iter().map(|_| Link::new("call stream")).collect();
         Client {
             servers,
             channels,
+            links,
             current: AtomicUsize::new(0),
             timeout: Duration::from_secs(30),
         }
@@ -173,6 +178,32 @@ impl Client {
         Ok(out)
     }
 
+    /// One request to master `idx`: on its call stream, or as a unary call
+    /// to a master that does not serve the stream (an older build).
+    async fn call_on(
+        &self,
+        idx: usize,
+        c: OrcClient<Channel>,
+        body: &[u8],
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let mut unary = c.clone();
+        let open = |out| async move {
+            let mut c = c;
+            Ok(c.call_stream(out).await?.into_inner())
+        };
+        match self.links[idx].send(body, self.timeout, open).await {
+            Ok(json) => Ok(json),
+            Err(LinkError::Status(s)) => Err(s),
+            Err(LinkError::Unsupported) => {
+                let mut r = tonic::Request::new(Blob {
+                    json: body.to_vec(),
+                });
+                r.set_timeout(self.timeout);
+                Ok(unary.call(r).await?.into_inner().json)
+            }
+        }
+    }
+
     /// One request, answered by the first reachable master.
     pub async fn call(&self, req: &Request) -> Result<Value, ClientError> {
         let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol {
@@ -185,24 +216,20 @@ impl Client {
         for i in 0..n {
             let idx = (first + i) % n;
             let server = &self.servers[idx];
-            let mut c = match &self.channels[idx] {
+            let c = match &self.channels[idx] {
                 Ok(c) => c.clone(),
                 Err(e) => {
                     last = format!("{server}: {e}");
                     continue;
                 }
             };
-            let mut r = tonic::Request::new(Blob { json: body.clone() });
-            r.set_timeout(self.timeout);
-            match c.call(r).await {
-                Ok(resp) => {
+            match self.call_on(idx, c, &body).await {
+                Ok(json) => {
                     self.current.store(idx, Ordering::Relaxed);
                     let res: Result<Value, ApiError> =
-                        serde_json::from_slice(&resp.into_inner().json).map_err(|e| {
-                            ClientError::Protocol {
-                                server: server.clone(),
-                                why: e.to_string(),
-                            }
+                        serde_json::from_slice(&json).map_err(|e| ClientError::Protocol {
+                            server: server.clone(),
+                            why: e.to_string(),
                         })?;
                     return res.map_err(ClientError::Api);
                 }

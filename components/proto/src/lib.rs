@@ -4,4 +4,5 @@
 //! must not depend on any other orc crate.
 tonic::include_proto!("orc");
 
+pub mod link;
 pub mod wire;
