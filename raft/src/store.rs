@@ -2,7 +2,8 @@
 //!
 //! - `logs`: Raft entries by big-endian index (JSON), written with sync; the
 //!   last ones also kept in memory (`Recent`).
-//! - `meta`: vote, committed, last purged log id, the current snapshot.
+//! - `meta`: vote, committed, last purged log id, the current snapshot's meta
+//!   (its data is the object store itself, encoded when a snapshot is sent).
 //! - `sm`: the state machine's applied log id and membership.
 //! - `objects`: the API objects, `resource/namespace/name` -> JSON.
 //!
@@ -83,10 +84,20 @@ pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), Store
     objects.set_block_based_table_factory(&table);
     objects.set_memtable_prefix_bloom_ratio(0.05);
     objects.set_memtable_whole_key_filtering(true);
-    let cfs = [CF_LOGS, CF_META, CF_SM]
+    // Compression costs CPU at every flush and compaction: objects are
+    // compressed only once they reach the deeper levels, where they stay;
+    // log entries, deleted once a snapshot covers them, never.
+    use rocksdb::DBCompressionType::{None as Plain, Snappy};
+    objects.set_compression_per_level(&[Plain, Plain, Snappy, Snappy, Snappy, Snappy, Snappy]);
+    let mut logs = Options::default();
+    logs.set_compression_type(Plain);
+    let cfs = [CF_META, CF_SM]
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()))
         .into_iter()
-        .chain([ColumnFamilyDescriptor::new(CF_OBJECTS, objects)]);
+        .chain([
+            ColumnFamilyDescriptor::new(CF_LOGS, logs),
+            ColumnFamilyDescriptor::new(CF_OBJECTS, objects),
+        ]);
     let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
     let sm = StateMachine {
         db: db.clone(),
@@ -447,6 +458,9 @@ impl ObjectCache {
     }
 }
 
+/// The applied log id and membership.
+type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
+
 /// Applied log id, membership and encoded objects, read from one RocksDB snapshot.
 type SnapshotContents = (
     Option<LogId<NodeId>>,
@@ -470,32 +484,35 @@ fn read_revision(db: &DB, snap: Option<&rocksdb::Snapshot<'_>>) -> u64 {
         .unwrap_or(0)
 }
 
-/// Keep the current snapshot: its meta as JSON and its data as raw bytes, in one
-/// synced batch.
-fn save_snapshot(db: &DB, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> SResult<()> {
+/// Record that a snapshot at `meta` was built or installed (synced). Only the
+/// meta is kept: the snapshot's data is the object store itself, encoded when
+/// a snapshot is asked for (`get_current_snapshot`). The data blob of earlier
+/// builds, which kept a copy of every object here, is deleted.
+fn save_snapshot_meta(db: &DB, meta: &SnapshotMeta<NodeId, BasicNode>) -> SResult<()> {
     let subject = ErrorSubject::Snapshot(Some(meta.signature()));
     let h = db.cf_handle(CF_META).expect("cf");
     let m = serde_json::to_vec(meta).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
     let mut batch = WriteBatch::default();
     batch.put_cf(h, "snapshot_meta", m);
-    batch.put_cf(h, "snapshot_data", data);
+    batch.delete_cf(h, "snapshot_data");
     db.write_opt(batch, &sync_opts())
         .map_err(|e| io_err(subject, ErrorVerb::Write, e))
 }
 
-fn load_snapshot(db: &DB) -> SResult<Option<Snapshot<TypeConfig>>> {
-    let meta: Option<SnapshotMeta<NodeId, BasicNode>> =
-        get_json(db, CF_META, "snapshot_meta", ErrorSubject::Snapshot(None))?;
-    let Some(meta) = meta else { return Ok(None) };
-    let h = db.cf_handle(CF_META).expect("cf");
-    let data = db
-        .get_cf(h, "snapshot_data")
-        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
-        .unwrap_or_default();
-    Ok(Some(Snapshot {
-        meta,
-        snapshot: Box::new(Cursor::new(data)),
-    }))
+/// The meta of a snapshot of the state at `applied`.
+fn snapshot_meta(
+    applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+) -> SnapshotMeta<NodeId, BasicNode> {
+    let snapshot_id = match applied {
+        Some(l) => format!("{}-{}", l.leader_id, l.index),
+        None => "empty".to_string(),
+    };
+    SnapshotMeta {
+        last_log_id: applied,
+        last_membership: membership,
+        snapshot_id,
+    }
 }
 
 /// Snapshot data: a sequence of (u32 key length, key, u32 value length, value).
@@ -647,6 +664,21 @@ impl StateMachine {
 
     fn snapshot_bytes(&self) -> SResult<SnapshotContents> {
         let snap = self.db.snapshot();
+        let (applied, membership) = self.applied_at(&snap)?;
+        let mut data = Vec::new();
+        let revision = read_revision(&self.db, Some(&snap));
+        encode_pair(&mut data, REVISION_KEY, &revision.to_be_bytes());
+        let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
+        for item in snap.iterator_cf(h, IteratorMode::Start) {
+            let (k, v) =
+                item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            encode_pair(&mut data, &k, &v);
+        }
+        Ok((applied, membership, data))
+    }
+
+    /// The applied log id and membership as of the RocksDB snapshot `snap`.
+    fn applied_at(&self, snap: &rocksdb::Snapshot<'_>) -> SResult<AppliedState> {
         let read = |key: &str| -> SResult<Option<Vec<u8>>> {
             snap.get_cf(self.db.cf_handle(CF_SM).expect("cf"), key)
                 .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
@@ -664,16 +696,7 @@ impl StateMachine {
         let membership: StoredMembership<NodeId, BasicNode> = de(read("membership")?)?
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
-        let mut data = Vec::new();
-        let revision = read_revision(&self.db, Some(&snap));
-        encode_pair(&mut data, REVISION_KEY, &revision.to_be_bytes());
-        let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
-        for item in snap.iterator_cf(h, IteratorMode::Start) {
-            let (k, v) =
-                item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
-            encode_pair(&mut data, &k, &v);
-        }
-        Ok((applied, membership, data))
+        Ok((applied, membership))
     }
 
     /// A consistent copy of every object: (store revision, encoded pairs).
@@ -704,25 +727,25 @@ pub fn decode_export(data: &[u8]) -> Result<Vec<(String, Value)>, String> {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// Records the applied state as the current snapshot, without copying the
+    /// objects: they are encoded only when a snapshot is sent
+    /// (`get_current_snapshot`), so building one under a write load costs a
+    /// WAL sync rather than a copy of the whole store. openraft uses only the
+    /// meta of what this returns; the data returned here is empty.
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
-        // Make everything the snapshot covers durable before Raft may purge logs behind it.
+        // The state as of now; then make it durable before Raft may purge logs
+        // behind it.
+        let snap = self.db.snapshot();
+        let (applied, membership) = self.applied_at(&snap)?;
+        drop(snap);
         self.db
             .flush_wal(true)
             .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        let (applied, membership, data) = self.snapshot_bytes()?;
-        let snapshot_id = match applied {
-            Some(l) => format!("{}-{}", l.leader_id, l.index),
-            None => "empty".to_string(),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        save_snapshot(&self.db, &meta, &data)?;
+        let meta = snapshot_meta(applied, membership);
+        save_snapshot_meta(&self.db, &meta)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }
@@ -895,9 +918,7 @@ impl StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> SResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+    async fn applied_state(&mut self) -> SResult<AppliedState> {
         let applied = self.read_applied()?;
         let membership = get_json(&self.db, CF_SM, "membership", ErrorSubject::StateMachine)?
             .unwrap_or_default();
@@ -986,13 +1007,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             c.objects.clear();
             c.revision = Some(revision);
         }
-        save_snapshot(&self.db, meta, &data)?;
+        save_snapshot_meta(&self.db, meta)?;
         self.hub.reset(revision);
         Ok(())
     }
 
+    /// The store as it is now, once a snapshot has been built or installed
+    /// (none before). Its meta is that of the applied state now, at or after
+    /// the last snapshot built: every log entry it covers is committed, and the
+    /// log is purged only behind the last one built.
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        load_snapshot(&self.db)
+        let built: Option<SnapshotMeta<NodeId, BasicNode>> = get_json(
+            &self.db,
+            CF_META,
+            "snapshot_meta",
+            ErrorSubject::Snapshot(None),
+        )?;
+        if built.is_none() {
+            return Ok(None);
+        }
+        let (applied, membership, data) = self.snapshot_bytes()?;
+        Ok(Some(Snapshot {
+            meta: snapshot_meta(applied, membership),
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }
 
@@ -1088,12 +1126,20 @@ mod tests {
         }
         sm.check_consistency().unwrap();
 
-        let snap = sm
+        // A build records the applied state; the data is the store, encoded
+        // when the snapshot is asked for.
+        let built = sm
             .get_snapshot_builder()
             .await
             .build_snapshot()
             .await
             .unwrap();
+        let snap = sm
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("a snapshot");
+        assert_eq!(snap.meta, built.meta);
         let dir2 = tempfile::tempdir().unwrap();
         let (_, mut other) = open(dir2.path(), Hub::new(100, usize::MAX)).unwrap();
         other
@@ -1214,12 +1260,17 @@ mod tests {
         // A snapshot of an empty store replaces everything cached.
         let dir2 = tempfile::tempdir().unwrap();
         let (_, mut empty) = open(dir2.path(), Hub::new(100, usize::MAX)).unwrap();
-        let snap = empty
+        empty
             .get_snapshot_builder()
             .await
             .build_snapshot()
             .await
             .unwrap();
+        let snap = empty
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("a snapshot");
         sm.install_snapshot(&snap.meta, snap.snapshot)
             .await
             .unwrap();

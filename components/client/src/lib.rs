@@ -3,6 +3,10 @@
 //! resume on another master from the last resourceVersion seen, and kubectl-style
 //! `apply` (create, or patch from the last applied configuration).
 //!
+//! Calls to one master share one long-lived `CallStream` (`orc_proto::link`),
+//! so concurrent callers cost that master one HTTP/2 DATA frame each way per
+//! call; a master of an older build gets unary `Call`s.
+//!
 //! It must not depend on the master's internals (Raft, RocksDB); only on the wire
 //! types in `orc-api` and the envelope in `orc-proto`.
 use futures::StreamExt;
