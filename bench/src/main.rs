@@ -492,7 +492,6 @@ fn leader_first(all: &[String], leader: &str) -> Vec<String> {
     v
 }
 
-/// CPU time (user + system, clock ticks) the processes have used so far.
 /// Every `resource` object in the cluster (a List through any master).
 async fn list_all(client: &Client, resource: &str) -> Result<serde_json::Value> {
     Ok(client
@@ -510,6 +509,7 @@ fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// CPU time (user + system, clock ticks) the processes have used so far.
 fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
@@ -672,8 +672,10 @@ async fn writes(
     let value = Arc::new("x".repeat(value_bytes));
     println!("writes of {value_bytes}-byte values, {seconds} s per run, 3 members each on 127.0.0.1, fsync on; orc: {}", orc_bin.display());
     println!();
-    println!("| clients | orc writes/s | orc p50 ms | orc p99 ms | orc CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | orc/etcd throughput |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| clients | orc writes/s | orc p50 ms | orc p99 ms | orc CPU µs/write | etcd writes/s | etcd p50 ms | etcd p99 ms | etcd CPU µs/write | orc/etcd throughput | client CPU µs/write, orc / etcd |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // This process is the clients of both systems: its CPU during each run.
+    let me = [std::process::id()];
     // The first three processes are orc's masters, the rest etcd's members.
     let orc_pids: Vec<u32> = procs.0.iter().take(3).map(Child::id).collect();
     let etcd_pids: Vec<u32> = procs.0.iter().skip(3).map(Child::id).collect();
@@ -693,10 +695,11 @@ async fn writes(
         };
         let orc = rotated(&orc);
         let etcd = etcd.as_deref().map(rotated);
-        let t0 = cpu_ticks(&orc_pids);
+        let (t0, c0) = (cpu_ticks(&orc_pids), cpu_ticks(&me));
         let o = orc_load(&orc, n, seconds, value.clone(), round).await;
         let orc_cpu = cpu_per_write(cpu_ticks(&orc_pids) - t0, o.writes);
-        let t0 = cpu_ticks(&etcd_pids);
+        let orc_client_cpu = cpu_per_write(cpu_ticks(&me) - c0, o.writes);
+        let (t0, c0) = (cpu_ticks(&etcd_pids), cpu_ticks(&me));
         let e = match &etcd {
             Some(eps) => Some(etcd_load(eps, n, seconds, value.clone(), round).await?),
             None => None,
@@ -704,6 +707,10 @@ async fn writes(
         let etcd_cpu = e
             .as_ref()
             .map(|e| cpu_per_write(cpu_ticks(&etcd_pids) - t0, e.writes))
+            .unwrap_or_else(|| "-".into());
+        let etcd_client_cpu = e
+            .as_ref()
+            .map(|e| cpu_per_write(cpu_ticks(&me) - c0, e.writes))
             .unwrap_or_else(|| "-".into());
         let (ew, ep50, ep99, ratio) = match &e {
             Some(e) => (
@@ -715,7 +722,7 @@ async fn writes(
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         println!(
-            "| {label} | {:.0} | {} | {} | {orc_cpu} | {ew} | {ep50} | {ep99} | {etcd_cpu} | {ratio} |",
+            "| {label} | {:.0} | {} | {} | {orc_cpu} | {ew} | {ep50} | {ep99} | {etcd_cpu} | {ratio} | {orc_client_cpu} / {etcd_client_cpu} |",
             o.per_sec,
             ms(o.p50),
             ms(o.p99)
