@@ -75,8 +75,10 @@ impl Link {
         self.unsupported.load(Ordering::Relaxed)
     }
 
-    /// Send `body` and wait up to `timeout` for its answer. `connect` opens the
-    /// stream (the messages to send in, the answers out) when none is open.
+    /// Send `body` and wait up to `timeout` for its answer (the time to open
+    /// the stream and to queue the request on it included: a server that hangs
+    /// makes callers fail, not wait). `connect` opens the stream (the messages
+    /// to send in, the answers out) when none is open.
     pub async fn send<F, Fut>(
         &self,
         body: &[u8],
@@ -90,42 +92,24 @@ impl Link {
         if self.unsupported() {
             return Err(LinkError::Unsupported);
         }
-        let rx = {
-            let mut open = self.open.lock().await;
-            if open
-                .as_ref()
-                .is_none_or(|c| c.tx.is_closed() || lock(&c.waiting).is_none())
-            {
-                let (tx, rx) = mpsc::channel(256);
-                match connect(ReceiverStream::new(rx)).await {
-                    Ok(answers) => *open = Some(self.start(tx, answers)),
-                    Err(s) if s.code() == tonic::Code::Unimplemented => {
-                        self.unsupported.store(true, Ordering::Relaxed);
-                        return Err(LinkError::Unsupported);
-                    }
-                    Err(s) => return Err(LinkError::Status(s)),
-                }
-            }
-            let c = open.as_mut().expect("connected above");
-            let id = c.next;
-            c.next += 1;
-            let (tx, rx) = oneshot::channel();
-            match lock(&c.waiting).as_mut() {
-                Some(w) => w.insert(id, tx),
-                None => return Err(self.failed("failed")),
-            };
-            let msg = Blob {
-                json: with_id(id, body),
-            };
-            if c.tx.send(msg).await.is_err() {
-                return Err(self.failed("closed"));
-            }
-            rx
+        let given_up = || {
+            LinkError::Status(tonic::Status::deadline_exceeded(format!(
+                "no answer within {timeout:?}"
+            )))
         };
-        match tokio::time::timeout(timeout, rx).await {
-            Err(_) => Err(LinkError::Status(tonic::Status::deadline_exceeded(
-                format!("no answer within {timeout:?}"),
-            ))),
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (id, rx, waiting) =
+            match tokio::time::timeout_at(deadline, self.enqueue(body, connect)).await {
+                Err(_) => return Err(given_up()),
+                Ok(r) => r?,
+            };
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => {
+                if let Some(w) = lock(&waiting).as_mut() {
+                    w.remove(&id);
+                }
+                Err(given_up())
+            }
             Ok(r) => r
                 .unwrap_or_else(|_| {
                     Err(tonic::Status::unavailable(format!(
@@ -135,6 +119,56 @@ impl Link {
                 })
                 .map_err(LinkError::Status),
         }
+    }
+
+    /// Queue `body` on the open stream (opening one if needed): its id, where
+    /// its answer will come, and the table it waits in.
+    async fn enqueue<F, Fut>(
+        &self,
+        body: &[u8],
+        connect: F,
+    ) -> Result<
+        (
+            u64,
+            oneshot::Receiver<Result<Vec<u8>, tonic::Status>>,
+            Waiting,
+        ),
+        LinkError,
+    >
+    where
+        F: FnOnce(ReceiverStream<Blob>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Streaming<Blob>, tonic::Status>>,
+    {
+        let mut open = self.open.lock().await;
+        if open
+            .as_ref()
+            .is_none_or(|c| c.tx.is_closed() || lock(&c.waiting).is_none())
+        {
+            let (tx, rx) = mpsc::channel(256);
+            match connect(ReceiverStream::new(rx)).await {
+                Ok(answers) => *open = Some(self.start(tx, answers)),
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    self.unsupported.store(true, Ordering::Relaxed);
+                    return Err(LinkError::Unsupported);
+                }
+                Err(s) => return Err(LinkError::Status(s)),
+            }
+        }
+        let c = open.as_mut().expect("connected above");
+        let id = c.next;
+        c.next += 1;
+        let (tx, rx) = oneshot::channel();
+        match lock(&c.waiting).as_mut() {
+            Some(w) => w.insert(id, tx),
+            None => return Err(self.failed("failed")),
+        };
+        let msg = Blob {
+            json: with_id(id, body),
+        };
+        if c.tx.send(msg).await.is_err() {
+            return Err(self.failed("closed"));
+        }
+        Ok((id, rx, c.waiting.clone()))
     }
 
     fn failed(&self, how: &str) -> LinkError {
@@ -243,6 +277,9 @@ mod tests {
                             let _ = tx.send(Err(Status::unavailable("told to die"))).await;
                             return;
                         }
+                        if body == b"hang" {
+                            return;
+                        }
                         tokio::time::sleep(Duration::from_millis(7 - id % 7)).await;
                         let mut out = body.to_vec();
                         out.reverse();
@@ -304,6 +341,30 @@ mod tests {
             let (body, got) = r;
             assert_eq!(got.chars().rev().collect::<String>(), body);
         }
+    }
+
+    /// A request the server never answers fails after the timeout, is
+    /// forgotten, and the stream goes on serving the others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unanswered_request_times_out_and_the_stream_goes_on() {
+        let c = server().await;
+        let link = Link::new("test stream");
+        let open = |out| {
+            let mut c = c.clone();
+            async move { Ok(c.exec(out).await?.into_inner()) }
+        };
+        match link.send(b"hang", Duration::from_millis(300), open).await {
+            Err(LinkError::Status(s)) => {
+                assert_eq!(s.code(), tonic::Code::DeadlineExceeded, "{s:?}")
+            }
+            other => panic!("an unanswered request gave {other:?}"),
+        }
+        assert_eq!(send(&link, &c, "ok").await.unwrap(), b"ko");
+        let open = link.open.lock().await;
+        let waiting = lock(&open.as_ref().expect("a stream").waiting)
+            .as_ref()
+            .map(|w| w.len());
+        assert_eq!(waiting, Some(0), "the timed-out request is still waiting");
     }
 
     /// A stream that breaks fails the requests on it as Unavailable, and the
