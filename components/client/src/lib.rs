@@ -187,13 +187,13 @@ impl Client {
     async fn call_on(
         &self,
         idx: usize,
-        c: OrcClient<Channel>,
+        c: &OrcClient<Channel>,
         body: &[u8],
     ) -> Result<Vec<u8>, tonic::Status> {
-        let mut unary = c.clone();
-        let open = |out| async move {
-            let mut c = c;
-            Ok(c.call_stream(out).await?.into_inner())
+        // Called only when the stream has to be opened.
+        let open = |out| {
+            let mut c = c.clone();
+            async move { Ok(c.call_stream(out).await?.into_inner()) }
         };
         match self.links[idx].send(body, self.timeout, open).await {
             Ok(json) => Ok(json),
@@ -203,7 +203,7 @@ impl Client {
                     json: body.to_vec(),
                 });
                 r.set_timeout(self.timeout);
-                Ok(unary.call(r).await?.into_inner().json)
+                Ok(c.clone().call(r).await?.into_inner().json)
             }
         }
     }
@@ -221,7 +221,7 @@ impl Client {
             let idx = (first + i) % n;
             let server = &self.servers[idx];
             let c = match &self.channels[idx] {
-                Ok(c) => c.clone(),
+                Ok(c) => c,
                 Err(e) => {
                     last = format!("{server}: {e}");
                     continue;

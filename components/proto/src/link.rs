@@ -315,12 +315,20 @@ mod tests {
         c: &NodeClient<tonic::transport::Channel>,
         body: &str,
     ) -> Result<Vec<u8>, LinkError> {
+        send_within(link, c, body, Duration::from_secs(10)).await
+    }
+
+    async fn send_within(
+        link: &Link,
+        c: &NodeClient<tonic::transport::Channel>,
+        body: &str,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
         let open = |out| {
             let mut c = c.clone();
             async move { Ok(c.exec(out).await?.into_inner()) }
         };
-        link.send(body.as_bytes(), Duration::from_secs(10), open)
-            .await
+        link.send(body.as_bytes(), timeout, open).await
     }
 
     /// Many requests at once on one stream, answered out of order: each
@@ -349,11 +357,7 @@ mod tests {
     async fn an_unanswered_request_times_out_and_the_stream_goes_on() {
         let c = server().await;
         let link = Link::new("test stream");
-        let open = |out| {
-            let mut c = c.clone();
-            async move { Ok(c.exec(out).await?.into_inner()) }
-        };
-        match link.send(b"hang", Duration::from_millis(300), open).await {
+        match send_within(&link, &c, "hang", Duration::from_millis(300)).await {
             Err(LinkError::Status(s)) => {
                 assert_eq!(s.code(), tonic::Code::DeadlineExceeded, "{s:?}")
             }

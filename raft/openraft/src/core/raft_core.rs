@@ -122,13 +122,13 @@ impl<NID: NodeId, N: Node> ApplyingEntry<NID, N> {
     }
 }
 
-/// The result of applying log entries to state machine.
+/// The result of applying log entries to state machine. (orc: the callers
+/// were answered by the worker, see `sm::Command::apply`; `RaftCore` learns
+/// only how far it applied.)
 pub(crate) struct ApplyResult<C: RaftTypeConfig> {
     pub(crate) since: u64,
     pub(crate) end: u64,
     pub(crate) last_applied: LogId<C::NodeId>,
-    pub(crate) applying_entries: Vec<ApplyingEntry<C::NodeId, C::Node>>,
-    pub(crate) apply_results: Vec<C::R>,
 }
 
 impl<C: RaftTypeConfig> Debug for ApplyResult<C> {
@@ -774,20 +774,6 @@ where
         Ok(())
     }
 
-    /// When received results of applying log entries to the state machine, send back responses to
-    /// the callers that proposed the entries.
-    #[tracing::instrument(level = "debug", skip_all)]
-    pub(crate) fn handle_apply_result(&mut self, res: ApplyResult<C>) {
-        tracing::debug!(last_applied = display(res.last_applied), "{}", func_name!());
-
-        // orc: the state machine worker answers the callers it was handed
-        // (`sm::Command::apply`); what is left here is answered as released.
-        for (ent, apply_res) in res.applying_entries.into_iter().zip(res.apply_results) {
-            let tx = self.client_resp_channels.remove(&ent.log_id.index);
-            send_response::<C>(ent, apply_res, tx);
-        }
-    }
-
     /// Spawn a new replication stream returning its replication state handle.
     #[tracing::instrument(level = "debug", skip(self))]
     #[allow(clippy::type_complexity)]
@@ -1424,9 +1410,8 @@ where
                         }
                     }
                     sm::Response::Apply(res) => {
-                        self.engine.state.io_state_mut().update_applied(Some(res.last_applied.clone()));
-
-                        self.handle_apply_result(res);
+                        tracing::debug!(last_applied = display(&res.last_applied), "applied");
+                        self.engine.state.io_state_mut().update_applied(Some(res.last_applied));
                     }
                 }
             }

@@ -167,14 +167,11 @@ where
             let tx = responders.remove(&ent.log_id().index);
             send_response::<C>(ent, res, tx);
         }
-        let (applying_entries, apply_results) = (Vec::new(), Vec::new());
 
         let resp = ApplyResult {
             since,
             end,
             last_applied,
-            applying_entries,
-            apply_results,
         };
 
         Ok(resp)
