@@ -31,8 +31,9 @@ struct Cli {
 enum Cmd {
     /// ConfigMap writes to 3 orc masters vs key writes to 3 etcd members.
     Writes {
-        /// Concurrent clients, comma-separated (1 is run twice: at each
-        /// system's leader, then at a follower).
+        /// Concurrent clients, comma-separated (1 is run three times: at each
+        /// system's leader, at a follower, and at a follower that forwards
+        /// every write: orc's client then does not go to the leader itself).
         #[arg(long, default_value = "1,64,256")]
         clients: String,
         /// Seconds of load per system and concurrency.
@@ -50,6 +51,10 @@ enum Cmd {
         /// Only orc (no etcd comparison).
         #[arg(long)]
         skip_etcd: bool,
+        /// Many clients: all at each system's leader, instead of a third at
+        /// each member.
+        #[arg(long)]
+        all_at_leader: bool,
         /// Extra flags for every `orc master` (repeatable), e.g. --orc-arg=--heartbeat-ms=100.
         #[arg(long = "orc-arg", allow_hyphen_values = true)]
         orc_args: Vec<String>,
@@ -402,13 +407,15 @@ async fn orc_load(
     secs: u64,
     value: Arc<String>,
     round: usize,
+    to_leader: bool,
 ) -> Stats {
     // One connection per master; client task i starts at master i % 3.
     let conns: Vec<Arc<Client>> = (0..addrs.len())
         .map(|i| {
-            Arc::new(Client::new(
-                addrs[i..].iter().chain(&addrs[..i]).cloned().collect(),
-            ))
+            Arc::new(
+                Client::new(addrs[i..].iter().chain(&addrs[..i]).cloned().collect())
+                    .writes_to_leader(to_leader),
+            )
         })
         .collect();
     load(clients, secs, move |t, seq| {
@@ -546,6 +553,7 @@ async fn main() -> Result<()> {
             orc_bin,
             etcd_bin,
             skip_etcd,
+            all_at_leader,
             orc_args,
             keep,
         } => {
@@ -556,6 +564,7 @@ async fn main() -> Result<()> {
                 orc_bin,
                 etcd_bin,
                 skip_etcd,
+                all_at_leader,
                 orc_args,
                 keep,
             )
@@ -637,6 +646,7 @@ async fn writes(
     orc_bin: Option<PathBuf>,
     etcd_bin: PathBuf,
     skip_etcd: bool,
+    all_at_leader: bool,
     orc_args: Vec<String>,
     keep: bool,
 ) -> Result<()> {
@@ -654,9 +664,12 @@ async fn writes(
         Some(start_etcd(&etcd_bin, dir.path(), &mut procs).await?)
     };
     // Client task i starts at member i % 3 of this order. With many clients
-    // each member gets a third of them; a single client is run twice, at the
-    // leader and at a follower, in both systems alike (the first member of
-    // each need not be its leader: orc's never was, etcd's sometimes).
+    // each member gets a third of them; a single client is run at the leader
+    // and at a follower, in both systems alike (the first member of each need
+    // not be its leader: orc's never was, etcd's sometimes). orc's client
+    // sends writes to the leader once it has learned which master that is;
+    // the "forwarded" run turns that off, so a follower forwards every write,
+    // as etcd's followers do for its client.
     let orc = orc_leader_first(&orc).await?;
     let etcd = match etcd {
         Some(eps) => Some(etcd_leader_first(&eps).await?),
@@ -665,7 +678,7 @@ async fn writes(
     let runs: Vec<(usize, &str)> = levels
         .iter()
         .flat_map(|&n| match n {
-            1 => vec![(1, "leader"), (1, "follower")],
+            1 => vec![(1, "leader"), (1, "follower"), (1, "follower, forwarded")],
             n => vec![(n, "")],
         })
         .collect();
@@ -683,10 +696,15 @@ async fn writes(
         // A follower first: the leader's successor in the order.
         let rotated = |v: &[String]| {
             let mut v = v.to_vec();
-            if at == "follower" {
+            if at.starts_with("follower") {
                 v.rotate_left(1);
             }
             v
+        };
+        let at = if at.is_empty() && all_at_leader {
+            "leader"
+        } else {
+            at
         };
         let label = if at.is_empty() {
             n.to_string()
@@ -695,8 +713,15 @@ async fn writes(
         };
         let orc = rotated(&orc);
         let etcd = etcd.as_deref().map(rotated);
+        // At the leader: the leader alone, for every client task.
+        let (orc, etcd) = if at == "leader" {
+            (orc[..1].to_vec(), etcd.map(|e| e[..1].to_vec()))
+        } else {
+            (orc, etcd)
+        };
         let (t0, c0) = (cpu_ticks(&orc_pids), cpu_ticks(&me));
-        let o = orc_load(&orc, n, seconds, value.clone(), round).await;
+        let route = !at.ends_with("forwarded");
+        let o = orc_load(&orc, n, seconds, value.clone(), round, route).await;
         let orc_cpu = cpu_per_write(cpu_ticks(&orc_pids) - t0, o.writes);
         let orc_client_cpu = cpu_per_write(cpu_ticks(&me) - c0, o.writes);
         let (t0, c0) = (cpu_ticks(&etcd_pids), cpu_ticks(&me));

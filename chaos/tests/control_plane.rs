@@ -191,6 +191,67 @@ impl Drop for Watcher {
     }
 }
 
+/// Writes master `id` has forwarded to a leader, by `cluster status`.
+fn forwarded_writes(c: &Cluster, via: u64, id: u64) -> u64 {
+    let st = c.status(via).expect("status");
+    let m = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .cloned()
+        .unwrap_or_default();
+    m["forwarded_writes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no forwarded_writes for master {id}: {st}"))
+}
+
+/// A client given a follower first learns which master leads and sends its
+/// writes there; given only the follower, the follower forwards every one.
+#[test]
+fn clients_send_writes_to_the_leader_they_learn() {
+    let c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(Duration::from_secs(20));
+    let fs = followers(&c, leader);
+    let f = fs[0];
+    let manifest = |prefix: &str| {
+        (0..40)
+            .map(|i| {
+                format!(
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {prefix}-{i}, namespace: default}}\ndata: {{i: \"{i}\"}}\n"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    let apply = |servers: &str, prefix: &str| {
+        let file = c.dir.path().join(format!("{prefix}.yaml"));
+        std::fs::write(&file, manifest(prefix)).unwrap();
+        let out = c.orc(servers, &["apply", "-f", file.to_str().unwrap()]);
+        assert!(out.ok(), "{} {}", out.stdout, out.stderr);
+        assert_eq!(out.stdout.lines().count(), 40, "{}", out.stdout);
+    };
+    // Only the follower: it forwards each write.
+    let before = forwarded_writes(&c, leader, f);
+    apply(&c.addr(f), "only-follower");
+    assert_eq!(forwarded_writes(&c, leader, f) - before, 40);
+    // The follower first, then the others: the client asks who leads while
+    // its first write is forwarded, and sends the rest to the leader.
+    let servers = format!("{},{},{}", c.addr(f), c.addr(fs[1]), c.addr(leader));
+    let before = forwarded_writes(&c, leader, f);
+    apply(&servers, "follower-first");
+    let forwarded = forwarded_writes(&c, leader, f) - before;
+    assert!(forwarded < 20, "{forwarded} of 40 writes were forwarded");
+    for prefix in ["only-follower", "follower-first"] {
+        let out = c.orc(
+            &c.addr(fs[1]),
+            &["get", "cm", &format!("{prefix}-39"), "-o", "json"],
+        );
+        assert!(out.ok(), "{prefix}-39: {}", out.stderr);
+        assert_eq!(out.json()["data"]["i"], "39");
+    }
+}
+
 fn set_i(c: &Cluster, server: &str, i: u64) {
     let patch = format!("{{\"data\":{{\"i\":\"{i}\"}}}}");
     let o = c.orc(server, &["patch", "cm", "counter", "-n", "w", "-p", &patch]);

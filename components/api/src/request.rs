@@ -68,6 +68,20 @@ pub enum Request {
     Snapshot,
 }
 
+impl Request {
+    /// A write of objects: committed through the Raft leader, so a client
+    /// that knows the leader sends it there (a follower would forward it).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Request::Create { .. }
+                | Request::Update { .. }
+                | Request::Patch { .. }
+                | Request::Delete { .. }
+        )
+    }
+}
+
 /// Watch: events after `resource_version` (or, without one, the current state as
 /// ADDED events first, then changes).
 #[derive(Debug, Clone, Serialize, Deserialize)]

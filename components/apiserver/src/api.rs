@@ -29,6 +29,8 @@ pub struct Master {
     /// ReadIndex rounds shared by concurrent reads (here, and for followers).
     reads: ReadRounds,
     forwarded_reads: ReadRounds,
+    /// Writes this master has handed to a leader (shown by `MemberStatus`).
+    forwarded_writes: std::sync::atomic::AtomicU64,
 }
 
 /// Concurrent linearizable reads share ReadIndex rounds: openraft confirms
@@ -248,6 +250,7 @@ impl Master {
             peers: Default::default(),
             reads: Default::default(),
             forwarded_reads: Default::default(),
+            forwarded_writes: Default::default(),
         }
     }
 
@@ -299,6 +302,8 @@ impl Master {
         cmd: Arc<Command>,
         timeout: Duration,
     ) -> Result<ProposeReply, tonic::Status> {
+        self.forwarded_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let queue = {
             let mut f = self.forwarders.lock().expect("forwarders lock");
             match f.get(addr) {
@@ -802,6 +807,7 @@ impl Master {
             "snapshot_index": m.snapshot.map(|l| l.index),
             "purged_index": m.purged.map(|l| l.index),
             "members": members, "voters": voters,
+            "forwarded_writes": self.forwarded_writes.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -834,7 +840,7 @@ impl Master {
                 let field = |f: &str| st.as_ref().map(|s| s[f].clone()).unwrap_or(Value::Null);
                 json!({"id": id, "address": addr, "role": role, "reachable": st.is_some(),
                        "applied_index": field("applied_index"), "snapshot_index": field("snapshot_index"),
-                       "purged_index": field("purged_index")})
+                       "purged_index": field("purged_index"), "forwarded_writes": field("forwarded_writes")})
             }
         });
         let members: Vec<Value> = futures::future::join_all(asks).await;

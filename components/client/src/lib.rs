@@ -7,6 +7,11 @@
 //! so concurrent callers cost that master one HTTP/2 DATA frame each way per
 //! call; a master of an older build gets unary `Call`s.
 //!
+//! Writes go to the Raft leader when the client knows it: it asks a master
+//! (`MemberStatus`) in the background on its first write and every few seconds
+//! after. Any master still takes any write (a follower forwards it), so a stale
+//! answer costs a hop, never a write.
+//!
 //! It must not depend on the master's internals (Raft, RocksDB); only on the wire
 //! types in `orc-api` and the envelope in `orc-proto`.
 use futures::StreamExt;
@@ -17,7 +22,8 @@ use orc_proto::orc_client::OrcClient;
 use orc_proto::Blob;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
@@ -46,6 +52,50 @@ pub struct Client {
     links: Vec<Link>,
     current: AtomicUsize,
     timeout: Duration,
+    /// Where writes go (see `LeaderHint`); None when routing is off.
+    leader: Option<Arc<Mutex<LeaderHint>>>,
+}
+
+/// How long a learned leader is trusted before the client asks again ...
+const LEADER_RECHECK: Duration = Duration::from_secs(3);
+/// ... and how long after finding none (or failing to reach it).
+const LEADER_RETRY: Duration = Duration::from_millis(500);
+
+/// The leader as this client last learned it.
+#[derive(Debug, Default)]
+struct LeaderHint {
+    /// Its index in `servers`.
+    idx: Option<usize>,
+    checked: Option<Instant>,
+    asking: bool,
+}
+
+impl LeaderHint {
+    /// Whether to ask a master who leads, at `now`.
+    fn due(&self, now: Instant) -> bool {
+        match (self.asking, self.idx, self.checked) {
+            (true, _, _) => false,
+            (false, _, None) => true,
+            (false, Some(_), Some(t)) => now.duration_since(t) >= LEADER_RECHECK,
+            (false, None, Some(t)) => now.duration_since(t) >= LEADER_RETRY,
+        }
+    }
+}
+
+/// The leader's index in `servers`, from the `MemberStatus` answer of the
+/// master at `asked`; None when it knows no leader or the leader's address is
+/// not one of `servers`.
+fn leader_index(status: &Value, asked: usize, servers: &[String]) -> Option<usize> {
+    if status["role"] == "leader" {
+        return Some(asked);
+    }
+    let id = status["leader"].as_u64()?;
+    let addr = status["members"][id.to_string()].as_str()?;
+    let bare = |s: &str| {
+        let s = s.split_once("://").map_or(s, |(_, rest)| rest);
+        s.trim_end_matches('/').to_string()
+    };
+    servers.iter().position(|s| bare(s) == bare(addr))
 }
 
 fn connect(addr: &str) -> Result<OrcClient<Channel>, String> {
@@ -67,6 +117,19 @@ fn connect(addr: &str) -> Result<OrcClient<Channel>, String> {
 fn is_unreachable(s: &tonic::Status) -> bool {
     matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
         && !s.message().contains("h2 protocol error")
+}
+
+/// Ask the master at `idx` who leads (its own `MemberStatus`); None if it
+/// does not answer within a second or knows no leader among `servers`.
+async fn ask_leader(mut c: OrcClient<Channel>, idx: usize, servers: &[String]) -> Option<usize> {
+    let body = serde_json::to_vec(&Request::MemberStatus).ok()?;
+    let mut r = tonic::Request::new(Blob { json: body });
+    r.set_timeout(Duration::from_secs(1));
+    let json = c.call(r).await.ok()?.into_inner().json;
+    let status: Value = serde_json::from_slice::<Result<Value, ApiError>>(&json)
+        .ok()?
+        .ok()?;
+    leader_index(&status, idx, servers)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +159,60 @@ impl Client {
             links,
             current: AtomicUsize::new(0),
             timeout: Duration::from_secs(30),
+            leader: Some(Arc::default()),
+        }
+    }
+
+    /// Send writes to whichever master was asked first, like reads, instead
+    /// of to the leader (`false`): it forwards them. For measuring that path.
+    pub fn writes_to_leader(mut self, on: bool) -> Self {
+        self.leader = on.then(Arc::default);
+        self
+    }
+
+    /// The master the client last learned leads (index into its servers).
+    pub fn known_leader(&self) -> Option<&str> {
+        let h = self
+            .leader
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        h.idx.map(|i| self.servers[i].as_str())
+    }
+
+    /// Where a write goes first: the known leader, if any. Asks again in the
+    /// background when the answer is old (never holding up this write).
+    fn write_target(&self) -> Option<usize> {
+        let hint = self.leader.as_ref()?;
+        let mut h = hint.lock().unwrap_or_else(|e| e.into_inner());
+        let known = h.idx;
+        if h.due(Instant::now()) {
+            let ask = known.unwrap_or_else(|| self.current.load(Ordering::Relaxed));
+            if let (Ok(rt), Ok(c)) = (tokio::runtime::Handle::try_current(), &self.channels[ask]) {
+                h.asking = true;
+                let (hint, c, servers) = (hint.clone(), c.clone(), self.servers.clone());
+                rt.spawn(async move {
+                    let idx = ask_leader(c, ask, &servers).await;
+                    let mut h = hint.lock().unwrap_or_else(|e| e.into_inner());
+                    *h = LeaderHint {
+                        idx,
+                        checked: Some(Instant::now()),
+                        asking: false,
+                    };
+                });
+            }
+        }
+        known
+    }
+
+    /// The known leader did not answer: forget it until asked again.
+    fn leader_lost(&self, idx: usize) {
+        if let Some(hint) = &self.leader {
+            let mut h = hint.lock().unwrap_or_else(|e| e.into_inner());
+            if h.idx == Some(idx) {
+                h.idx = None;
+                h.checked = Some(Instant::now());
+            }
         }
     }
 
@@ -216,9 +333,19 @@ impl Client {
         })?;
         let n = self.servers.len();
         let first = self.current.load(Ordering::Relaxed);
+        let leader = if req.is_write() {
+            self.write_target()
+        } else {
+            None
+        };
+        // The leader (for a write, when known), then every master in turn.
+        let order = leader.into_iter().chain(
+            (0..n)
+                .map(|i| (first + i) % n)
+                .filter(|&i| Some(i) != leader),
+        );
         let mut last = String::from("no servers configured");
-        for i in 0..n {
-            let idx = (first + i) % n;
+        for idx in order {
             let server = &self.servers[idx];
             let c = match &self.channels[idx] {
                 Ok(c) => c,
@@ -229,7 +356,9 @@ impl Client {
             };
             match self.call_on(idx, c, &body).await {
                 Ok(json) => {
-                    self.current.store(idx, Ordering::Relaxed);
+                    if Some(idx) != leader {
+                        self.current.store(idx, Ordering::Relaxed);
+                    }
                     let res: Result<Value, ApiError> =
                         serde_json::from_slice(&json).map_err(|e| ClientError::Protocol {
                             server: server.clone(),
@@ -237,7 +366,12 @@ impl Client {
                         })?;
                     return res.map_err(ClientError::Api);
                 }
-                Err(s) if is_unreachable(&s) => last = format!("{server}: {}", s.message()),
+                Err(s) if is_unreachable(&s) => {
+                    if Some(idx) == leader {
+                        self.leader_lost(idx);
+                    }
+                    last = format!("{server}: {}", s.message())
+                }
                 Err(s) => {
                     return Err(ClientError::Protocol {
                         server: server.clone(),
@@ -434,5 +568,73 @@ impl Client {
                 Ok((updated, outcome))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers() -> Vec<String> {
+        ["127.0.0.1:7001", "http://127.0.0.1:7002", "127.0.0.1:7003"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    fn status(role: &str, leader: Option<u64>) -> Value {
+        json!({"id": 1, "role": role, "leader": leader,
+               "members": {"1": "127.0.0.1:7001", "2": "127.0.0.1:7002", "3": "127.0.0.1:7003"}})
+    }
+
+    #[test]
+    fn the_leader_is_found_among_the_servers() {
+        // The master asked leads.
+        assert_eq!(
+            leader_index(&status("leader", Some(1)), 0, &servers()),
+            Some(0)
+        );
+        // It names another, by an address given with a scheme here.
+        assert_eq!(
+            leader_index(&status("follower", Some(2)), 0, &servers()),
+            Some(1)
+        );
+        assert_eq!(
+            leader_index(&status("follower", Some(3)), 1, &servers()),
+            Some(2)
+        );
+        // No leader known, or one the client was not given.
+        assert_eq!(
+            leader_index(&status("candidate", None), 0, &servers()),
+            None
+        );
+        assert_eq!(
+            leader_index(&status("follower", Some(9)), 0, &servers()),
+            None
+        );
+        let only_two = servers()[..2].to_vec();
+        assert_eq!(
+            leader_index(&status("follower", Some(3)), 0, &only_two),
+            None
+        );
+    }
+
+    #[test]
+    fn the_leader_is_asked_again_when_its_answer_is_old() {
+        let t = Instant::now();
+        let mut h = LeaderHint::default();
+        assert!(h.due(t), "never asked");
+        h.asking = true;
+        assert!(!h.due(t + LEADER_RECHECK * 10), "one question at a time");
+        h = LeaderHint {
+            idx: Some(2),
+            checked: Some(t),
+            asking: false,
+        };
+        assert!(!h.due(t + LEADER_RECHECK / 2));
+        assert!(h.due(t + LEADER_RECHECK));
+        // No leader found (or it stopped answering): sooner.
+        h.idx = None;
+        assert!(!h.due(t + LEADER_RETRY / 2));
+        assert!(h.due(t + LEADER_RETRY));
     }
 }
