@@ -4,18 +4,23 @@
 //!   last ones also kept in memory (`Recent`).
 //! - `meta`: vote, committed, last purged log id, the current snapshot's meta
 //!   (its data is the object store itself, encoded when a snapshot is sent).
-//! - `sm`: the state machine's applied log id and membership.
-//! - `objects`: the API objects, `resource/namespace/name` -> JSON.
+//! - `objects`: the API objects, `resource/namespace/name` -> JSON, and the
+//!   state machine's applied log id, revision and membership under keys that
+//!   start with a NUL byte (no object's key does).
+//! - `sm`: where those three lived before (read once, on open, and moved).
 //!
 //! Log appends and votes are fsynced before they are acknowledged. Appends use
 //! group commit: `append` writes the batch and hands openraft's callback to the
 //! syncer thread, which fsyncs the write-ahead log once for every append queued
-//! meanwhile and only then acknowledges them, so concurrent writes share fsyncs. State-machine
-//! writes are not: they share the write-ahead log with the synced log writes, and
-//! each apply batch (objects + applied index) is one atomic RocksDB batch, so after a
-//! crash the state machine is consistent at some index and Raft re-applies the rest.
-//! Before a snapshot is taken the WAL is synced, so the log is never purged behind
-//! state that could still be lost.
+//! meanwhile and only then acknowledges them, so concurrent writes share fsyncs.
+//! State-machine writes skip the write-ahead log: the log holds every entry
+//! they come from. Each apply batch (objects + applied index) is one atomic
+//! RocksDB batch into the one column family, and a memtable flush persists a
+//! prefix of a column family's writes, so after a crash the state machine is
+//! whatever its last flush held: consistent at some index, from which Raft
+//! re-applies the rest of the log. Before a snapshot is recorded the objects
+//! are flushed, so the log is never purged behind state that could still be
+//! lost. (A snapshot installed from the leader is written through the WAL.)
 use crate::hub::{Hub, StoredEvent};
 use crate::{NodeId, Response, TypeConfig};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -41,6 +46,47 @@ const CF_LOGS: &str = "logs";
 const CF_META: &str = "meta";
 const CF_SM: &str = "sm";
 const CF_OBJECTS: &str = "objects";
+
+/// The state machine's own records, in `objects` beside the objects (see the
+/// module doc), and their names in the `sm` column family of earlier versions.
+const SM_APPLIED: (&str, &str) = ("\0sm/applied", "applied");
+const SM_REVISION: (&str, &str) = ("\0sm/revision", "revision");
+const SM_MEMBERSHIP: (&str, &str) = ("\0sm/membership", "membership");
+
+/// Whether a key in `objects` is one of the state machine's records, not an object.
+fn is_sm_key(k: &[u8]) -> bool {
+    k.first() == Some(&0)
+}
+
+/// Move the state machine's records from the `sm` column family (versions
+/// before they lived in `objects`), synced, before anything reads them.
+fn move_sm_records(db: &DB) -> Result<(), StoreError> {
+    let (sm, objects) = (
+        db.cf_handle(CF_SM).expect("cf"),
+        db.cf_handle(CF_OBJECTS).expect("cf"),
+    );
+    if db.get_cf(objects, SM_APPLIED.0)?.is_some() {
+        return Ok(());
+    }
+    let mut batch = WriteBatch::default();
+    for (new, old) in [SM_APPLIED, SM_REVISION, SM_MEMBERSHIP] {
+        if let Some(v) = db.get_cf(sm, old)? {
+            batch.put_cf(objects, new, v);
+            batch.delete_cf(sm, old);
+        }
+    }
+    if !batch.is_empty() {
+        db.write_opt(batch, &sync_opts())?;
+    }
+    Ok(())
+}
+
+/// Apply batches skip the WAL (see the module doc).
+fn apply_opts() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.disable_wal(true);
+    o
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -99,6 +145,7 @@ pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), Store
             ColumnFamilyDescriptor::new(CF_OBJECTS, objects),
         ]);
     let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
+    move_sm_records(&db)?;
     let sm = StateMachine {
         db: db.clone(),
         hub,
@@ -472,10 +519,10 @@ const REVISION_KEY: &[u8] = b"\0revision";
 
 /// The store revision, from the DB or from one of its snapshots.
 fn read_revision(db: &DB, snap: Option<&rocksdb::Snapshot<'_>>) -> u64 {
-    let h = db.cf_handle(CF_SM).expect("cf");
+    let h = db.cf_handle(CF_OBJECTS).expect("cf");
     let v = match snap {
-        Some(s) => s.get_cf(h, "revision"),
-        None => db.get_cf(h, "revision"),
+        Some(s) => s.get_cf(h, SM_REVISION.0),
+        None => db.get_cf(h, SM_REVISION.0),
     };
     v.ok()
         .flatten()
@@ -558,11 +605,21 @@ impl StateMachine {
     fn read_applied(&self) -> SResult<Option<LogId<NodeId>>> {
         Ok(get_json::<Option<LogId<NodeId>>>(
             &self.db,
-            CF_SM,
-            "applied",
+            CF_OBJECTS,
+            SM_APPLIED.0,
             ErrorSubject::StateMachine,
         )?
         .flatten())
+    }
+
+    /// Write everything applied so far to table files (apply batches skip
+    /// the WAL), waiting until it is done.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let mut wait = rocksdb::FlushOptions::default();
+        wait.set_wait(true);
+        self.db
+            .flush_cf_opt(self.db.cf_handle(CF_OBJECTS).expect("cf"), &wait)?;
+        Ok(())
     }
 
     /// The store revision: one more for every command applied. It is what
@@ -621,6 +678,9 @@ impl StateMachine {
             if !k.starts_with(prefix.as_bytes()) {
                 break;
             }
+            if is_sm_key(&k) {
+                continue;
+            }
             let key = String::from_utf8_lossy(&k).into_owned();
             let obj = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
                 what: key.clone(),
@@ -672,7 +732,9 @@ impl StateMachine {
         for item in snap.iterator_cf(h, IteratorMode::Start) {
             let (k, v) =
                 item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
-            encode_pair(&mut data, &k, &v);
+            if !is_sm_key(&k) {
+                encode_pair(&mut data, &k, &v);
+            }
         }
         Ok((applied, membership, data))
     }
@@ -680,7 +742,7 @@ impl StateMachine {
     /// The applied log id and membership as of the RocksDB snapshot `snap`.
     fn applied_at(&self, snap: &rocksdb::Snapshot<'_>) -> SResult<AppliedState> {
         let read = |key: &str| -> SResult<Option<Vec<u8>>> {
-            snap.get_cf(self.db.cf_handle(CF_SM).expect("cf"), key)
+            snap.get_cf(self.db.cf_handle(CF_OBJECTS).expect("cf"), key)
                 .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
         };
         let de = |b: Option<Vec<u8>>| -> SResult<Option<serde_json::Value>> {
@@ -690,10 +752,10 @@ impl StateMachine {
             })
             .transpose()
         };
-        let applied: Option<LogId<NodeId>> = de(read("applied")?)?
+        let applied: Option<LogId<NodeId>> = de(read(SM_APPLIED.0)?)?
             .and_then(|v| serde_json::from_value(v).ok())
             .flatten();
-        let membership: StoredMembership<NodeId, BasicNode> = de(read("membership")?)?
+        let membership: StoredMembership<NodeId, BasicNode> = de(read(SM_MEMBERSHIP.0)?)?
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
         Ok((applied, membership))
@@ -730,17 +792,31 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     /// Records the applied state as the current snapshot, without copying the
     /// objects: they are encoded only when a snapshot is sent
     /// (`get_current_snapshot`), so building one under a write load costs a
-    /// WAL sync rather than a copy of the whole store. openraft uses only the
-    /// meta of what this returns; the data returned here is empty.
+    /// memtable flush rather than a copy of the whole store. openraft uses
+    /// only the meta of what this returns; the data returned here is empty.
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
-        // The state as of now; then make it durable before Raft may purge logs
-        // behind it.
+        // The state as of now; then make it durable (apply batches skip the
+        // WAL: flush them to table files) before Raft may purge logs behind it.
         let snap = self.db.snapshot();
         let (applied, membership) = self.applied_at(&snap)?;
         drop(snap);
-        self.db
-            .flush_wal(true)
-            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.flush())
+            .await
+            .map_err(|e| {
+                io_err(
+                    ErrorSubject::StateMachine,
+                    ErrorVerb::Write,
+                    std::io::Error::other(format!("flush task: {e}")),
+                )
+            })?
+            .map_err(|e| {
+                io_err(
+                    ErrorSubject::StateMachine,
+                    ErrorVerb::Write,
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
         let meta = snapshot_meta(applied, membership);
         save_snapshot_meta(&self.db, &meta)?;
         Ok(Snapshot {
@@ -759,7 +835,6 @@ impl StateMachine {
     /// and the watch hub follow.
     fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> SResult<Vec<Response>> {
         let objects = self.db.cf_handle(CF_OBJECTS).expect("cf");
-        let sm = self.db.cf_handle(CF_SM).expect("cf");
         // Writes of this batch not yet in RocksDB: later entries must see
         // earlier ones. They go to the object cache once the batch is written.
         let mut overlay: HashMap<String, Option<Arc<Value>>> = HashMap::new();
@@ -783,7 +858,7 @@ impl StateMachine {
                     let stored = StoredMembership::new(Some(ent.log_id), m);
                     let b = serde_json::to_vec(&stored)
                         .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-                    batch.put_cf(sm, "membership", b);
+                    batch.put_cf(objects, SM_MEMBERSHIP.0, b);
                     replies.push(Vec::new());
                 }
                 EntryPayload::Normal(logged) => {
@@ -887,10 +962,10 @@ impl StateMachine {
         if let Some(l) = last {
             let b = serde_json::to_vec(&Some(l))
                 .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-            batch.put_cf(sm, "applied", b);
-            batch.put_cf(sm, "revision", revision.to_be_bytes());
+            batch.put_cf(objects, SM_APPLIED.0, b);
+            batch.put_cf(objects, SM_REVISION.0, revision.to_be_bytes());
             self.db
-                .write(batch)
+                .write_opt(batch, &apply_opts())
                 .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
             let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
             c.generation += 1;
@@ -920,8 +995,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> SResult<AppliedState> {
         let applied = self.read_applied()?;
-        let membership = get_json(&self.db, CF_SM, "membership", ErrorSubject::StateMachine)?
-            .unwrap_or_default();
+        let membership = get_json(
+            &self.db,
+            CF_OBJECTS,
+            SM_MEMBERSHIP.0,
+            ErrorSubject::StateMachine,
+        )?
+        .unwrap_or_default();
         Ok((applied, membership))
     }
 
@@ -975,7 +1055,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let pairs = decode_pairs(&data)
             .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, std::io::Error::other(e)))?;
         let objects = self.db.cf_handle(CF_OBJECTS).expect("cf");
-        let sm = self.db.cf_handle(CF_SM).expect("cf");
         let mut batch = WriteBatch::default();
         // Remove every existing object: the snapshot replaces the whole store.
         let h = self.db.cf_handle(CF_OBJECTS).expect("cf");
@@ -991,13 +1070,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 batch.put_cf(objects, k, v);
             }
         }
-        batch.put_cf(sm, "revision", revision.to_be_bytes());
+        batch.put_cf(objects, SM_REVISION.0, revision.to_be_bytes());
         let ser = |v: &dyn erased::Ser| {
             v.to_vec()
                 .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))
         };
-        batch.put_cf(sm, "applied", ser(&meta.last_log_id)?);
-        batch.put_cf(sm, "membership", ser(&meta.last_membership)?);
+        batch.put_cf(objects, SM_APPLIED.0, ser(&meta.last_log_id)?);
+        batch.put_cf(objects, SM_MEMBERSHIP.0, ser(&meta.last_membership)?);
         self.db
             .write_opt(batch, &sync_opts())
             .map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
@@ -1206,6 +1285,45 @@ mod tests {
         assert_eq!(sm.revision(), 201);
         assert!(sm.get("configmaps/a/late").unwrap().is_none());
         sm.check_consistency().unwrap();
+    }
+
+    /// Data dirs of earlier versions keep the state machine's records in the
+    /// `sm` column family: opening one moves them beside the objects.
+    #[tokio::test]
+    async fn records_of_earlier_versions_move_into_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_, mut sm) = open(dir.path(), Hub::new(100, usize::MAX)).unwrap();
+            sm.apply([
+                entry(1, create("namespaces", "", "a")),
+                entry(2, create("configmaps", "a", "x")),
+            ])
+            .await
+            .unwrap();
+            // Back where earlier versions kept them, synced.
+            let (o, old) = (
+                sm.db.cf_handle(CF_OBJECTS).unwrap(),
+                sm.db.cf_handle(CF_SM).unwrap(),
+            );
+            let mut batch = WriteBatch::default();
+            for (new, name) in [SM_APPLIED, SM_REVISION] {
+                let v = sm.db.get_cf(o, new).unwrap().expect(new);
+                batch.put_cf(old, name, v);
+                batch.delete_cf(o, new);
+            }
+            sm.db.write_opt(batch, &sync_opts()).unwrap();
+            sm.flush().unwrap();
+        }
+        let (_, sm) = open(dir.path(), Hub::new(100, usize::MAX)).unwrap();
+        assert_eq!(sm.revision(), 2);
+        assert_eq!(sm.read_applied().unwrap().map(|l| l.index), Some(2));
+        let old = sm.db.cf_handle(CF_SM).unwrap();
+        assert!(sm.db.get_cf(old, "applied").unwrap().is_none());
+        assert_eq!(sm.check_consistency().unwrap(), 2);
+        // The records are not objects: not listed, not in a snapshot.
+        assert_eq!(sm.list("").unwrap().1.len(), 2);
+        let (_, data) = sm.export().unwrap();
+        assert_eq!(decode_export(&data).unwrap().len(), 2);
     }
 
     /// The object cache answers as RocksDB does: after creates, updates and

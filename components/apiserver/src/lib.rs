@@ -116,6 +116,17 @@ impl MasterConfig {
 
 /// Start a master and serve until the process is stopped.
 pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
+    run_until(cfg, std::future::pending()).await
+}
+
+/// Start a master and serve until `stop` completes; then stop Raft and flush
+/// the state machine (its writes skip RocksDB's WAL: without the flush a
+/// restart would re-apply them from the log, and an offline look at the
+/// store, `orc debug check-store`, would see it as of the last flush).
+pub async fn run_until(
+    cfg: MasterConfig,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), MasterError> {
     let raft_cfg = openraft::Config {
         cluster_name: "orc".into(),
         heartbeat_interval: cfg.heartbeat.as_millis() as u64,
@@ -166,5 +177,18 @@ pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
     }
     tokio::spawn(api::leader_duties(master.clone()));
 
-    server.await.map_err(|e| MasterError::Raft(e.to_string()))?
+    let served = tokio::select! {
+        r = server => r.map_err(|e| MasterError::Raft(e.to_string()))?,
+        _ = stop => Ok(()),
+    };
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!("stopping raft: {e}");
+    }
+    let sm = master.sm.clone();
+    match tokio::task::spawn_blocking(move || sm.flush()).await {
+        Ok(Ok(())) => tracing::info!("state machine flushed"),
+        Ok(Err(e)) => tracing::warn!("flushing the state machine: {e}"),
+        Err(e) => tracing::warn!("flushing the state machine: {e}"),
+    }
+    served
 }

@@ -724,11 +724,13 @@ async fn run(cli: Cli) -> Result<i32> {
             cfg.controllers.lb_pool =
                 orc_controllers::loadbalancer::parse_pool(&a.load_balancer_pool)
                     .map_err(anyhow::Error::msg)?;
-            tokio::select! {
-                r = orc_apiserver::run(cfg) => r?,
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate() => {}
-            }
+            let stop = async {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate() => {}
+                }
+            };
+            orc_apiserver::run_until(cfg, stop).await?;
             Ok(0)
         }
         Cmd::Up(a) => local::up(a).await,
