@@ -295,6 +295,18 @@ impl Cluster {
         }
     }
 
+    /// Master `id`'s entry in `cluster status`, asked through master `via`.
+    pub fn member(&self, via: u64, id: u64) -> Value {
+        let st = self.status(via).expect("status");
+        st["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no member {id}: {st}"))
+    }
+
     /// The leader every running master agrees on.
     pub fn wait_leader(&self, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;

@@ -193,17 +193,10 @@ impl Drop for Watcher {
 
 /// Writes master `id` has forwarded to a leader, by `cluster status`.
 fn forwarded_writes(c: &Cluster, via: u64, id: u64) -> u64 {
-    let st = c.status(via).expect("status");
-    let m = st["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == id)
-        .cloned()
-        .unwrap_or_default();
+    let m = c.member(via, id);
     m["forwarded_writes"]
         .as_u64()
-        .unwrap_or_else(|| panic!("no forwarded_writes for master {id}: {st}"))
+        .unwrap_or_else(|| panic!("no forwarded_writes for master {id}: {m}"))
 }
 
 /// A client given a follower first learns which master leads and sends its

@@ -76,15 +76,7 @@ fn h_random_kills_under_load_lose_nothing() {
         acked.len()
     );
 
-    let st = c.status(leader).expect("status");
-    let applied = st["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == leader)
-        .unwrap()["applied_index"]
-        .as_u64()
-        .unwrap();
+    let applied = c.member(leader, leader)["applied_index"].as_u64().unwrap();
     c.wait_applied(applied, Duration::from_secs(30));
     for id in 1..=3 {
         c.stop(id);

@@ -801,15 +801,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let (applied, membership) = self.applied_at(&snap)?;
         drop(snap);
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.flush())
-            .await
-            .map_err(|e| {
-                io_err(
-                    ErrorSubject::StateMachine,
-                    ErrorVerb::Write,
-                    std::io::Error::other(format!("flush task: {e}")),
-                )
-            })?
+        blocking("flush", move || this.flush())
+            .await?
             .map_err(|e| {
                 io_err(
                     ErrorSubject::StateMachine,
@@ -824,6 +817,20 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
+}
+
+/// Run `f` on tokio's blocking pool (RocksDB work too long for a runtime thread).
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> SResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        io_err(
+            ErrorSubject::StateMachine,
+            ErrorVerb::Write,
+            std::io::Error::other(format!("{what} task: {e}")),
+        )
+    })
 }
 
 /// Entries totalling fewer JSON bytes than this are applied on the runtime
@@ -1026,15 +1033,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return self.apply_entries(entries);
         }
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.apply_entries(entries))
-            .await
-            .map_err(|e| {
-                io_err(
-                    ErrorSubject::StateMachine,
-                    ErrorVerb::Write,
-                    std::io::Error::other(format!("apply task: {e}")),
-                )
-            })?
+        blocking("apply", move || this.apply_entries(entries)).await?
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
