@@ -693,9 +693,22 @@ impl StateMachine {
 
     /// Check the store's invariants: every object parses, sits at the key its
     /// metadata names, and carries a resourceVersion no later than the store revision.
+    /// The allocation index must match the Services.
     pub fn check_consistency(&self) -> Result<usize, String> {
         let (applied, objs) = self.list("").map_err(|e| e.to_string())?;
+        let by_key: HashMap<&str, &Value> = objs.iter().map(|(k, o)| (k.as_str(), o)).collect();
         for (k, o) in &objs {
+            // The allocation index: each entry names a Service that holds it.
+            if k.starts_with(mutation::INDEX_PREFIX) {
+                let owner = o.as_str().ok_or(format!("{k}: does not name a Service"))?;
+                let svc = by_key
+                    .get(owner)
+                    .ok_or(format!("{k}: held by {owner}, which does not exist"))?;
+                if !mutation::allocation_keys(svc).contains(k) {
+                    return Err(format!("{k}: {owner} does not hold it"));
+                }
+                continue;
+            }
             let key = orc_api::ObjectKey::decode(k).ok_or(format!("bad key {k}"))?;
             let name = o
                 .pointer("/metadata/name")
@@ -1284,6 +1297,31 @@ mod tests {
         assert_eq!(sm.revision(), 201);
         assert!(sm.get("configmaps/a/late").unwrap().is_none());
         sm.check_consistency().unwrap();
+    }
+
+    /// The consistency check accepts the allocation index the Services keep
+    /// and refuses an entry no Service holds.
+    #[tokio::test]
+    async fn consistency_covers_the_allocation_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut sm) = open(dir.path(), Hub::new(100, usize::MAX)).unwrap();
+        let svc = orc_api::Command::Create {
+            key: orc_api::ObjectKey::new("services", "a", "web"),
+            object: serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "web", "namespace": "a"},
+                "spec": {"clusterIP": "198.19.0.10", "ports": [{"port": 80, "nodePort": 30080}]}}),
+        };
+        sm.apply([entry(1, create("namespaces", "", "a")), entry(2, svc)])
+            .await
+            .unwrap();
+        let h = sm.db.cf_handle(CF_OBJECTS).unwrap();
+        assert!(sm.db.get_cf(h, "~clusterip/198.19.0.10").unwrap().is_some());
+        sm.check_consistency().unwrap();
+        sm.db
+            .put_cf(h, "~clusterip/198.19.0.11", br#""services/a/web""#)
+            .unwrap();
+        let e = sm.check_consistency().unwrap_err();
+        assert!(e.contains("~clusterip/198.19.0.11"), "{e}");
     }
 
     /// Data dirs of earlier versions keep the state machine's records in the
