@@ -170,16 +170,6 @@ impl Client {
         self
     }
 
-    /// The master the client last learned leads (index into its servers).
-    pub fn known_leader(&self) -> Option<&str> {
-        let h = self
-            .leader
-            .as_ref()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        h.idx.map(|i| self.servers[i].as_str())
-    }
-
     /// Where a write goes first: the known leader, if any. Asks again in the
     /// background when the answer is old (never holding up this write).
     fn write_target(&self) -> Option<usize> {
