@@ -816,13 +816,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let this = self.clone();
         blocking("flush", move || this.flush())
             .await?
-            .map_err(|e| {
-                io_err(
-                    ErrorSubject::StateMachine,
-                    ErrorVerb::Write,
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         let meta = snapshot_meta(applied, membership);
         save_snapshot_meta(&self.db, &meta)?;
         Ok(Snapshot {

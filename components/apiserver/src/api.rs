@@ -29,7 +29,8 @@ pub struct Master {
     /// ReadIndex rounds shared by concurrent reads (here, and for followers).
     reads: ReadRounds,
     forwarded_reads: ReadRounds,
-    /// Writes this master has handed to a leader (shown by `MemberStatus`).
+    /// Writes this master has handed to a leader (shown by `MemberStatus`;
+    /// a write sent again after a leader change counts again).
     forwarded_writes: std::sync::atomic::AtomicU64,
 }
 

@@ -114,16 +114,11 @@ impl MasterConfig {
     }
 }
 
-/// Start a master and serve until the process is stopped.
-pub async fn run(cfg: MasterConfig) -> Result<(), MasterError> {
-    run_until(cfg, std::future::pending()).await
-}
-
 /// Start a master and serve until `stop` completes; then stop Raft and flush
 /// the state machine (its writes skip RocksDB's WAL: without the flush a
 /// restart would re-apply them from the log, and an offline look at the
 /// store, `orc debug check-store`, would see it as of the last flush).
-pub async fn run_until(
+pub async fn run(
     cfg: MasterConfig,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), MasterError> {

@@ -730,7 +730,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     _ = terminate() => {}
                 }
             };
-            orc_apiserver::run_until(cfg, stop).await?;
+            orc_apiserver::run(cfg, stop).await?;
             Ok(0)
         }
         Cmd::Up(a) => local::up(a).await,
