@@ -23,6 +23,7 @@
 //! lost. (A snapshot installed from the leader is written through the WAL.)
 use crate::hub::{Hub, StoredEvent};
 use crate::{NodeId, Response, TypeConfig};
+use foldhash::{HashMap, HashMapExt};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend,
@@ -35,7 +36,6 @@ use rocksdb::{
 };
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};

@@ -259,6 +259,15 @@ impl Change {
             | Change::Unchanged { object } => object,
         }
     }
+
+    /// The object, shared (the state machine's own copy, not cloned).
+    pub fn into_object(self) -> Arc<Value> {
+        match self {
+            Change::Put { object, .. }
+            | Change::Remove { object, .. }
+            | Change::Unchanged { object } => object,
+        }
+    }
 }
 
 fn rv_of(obj: &Value) -> Option<&str> {

@@ -136,8 +136,7 @@ pub fn admit(info: &ResourceInfo, obj: Value) -> Result<Value, ApiError> {
         ));
     }
     let mut errs = Vec::new();
-    let meta = obj.get("metadata").cloned().unwrap_or(Value::Null);
-    check_metadata(info, &meta, &mut errs);
+    check_metadata(info, obj.get("metadata").unwrap_or(&Value::Null), &mut errs);
     let typed = match (info.validator)(obj) {
         Ok(v) => Some(v),
         Err(mut e) => {

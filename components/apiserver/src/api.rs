@@ -501,7 +501,7 @@ impl Master {
         }
     }
 
-    async fn create(&self, mut obj: Value, ns_hint: Option<&str>) -> Result<Value, ApiError> {
+    async fn create(&self, mut obj: Value, ns_hint: Option<&str>) -> Result<Arc<Value>, ApiError> {
         let info = validate::resource_of(&obj)?;
         let ns = Self::namespace_for(info, &obj, ns_hint)?;
         let meta = obj
@@ -544,7 +544,7 @@ impl Master {
         for f in orc_api::mutation::SYSTEM_METADATA {
             meta.remove(*f);
         }
-        meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+        meta.insert("uid".into(), json!(new_uid()));
         meta.insert("creationTimestamp".into(), json!(orc_api::now_rfc3339()));
         orc_api::defaults::apply(info.kind, &mut obj, &self.cfg.defaults);
         let obj = validate::admit(info, obj)?;
@@ -555,15 +555,14 @@ impl Master {
         Ok(self
             .propose(Command::Create { key, object: obj })
             .await?
-            .object()
-            .clone())
+            .into_object())
     }
 
     /// A Service gets a free ClusterIP and NodePorts, chosen here at random among
     /// those this master sees free; the apply rules refuse one that another
     /// Service already holds, and then another is chosen. So two Services never
     /// share one, whichever masters accepted them.
-    async fn create_service(&self, key: ObjectKey, obj: Value) -> Result<Value, ApiError> {
+    async fn create_service(&self, key: ObjectKey, obj: Value) -> Result<Arc<Value>, ApiError> {
         let mut last = None;
         for _ in 0..16 {
             let mut o = obj.clone();
@@ -585,7 +584,7 @@ impl Master {
                 })
                 .await
             {
-                Ok(ch) => return Ok(ch.object().clone()),
+                Ok(ch) => return Ok(ch.into_object()),
                 Err(e)
                     if e.message.contains("is already allocated")
                         && crate::alloc::was_chosen(&obj, &e) =>
@@ -603,7 +602,7 @@ impl Master {
         obj: Value,
         ns_hint: Option<&str>,
         status: bool,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Arc<Value>, ApiError> {
         let info = validate::resource_of(&obj)?;
         if status && !info.has_status {
             return Err(ApiError::new(
@@ -644,8 +643,7 @@ impl Master {
         Ok(self
             .propose(self.update_command(key, obj, status))
             .await?
-            .object()
-            .clone())
+            .into_object())
     }
 
     /// An update as the log carries it: when the request names the version
@@ -682,7 +680,7 @@ impl Master {
         name: &str,
         patch: &Value,
         status: bool,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Arc<Value>, ApiError> {
         if !patch.is_object() {
             return Err(ApiError::bad_request("a merge patch must be a JSON object"));
         }
@@ -695,12 +693,12 @@ impl Master {
         let mut fresh = false;
         for _ in 0..5 {
             let current = if fresh {
-                Arc::new(self.get(resource, ns, name).await?)
+                self.get(resource, ns, name).await?
             } else {
                 fresh = true;
                 match self.get_applied(resource, ns, name)? {
                     Some(o) => o,
-                    None => Arc::new(self.get(resource, ns, name).await?),
+                    None => self.get(resource, ns, name).await?,
                 }
             };
             let mut patched = (*current).clone();
@@ -739,12 +737,12 @@ impl Master {
             .map_err(|e| ApiError::internal(e.to_string()))
     }
 
-    async fn get(&self, resource: &str, ns: &str, name: &str) -> Result<Value, ApiError> {
+    async fn get(&self, resource: &str, ns: &str, name: &str) -> Result<Arc<Value>, ApiError> {
         let info = resource_info(resource)?;
         self.read_barrier().await?;
         let key = ObjectKey::new(info.plural, if info.namespaced { ns } else { "" }, name);
         self.sm
-            .get(&key.encode())
+            .get_shared(&key.encode())
             .map_err(|e| ApiError::internal(e.to_string()))?
             .ok_or_else(|| ApiError::not_found(format!("{} \"{}\" not found", info.plural, name)))
     }
@@ -786,7 +784,7 @@ impl Master {
         pre: orc_api::mutation::Preconditions,
         policy: Option<String>,
         grace: Option<i64>,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Arc<Value>, ApiError> {
         let info = resource_info(resource)?;
         let key = ObjectKey::new(info.plural, if info.namespaced { ns } else { "" }, name);
         let cmd = Command::Delete {
@@ -796,7 +794,7 @@ impl Master {
             now: orc_api::now_rfc3339(),
             grace,
         };
-        Ok(self.propose(cmd).await?.object().clone())
+        Ok(self.propose(cmd).await?.into_object())
     }
 
     fn member_status(&self) -> Value {
@@ -952,7 +950,9 @@ impl Master {
         Ok(list_of("v1", "List", index, items))
     }
 
-    pub async fn handle(&self, req: Request) -> Result<Value, ApiError> {
+    /// Handle one API request. A write's answer is the state machine's own
+    /// copy of the object, shared.
+    pub async fn handle(&self, req: Request) -> Result<Arc<Value>, ApiError> {
         match req {
             Request::Create { object, namespace } => {
                 self.create(object, namespace.as_deref()).await
@@ -972,15 +972,15 @@ impl Master {
                 namespace,
                 label_selector,
                 field_selector,
-            } => {
-                self.list(
+            } => self
+                .list(
                     &resource,
                     namespace.as_deref(),
                     &label_selector,
                     &field_selector,
                 )
                 .await
-            }
+                .map(Arc::new),
             Request::Patch {
                 resource,
                 namespace,
@@ -1009,17 +1009,17 @@ impl Master {
                 )
                 .await
             }
-            Request::MemberStatus => Ok(self.member_status()),
-            Request::ClusterStatus => self.cluster_status().await,
+            Request::MemberStatus => Ok(Arc::new(self.member_status())),
+            Request::ClusterStatus => self.cluster_status().await.map(Arc::new),
             Request::AddMaster { id, ref address } => match self.on_leader(&req).await? {
-                Some(v) => Ok(v),
-                None => self.add_master(id, address).await,
+                Some(v) => Ok(Arc::new(v)),
+                None => self.add_master(id, address).await.map(Arc::new),
             },
             Request::RemoveMaster { id } => match self.on_leader(&req).await? {
-                Some(v) => Ok(v),
-                None => self.remove_master(id).await,
+                Some(v) => Ok(Arc::new(v)),
+                None => self.remove_master(id).await.map(Arc::new),
             },
-            Request::Snapshot => self.snapshot().await,
+            Request::Snapshot => self.snapshot().await.map(Arc::new),
         }
     }
 }
@@ -1042,11 +1042,18 @@ fn list_of(api_version: &str, kind: &str, index: u64, items: Vec<Value>) -> Valu
     list
 }
 
+/// A version 4 UUID from the thread's CSPRNG (`uuid::Uuid::new_v4` asks the
+/// kernel for every one: a system call per create).
+fn new_uid() -> String {
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .to_string()
+}
+
 fn random_suffix() -> String {
     // Kubernetes' alphabet for generated names: no vowels, no confusable characters.
     const ALPHA: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let u = uuid::Uuid::new_v4();
-    u.as_bytes()[..5]
+    rand::random::<[u8; 5]>()
         .iter()
         .map(|b| ALPHA[*b as usize % ALPHA.len()] as char)
         .collect()
@@ -1059,7 +1066,7 @@ struct InProcess(std::sync::Arc<Master>);
 impl orc_controllers::Api for InProcess {
     fn call(&self, req: Request) -> orc_controllers::api::BoxFuture<Result<Value, ApiError>> {
         let m = self.0.clone();
-        Box::pin(async move { m.handle(req).await })
+        Box::pin(async move { m.handle(req).await.map(Arc::unwrap_or_clone) })
     }
     fn watch(
         &self,
@@ -1109,6 +1116,21 @@ pub async fn leader_duties(master: std::sync::Arc<Master>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uids_are_random_version_4_uuids() {
+        let a = new_uid();
+        let u = uuid::Uuid::parse_str(&a).unwrap();
+        assert_eq!(u.get_version(), Some(uuid::Version::Random));
+        assert_eq!(u.get_variant(), uuid::Variant::RFC4122);
+        let many: BTreeSet<String> = (0..1000).map(|_| new_uid()).collect();
+        assert_eq!(many.len(), 1000);
+        let s = random_suffix();
+        assert_eq!(s.len(), 5);
+        assert!(s
+            .bytes()
+            .all(|b| b"bcdfghjklmnpqrstvwxz2456789".contains(&b)));
+    }
 
     #[tokio::test]
     async fn reads_share_rounds_that_started_after_them() {

@@ -49,7 +49,7 @@ async fn answer(master: &Master, body: &[u8]) -> Result<Vec<u8>, Status> {
             ),
         ))
     } else {
-        match serde_json::from_slice::<Request>(body) {
+        match Request::from_json(body) {
             Ok(req) => master.handle(req).await,
             Err(e) => Err(ApiError::bad_request(format!("cannot decode request: {e}"))),
         }

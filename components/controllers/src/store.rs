@@ -6,10 +6,11 @@
 //! decides again (what Kubernetes does with "expectations").
 use crate::api::{watch_error, Api};
 use crate::util::PathExt;
+use foldhash::{HashMap, HashMapExt};
 use orc_api::request::{Request, WatchRequest};
 use orc_api::{resources, EventType};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
