@@ -15,7 +15,6 @@ use crate::engine::handler::following_handler::FollowingHandler;
 use crate::engine::handler::leader_handler::LeaderHandler;
 use crate::engine::handler::log_handler::LogHandler;
 use crate::engine::handler::replication_handler::ReplicationHandler;
-use crate::engine::handler::replication_handler::SendNone;
 use crate::engine::handler::server_state_handler::ServerStateHandler;
 use crate::engine::handler::snapshot_handler::SnapshotHandler;
 use crate::engine::handler::vote_handler::VoteHandler;
@@ -154,18 +153,21 @@ where C: RaftTypeConfig
             self.state.membership_state.effective().is_voter(&self.config.id)
         );
 
-        // Previously it is a leader. restore it as leader at once
+        // orc (ORC.md, change 3): a node that led before it stopped does not take
+        // the lead back at once, in the same term. It keeps its own vote, no
+        // longer counted as granted, and stands for election (a new term, and
+        // a new blank entry) when no leader is heard within the election
+        // timeout. Restored at once, its view of what is committed would be
+        // what it last stored, and that may be behind the writes it had
+        // acknowledged: reads would see an older state. And since it
+        // replicates entries before its own flush, its log may lack an entry
+        // its followers committed, which it would then overwrite at the same
+        // index and term.
         if self.state.is_leader(&self.config.id) {
-            self.vote_handler().update_internal_server_state();
-
-            let mut rh = self.replication_handler();
-
-            // Restore the progress about the local log
-            rh.update_local_progress(rh.state.last_log_id().cloned());
-
-            rh.initiate_replication(SendNone::False);
-
-            return;
+            let term = self.state.vote_ref().leader_id().term;
+            let stepped_down = Vote::new(term, self.config.id.clone());
+            tracing::info!("startup: led in term {} before; standing for election instead", term);
+            self.state.vote.update(C::now(), stepped_down);
         }
 
         let server_state = if self.state.membership_state.effective().is_voter(&self.config.id) {
