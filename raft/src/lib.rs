@@ -66,6 +66,14 @@ impl Logged {
         serde_json::from_str(json.get()).map_err(|e| e.to_string())
     }
 
+    /// The command made on this master, if no state machine took it (an
+    /// entry Raft refused, handed back to be sent elsewhere). Its JSON is made
+    /// first, so the entry stays whole should it be in a log after all.
+    pub fn into_command(&self) -> Option<Command> {
+        self.json();
+        self.held().take()
+    }
+
     /// The command's JSON (encoded now if it was not yet).
     pub fn json(&self) -> &serde_json::value::RawValue {
         self.json.get_or_init(|| {
@@ -135,6 +143,12 @@ mod tests {
         assert!(
             matches!(logged.take_command(), Ok(Command::Create { key, .. }) if key.name == "a")
         );
+        // A command handed back (Raft refused the entry) leaves its JSON behind,
+        // so the entry still reads whole; a second hand-back finds nothing.
+        let refused = Logged::new(Command::Noop);
+        assert!(matches!(refused.into_command(), Some(Command::Noop)));
+        assert!(refused.into_command().is_none());
+        assert!(matches!(refused.take_command(), Ok(Command::Noop)));
         // What arrives is kept as it arrived, and parsed for the state machine.
         let back: Logged = serde_json::from_str(&plain).unwrap();
         assert_eq!(back.json().get(), plain);

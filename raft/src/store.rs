@@ -560,7 +560,13 @@ impl KeyFilter {
 impl ObjectCache {
     fn insert(&mut self, key: &str, v: Arc<Value>) {
         if self.objects.len() >= OBJECT_CACHE_MAX && !self.objects.contains_key(key) {
-            self.objects.clear();
+            // Freeing this many objects takes a good part of a second (they
+            // are cold, and often the cache held them last): a thread of its
+            // own does it, not the apply path under the cache's lock.
+            let full = std::mem::take(&mut self.objects);
+            let _ = std::thread::Builder::new()
+                .name("orc-cache-free".into())
+                .spawn(move || drop(full));
         }
         self.objects.insert(key.to_string(), v);
     }

@@ -25,7 +25,19 @@ impl ObjectKey {
         }
     }
     pub fn encode(&self) -> String {
-        format!("{}/{}/{}", self.resource, self.namespace, self.name)
+        // Not `format!`: this runs for every command on every master.
+        let mut k =
+            String::with_capacity(self.resource.len() + self.namespace.len() + self.name.len() + 2);
+        for (i, part) in [&self.resource, &self.namespace, &self.name]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                k.push('/');
+            }
+            k.push_str(part);
+        }
+        k
     }
     pub fn decode(s: &str) -> Option<Self> {
         let mut it = s.splitn(3, '/');
@@ -39,7 +51,10 @@ impl ObjectKey {
         }
     }
     pub fn namespace_key(ns: &str) -> String {
-        format!("namespaces//{ns}")
+        let mut k = String::with_capacity(12 + ns.len());
+        k.push_str("namespaces//");
+        k.push_str(ns);
+        k
     }
 }
 
@@ -676,6 +691,22 @@ fn object_has_status_subresource(key: &ObjectKey) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_encode_and_decode() {
+        let k = ObjectKey::new("pods", "web", "a-1");
+        assert_eq!(k.encode(), "pods/web/a-1");
+        let d = ObjectKey::decode(&k.encode()).unwrap();
+        assert_eq!(
+            (d.resource, d.namespace, d.name),
+            (k.resource, k.namespace, k.name)
+        );
+        assert_eq!(ObjectKey::new("nodes", "", "n").encode(), "nodes//n");
+        assert_eq!(
+            ObjectKey::namespace_key("x"),
+            ObjectKey::new("namespaces", "", "x").encode()
+        );
+    }
     use serde_json::json;
     use std::collections::HashMap;
 

@@ -76,7 +76,9 @@ type Forward = ForwardToLeader<NodeId, BasicNode>;
 
 /// Why a submitted command was not committed here.
 enum Submit {
-    NotLeader(Forward),
+    /// Not the leader: the command comes back (when Raft handed it back) to
+    /// be sent to the leader.
+    NotLeader(Forward, Option<Arc<Command>>),
     Api(ApiError),
 }
 
@@ -209,19 +211,28 @@ fn proposer(
         let (raft, no_quorum) = (raft.clone(), no_quorum.clone());
         async move {
             let n = cmds.len();
-            // A copy only of what a caller still holds (to retry elsewhere).
+            // Callers hand their commands over (a copy only of one still
+            // shared); one that Raft refuses comes back to its caller.
             let mut cmds: Vec<Command> = cmds.into_iter().map(Arc::unwrap_or_clone).collect();
             let cmd = if n == 1 {
                 cmds.pop().expect("one command")
             } else {
                 Command::Batch(cmds)
             };
-            match tokio::time::timeout(
-                write_timeout,
-                raft.client_write(std::sync::Arc::new(orc_raft::Logged::new(cmd))),
-            )
-            .await
-            {
+            let entry = Arc::new(orc_raft::Logged::new(cmd));
+            let handed_back = {
+                let entry = entry.clone();
+                move || -> Vec<Option<Arc<Command>>> {
+                    match entry.into_command() {
+                        Some(Command::Batch(cmds)) if n > 1 => {
+                            cmds.into_iter().map(|c| Some(Arc::new(c))).collect()
+                        }
+                        Some(c) if n == 1 => vec![Some(Arc::new(c))],
+                        _ => vec![None; n],
+                    }
+                }
+            };
+            match tokio::time::timeout(write_timeout, raft.client_write(entry)).await {
                 Err(_) => all_failed(n, || Submit::Api(no_quorum.clone())),
                 Ok(Ok(resp)) if resp.data.len() == n => resp
                     .data
@@ -234,9 +245,10 @@ fn proposer(
                         resp.data.len()
                     )))
                 }),
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                    all_failed(n, || Submit::NotLeader(f.clone()))
-                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => handed_back()
+                    .into_iter()
+                    .map(|c| Err(Submit::NotLeader(f.clone(), c)))
+                    .collect(),
                 Ok(Err(e)) => {
                     let msg = format!("raft: {e}");
                     all_failed(n, || Submit::Api(ApiError::unavailable(msg.clone())))
@@ -350,9 +362,9 @@ impl Master {
     /// Commit `cmd` through Raft: locally if leader, else through the leader.
     pub async fn propose(&self, cmd: Command) -> Result<Change, ApiError> {
         let deadline = Instant::now() + self.cfg.write_timeout;
-        // Shared, not copied, between this master's proposer and a forward to
-        // the leader (the proposer copies it only while a retry may need it).
-        let cmd = Arc::new(cmd);
+        // Handed to this master's proposer (which hands it back if this master
+        // is not the leader after all), shared with a forward to the leader.
+        let mut cmd = Arc::new(cmd);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -365,10 +377,16 @@ impl Master {
                     leader_id: Some(l),
                     leader_node: None,
                 },
-                _ => match self.submit(cmd.clone()).await {
+                _ => match self.submit(cmd).await {
                     Ok(change) => return Ok(change),
                     Err(Submit::Api(e)) => return Err(e),
-                    Err(Submit::NotLeader(f)) => f,
+                    Err(Submit::NotLeader(f, Some(back))) => {
+                        cmd = back;
+                        f
+                    }
+                    Err(Submit::NotLeader(..)) => return Err(ApiError::unavailable(
+                        "this master stopped leading while it took the write; it was not committed",
+                    )),
                 },
             };
             if let Some(addr) = self
@@ -400,7 +418,7 @@ impl Master {
         match self.submit(Arc::new(cmd)).await {
             Ok(c) => ProposeReply::Done(Ok(c)),
             Err(Submit::Api(e)) => ProposeReply::Done(Err(e)),
-            Err(Submit::NotLeader(_)) => ProposeReply::NotLeader,
+            Err(Submit::NotLeader(..)) => ProposeReply::NotLeader,
         }
     }
 

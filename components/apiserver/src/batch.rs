@@ -13,7 +13,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
-type Job<R> = (Arc<Command>, oneshot::Sender<R>);
+/// A command, its estimated JSON size (made before the queue is locked) and
+/// where its result goes.
+type Job<R> = (Arc<Command>, usize, oneshot::Sender<R>);
 type SendFn<R> = dyn Fn(Vec<Arc<Command>>) -> BoxFuture<'static, Vec<R>> + Send + Sync;
 
 /// How much goes together.
@@ -92,7 +94,7 @@ impl<R: Send + 'static> Batcher<R> {
         let mut batch = Vec::new();
         let mut size = 0;
         while let Some(job) = q.waiting.front() {
-            let bytes = job.0.approx_json_len();
+            let bytes = job.1;
             if !batch.is_empty()
                 && (batch.len() >= self.limits.max_batch
                     || size + bytes > self.limits.max_batch_bytes)
@@ -106,7 +108,7 @@ impl<R: Send + 'static> Batcher<R> {
     }
 
     async fn run(&self, batch: Vec<Job<R>>) {
-        let (cmds, txs): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let (cmds, txs): (Vec<_>, Vec<_>) = batch.into_iter().map(|(c, _, tx)| (c, tx)).unzip();
         for (tx, r) in txs.into_iter().zip((self.send)(cmds).await) {
             let _ = tx.send(r);
         }
@@ -121,9 +123,10 @@ impl<R: Send + 'static> Batcher<R> {
     /// unanswered, which happens only when the runtime shuts down).
     pub async fn submit(self: &Arc<Self>, cmd: Arc<Command>) -> Option<R> {
         let (tx, rx) = oneshot::channel();
+        let bytes = cmd.approx_json_len();
         let batch = {
             let mut q = self.lock();
-            q.waiting.push_back((cmd, tx));
+            q.waiting.push_back((cmd, bytes, tx));
             // Commands wait only while every slot is taken, so a free slot
             // means this command is alone in the queue.
             (q.in_flight < self.limits.max_in_flight).then(|| {
