@@ -925,6 +925,11 @@ impl StateMachine {
         // Objects read from RocksDB during the batch (not written by it).
         let fetched: std::cell::RefCell<Vec<(String, Arc<Value>)>> = Default::default();
         let mut batch = WriteBatch::default();
+        // The objects' writes, the last per key (what the atomic batch would
+        // leave), put into the batch in key order: RocksDB inserts each key
+        // into its memtable starting from where the previous one went, so
+        // sorted keys search less of the skip list than keys in arrival order.
+        let mut writes: std::collections::BTreeMap<String, Option<Vec<u8>>> = Default::default();
         let mut replies = Vec::new();
         let mut events = Vec::new();
         let mut last = None;
@@ -994,14 +999,14 @@ impl StateMachine {
                                     _ => Vec::new(),
                                 };
                                 for k in before.iter().filter(|k| !after.contains(k)) {
-                                    batch.delete_cf(objects, k);
+                                    writes.insert(k.clone(), None);
                                     overlay.insert(k.clone(), None);
                                     present.push((k.clone(), false));
                                 }
                                 for k in after.iter().filter(|k| !before.contains(k)) {
                                     let v = Value::String(key.clone());
                                     let b = serde_json::to_vec(&v).unwrap_or_default();
-                                    batch.put_cf(objects, k, &b);
+                                    writes.insert(k.clone(), Some(b));
                                     overlay.insert(k.clone(), Some(Arc::new(v)));
                                     present.push((k.clone(), true));
                                 }
@@ -1019,7 +1024,7 @@ impl StateMachine {
                                         io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e)
                                     })?;
                                     let size = b.len();
-                                    batch.put_cf(objects, key, &b);
+                                    writes.insert(key.clone(), Some(b));
                                     overlay.insert(key.clone(), Some(object.clone()));
                                     if *event == orc_api::EventType::Added {
                                         present.push((key.clone(), true));
@@ -1027,7 +1032,7 @@ impl StateMachine {
                                     (key, *event, object, previous.clone(), size)
                                 }
                                 Change::Remove { key, object } => {
-                                    batch.delete_cf(objects, key);
+                                    writes.insert(key.clone(), None);
                                     overlay.insert(key.clone(), None);
                                     present.push((key.clone(), false));
                                     let size = object.to_string().len();
@@ -1051,6 +1056,12 @@ impl StateMachine {
                     }
                     replies.push(results);
                 }
+            }
+        }
+        for (k, v) in &writes {
+            match v {
+                Some(b) => batch.put_cf(objects, k, b),
+                None => batch.delete_cf(objects, k),
             }
         }
         if let Some(l) = last {
