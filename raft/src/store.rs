@@ -1276,6 +1276,23 @@ mod tests {
         }
     }
 
+    /// Build a snapshot of `from` and install it into `to`.
+    async fn install_from(from: &mut StateMachine, to: &mut StateMachine) {
+        from.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let snap = from
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("a snapshot");
+        to.install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+    }
+
     /// A batch entry applies its commands in order, each with its own revision and
     /// event; a snapshot carries objects and revision to another store.
     #[tokio::test]
@@ -1527,20 +1544,7 @@ mod tests {
             .apply([entry(1, create("namespaces", "", "b"))])
             .await
             .unwrap();
-        other
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-        let snap = other
-            .get_current_snapshot()
-            .await
-            .unwrap()
-            .expect("a snapshot");
-        sm.install_snapshot(&snap.meta, snap.snapshot)
-            .await
-            .unwrap();
+        install_from(&mut other, &mut sm).await;
         let c = sm.cache.read().unwrap();
         let f = c.keys.as_ref().unwrap();
         assert!(f.may_exist("namespaces//b") && !f.may_exist("namespaces//a"));
@@ -1640,20 +1644,7 @@ mod tests {
         // A snapshot of an empty store replaces everything cached.
         let dir2 = tempfile::tempdir().unwrap();
         let (_, mut empty) = open(dir2.path(), Hub::new(100, usize::MAX)).unwrap();
-        empty
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
-        let snap = empty
-            .get_current_snapshot()
-            .await
-            .unwrap()
-            .expect("a snapshot");
-        sm.install_snapshot(&snap.meta, snap.snapshot)
-            .await
-            .unwrap();
+        install_from(&mut empty, &mut sm).await;
         assert_eq!(sm.get(key).unwrap(), None);
         same(&sm);
     }
