@@ -157,7 +157,7 @@ pub fn open(dir: &Path, hub: Arc<Hub>) -> Result<(LogStore, StateMachine), Store
         db: db.clone(),
         hub,
         cache: Arc::new(RwLock::new(ObjectCache {
-            keys: Some(keys),
+            keys,
             ..Default::default()
         })),
     };
@@ -502,8 +502,8 @@ struct ObjectCache {
     /// The store revision as of the last applied batch or installed snapshot
     /// (None until the first), so an apply does not read it back from RocksDB.
     revision: Option<u64>,
-    /// Which keys may exist (None until built, when the store is opened).
-    keys: Option<KeyFilter>,
+    /// Which keys may exist (built when the store is opened).
+    keys: KeyFilter,
 }
 
 const OBJECT_CACHE_MAX: usize = 200_000;
@@ -694,11 +694,6 @@ impl StateMachine {
     /// a batch of commands, so the log index alone does not name one write).
     pub fn revision(&self) -> u64 {
         read_revision(&self.db, None)
-    }
-
-    /// One object, as stored.
-    pub fn get(&self, key: &str) -> Result<Option<Value>, StoreError> {
-        Ok(self.get_shared(key)?.map(Arc::unwrap_or_clone))
     }
 
     /// One object, as stored, shared with the cache.
@@ -970,7 +965,7 @@ impl StateMachine {
                                 if let Some(o) = c.objects.get(k) {
                                     return Some(o.clone());
                                 }
-                                if c.keys.as_ref().is_some_and(|f| !f.may_exist(k)) {
+                                if !c.keys.may_exist(k) {
                                     drop(c);
                                     debug_assert!(
                                         self.read_object(k).ok().flatten().is_none(),
@@ -1075,13 +1070,11 @@ impl StateMachine {
             let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
             c.generation += 1;
             c.revision = Some(revision);
-            if let Some(f) = c.keys.as_mut() {
-                for (k, added) in present {
-                    if added {
-                        f.add(k.as_bytes());
-                    } else {
-                        f.remove(k.as_bytes());
-                    }
+            for (k, added) in present {
+                if added {
+                    c.keys.add(k.as_bytes());
+                } else {
+                    c.keys.remove(k.as_bytes());
                 }
             }
             for (k, o) in fetched.into_inner() {
@@ -1195,7 +1188,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             c.generation += 1;
             c.objects.clear();
             c.revision = Some(revision);
-            c.keys = Some(keys);
+            c.keys = keys;
         }
         save_snapshot_meta(&self.db, meta)?;
         self.hub.reset(revision);
@@ -1411,7 +1404,7 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("Nonsense"), "{err}");
         assert_eq!(sm.revision(), 201);
-        assert!(sm.get("configmaps/a/late").unwrap().is_none());
+        assert!(sm.get_shared("configmaps/a/late").unwrap().is_none());
         sm.check_consistency().unwrap();
     }
 
@@ -1513,7 +1506,7 @@ mod tests {
             |f: &KeyFilter| -> Vec<bool> { probes.iter().map(|k| f.may_exist(k)).collect() };
         let expected = [true, true, false, true, false, true];
         assert_eq!(stored(&sm), expected);
-        let kept = filtered(sm.cache.read().unwrap().keys.as_ref().unwrap());
+        let kept = filtered(&sm.cache.read().unwrap().keys);
         assert_eq!(kept, expected);
         assert_eq!(filtered(&KeyFilter::of(&sm.db).unwrap()), expected);
         // Deleting the Service frees its index key too.
@@ -1525,8 +1518,6 @@ mod tests {
             .read()
             .unwrap()
             .keys
-            .as_ref()
-            .unwrap()
             .may_exist("~clusterip/198.19.0.10"));
         // A count is per hash: a key counted twice stays until removed twice.
         let mut f = KeyFilter::default();
@@ -1546,7 +1537,7 @@ mod tests {
             .unwrap();
         install_from(&mut other, &mut sm).await;
         let c = sm.cache.read().unwrap();
-        let f = c.keys.as_ref().unwrap();
+        let f = &c.keys;
         assert!(f.may_exist("namespaces//b") && !f.may_exist("namespaces//a"));
         assert!(!f.may_exist("configmaps/a/x"));
     }
@@ -1600,7 +1591,11 @@ mod tests {
         let key = "configmaps/a/x";
         let same = |sm: &StateMachine| {
             for k in [key, "configmaps/a/y", "namespaces//a"] {
-                assert_eq!(sm.get(k).unwrap(), sm.read_object(k).unwrap(), "{k}");
+                assert_eq!(
+                    sm.get_shared(k).unwrap().as_deref(),
+                    sm.read_object(k).unwrap().as_ref(),
+                    "{k}"
+                );
             }
         };
         sm.apply([
@@ -1620,7 +1615,7 @@ mod tests {
             status: false,
         };
         sm.apply([entry(3, update)]).await.unwrap();
-        assert_eq!(sm.get(key).unwrap().unwrap()["data"]["k"], "v");
+        assert_eq!(sm.get_shared(key).unwrap().unwrap()["data"]["k"], "v");
         same(&sm);
         // Stored but never cached (as after a restart: written behind the
         // cache's back, the key filter then built from the store as `open`
@@ -1630,7 +1625,7 @@ mod tests {
         sm.db
             .put_cf(h, "configmaps/a/y", serde_json::to_vec(&y).unwrap())
             .unwrap();
-        sm.cache.write().unwrap().keys = Some(KeyFilter::of(&sm.db).unwrap());
+        sm.cache.write().unwrap().keys = KeyFilter::of(&sm.db).unwrap();
         let delete = orc_api::Command::Delete {
             key: orc_api::ObjectKey::new("configmaps", "a", "y"),
             preconditions: Default::default(),
@@ -1639,13 +1634,13 @@ mod tests {
             grace: None,
         };
         sm.apply([entry(4, delete)]).await.unwrap();
-        assert_eq!(sm.get("configmaps/a/y").unwrap(), None);
+        assert_eq!(sm.get_shared("configmaps/a/y").unwrap(), None);
         same(&sm);
         // A snapshot of an empty store replaces everything cached.
         let dir2 = tempfile::tempdir().unwrap();
         let (_, mut empty) = open(dir2.path(), Hub::new(100, usize::MAX)).unwrap();
         install_from(&mut empty, &mut sm).await;
-        assert_eq!(sm.get(key).unwrap(), None);
+        assert_eq!(sm.get_shared(key).unwrap(), None);
         same(&sm);
     }
 

@@ -648,7 +648,7 @@ impl Master {
             // Allocated fields stay when a request leaves them out (kubectl replace).
             if let Ok(Some(cur)) = self
                 .sm
-                .get(&ObjectKey::new(info.plural, &ns, &name).encode())
+                .get_shared(&ObjectKey::new(info.plural, &ns, &name).encode())
             {
                 crate::alloc::keep(&mut obj, &cur)?;
             }
